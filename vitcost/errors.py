@@ -1,0 +1,25 @@
+"""Domain errors. The library raises these; only the CLI turns them into exit codes."""
+
+
+class VitcostError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ConfigError(VitcostError):
+    """A model or workload configuration that cannot exist (patch 0, heads not dividing width...)."""
+
+
+class UnknownNameError(VitcostError):
+    """A preset, timm-style model name or GPU profile that vitcost does not know."""
+
+
+class ProfileError(VitcostError):
+    """A GPU profile file that is missing, malformed or incomplete."""
+
+
+class MeasurementError(VitcostError):
+    """A measurement that could not be made (torch missing, no CUDA, a factory that fails)."""
+
+
+class BudgetFileError(VitcostError):
+    """A budget file that is malformed: names the file, the entry and the field."""

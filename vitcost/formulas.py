@@ -1,0 +1,184 @@
+"""Closed-form counts for a timm-style Vision Transformer. Pure integer functions of shapes.
+
+Conventions, fixed here for the whole package:
+
+* 1 MAC is one multiply-accumulate; FLOPs = 2 x MACs. Bias additions, normalisation,
+  softmax, GELU and residual additions are not counted (FlopCounterMode counts none of them).
+* The attention matmuls (q.k^T and attention.v) are counted whatever kernel runs them.
+* Counts are per image and forward unless a name says otherwise.
+* Every total is the sum of named parts: a dict keyed by path (``blocks/attn/qkv``).
+"""
+
+from __future__ import annotations
+
+from vitcost.specs import PosEmbed, ViTSpec
+
+# --- tokens -------------------------------------------------------------------------
+
+
+def grid_tokens(image: int, patch: int) -> int:
+    """Patches along one side: the conv patch embedding floors (``224 // 14 = 16``)."""
+    return image // patch
+
+
+def attention_map_elements(tokens: int) -> int:
+    """Elements of one head's attention map: N x N."""
+    return tokens * tokens
+
+
+# --- parameters ---------------------------------------------------------------------
+
+
+def linear_params(d_in: int, d_out: int, bias: bool = True) -> int:
+    return d_in * d_out + (d_out if bias else 0)
+
+
+def layernorm_params(dim: int) -> int:
+    return 2 * dim
+
+
+def patch_embed_params(channels: int, patch: int, dim: int) -> int:
+    """Conv2d(C, D, P, stride P) with bias: D * (P^2 * C + 1)."""
+    return dim * (patch * patch * channels + 1)
+
+
+def pos_embed_tokens(spec: ViTSpec) -> int:
+    """Positions a learned embedding holds: grid, plus the prefix tokens unless they get none."""
+    if spec.pos_embed != PosEmbed.learned:
+        return 0
+    return spec.patch_tokens + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
+
+
+def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
+    """(path, elements) of each parameter tensor of one block, in ``parameters()`` order."""
+    d, f = spec.dim, spec.mlp_hidden
+    tensors = [
+        ("norm1/weight", d),
+        ("norm1/bias", d),
+        ("attn/qkv/weight", 3 * d * d),
+    ]
+    if spec.qkv_bias:
+        tensors.append(("attn/qkv/bias", 3 * d))
+    tensors += [
+        ("attn/proj/weight", d * d),
+        ("attn/proj/bias", d),
+        ("norm2/weight", d),
+        ("norm2/bias", d),
+        ("mlp/fc1/weight", f * d),
+        ("mlp/fc1/bias", f),
+        ("mlp/fc2/weight", d * f),
+        ("mlp/fc2/bias", d),
+    ]
+    return tensors
+
+
+def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
+    """(path, elements) of every parameter tensor, in the reference model's ``parameters()`` order.
+
+    timm's order: the model's own tensors (class, distillation, register tokens, position
+    embedding), then patch embedding, blocks, final norm, heads.
+    """
+    d = spec.dim
+    tensors: list[tuple[str, int]] = []
+    if spec.class_token:
+        tensors.append(("cls_token", d))
+    if spec.dist_token:
+        tensors.append(("dist_token", d))
+    if spec.registers:
+        tensors.append(("reg_token", spec.registers * d))
+    if pos_embed_tokens(spec):
+        tensors.append(("pos_embed", pos_embed_tokens(spec) * d))
+    tensors.append(("patch_embed/weight", d * spec.channels * spec.patch * spec.patch))
+    tensors.append(("patch_embed/bias", d))
+    block = block_param_tensors(spec)
+    for i in range(spec.depth):
+        tensors += [(f"blocks.{i}/{name}", n) for name, n in block]
+    tensors += [("norm/weight", d), ("norm/bias", d)]
+    if spec.classes:
+        tensors += [("head/weight", spec.classes * d), ("head/bias", spec.classes)]
+        if spec.dist_token:
+            tensors += [("head_dist/weight", spec.classes * d), ("head_dist/bias", spec.classes)]
+    return tensors
+
+
+def param_counts(spec: ViTSpec) -> dict[str, int]:
+    """Parameters by component; blocks are summed over depth (``blocks/attn/qkv``)."""
+    d = spec.dim
+    counts = {
+        "patch_embed": patch_embed_params(spec.channels, spec.patch, d),
+        "pos_embed": pos_embed_tokens(spec) * d,
+        "prefix_tokens": spec.prefix_tokens * d,
+        "blocks/norm1": spec.depth * layernorm_params(d),
+        "blocks/attn/qkv": spec.depth * linear_params(d, 3 * d, spec.qkv_bias),
+        "blocks/attn/proj": spec.depth * linear_params(d, d),
+        "blocks/norm2": spec.depth * layernorm_params(d),
+        "blocks/mlp/fc1": spec.depth * linear_params(d, spec.mlp_hidden),
+        "blocks/mlp/fc2": spec.depth * linear_params(spec.mlp_hidden, d),
+        "norm": layernorm_params(d),
+        "head": (1 + int(spec.dist_token)) * linear_params(d, spec.classes) if spec.classes else 0,
+    }
+    return counts
+
+
+# --- MACs (per image, forward) -----------------------------------------------------
+
+
+def linear_macs(tokens: int, d_in: int, d_out: int) -> int:
+    """A linear layer over ``tokens`` rows: tokens * d_in * d_out (bias ignored)."""
+    return tokens * d_in * d_out
+
+
+def patch_embed_macs(grid: int, channels: int, patch: int, dim: int) -> int:
+    """The conv patch embedding: one (P^2 * C) x D product per patch (bias ignored)."""
+    return grid * channels * patch * patch * dim
+
+
+def qkv_macs(tokens: int, dim: int) -> int:
+    return linear_macs(tokens, dim, 3 * dim)
+
+
+def attention_score_macs(tokens: int, dim: int) -> int:
+    """q.k^T over all heads: heads * N * N * head_dim = N^2 * D."""
+    return tokens * tokens * dim
+
+
+def attention_value_macs(tokens: int, dim: int) -> int:
+    """attention.v over all heads: N^2 * D."""
+    return tokens * tokens * dim
+
+
+def mac_counts(spec: ViTSpec) -> dict[str, int]:
+    """Forward MACs per image by component; ``blocks/...`` are summed over depth.
+
+    Per block with a 4x MLP this is 12 N D^2 + 2 N^2 D.
+    """
+    n, d, f, depth = spec.tokens, spec.dim, spec.mlp_hidden, spec.depth
+    heads = 1 + int(spec.dist_token)
+    return {
+        "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels, spec.patch, d),
+        "blocks/attn/qkv": depth * qkv_macs(n, d),
+        "blocks/attn/q_kT": depth * attention_score_macs(n, d),
+        "blocks/attn/attn_v": depth * attention_value_macs(n, d),
+        "blocks/attn/proj": depth * linear_macs(n, d, d),
+        "blocks/mlp/fc1": depth * linear_macs(n, d, f),
+        "blocks/mlp/fc2": depth * linear_macs(n, f, d),
+        "head": heads * linear_macs(1, d, spec.classes),
+    }
+
+
+def training_macs(forward: dict[str, int], recompute_blocks: bool = False) -> dict[str, int]:
+    """Forward + backward MACs per image for one training step, by component.
+
+    Rule: every matmul's backward costs two matmuls of the forward's size (gradient of the
+    input and of the weight; for q.k^T and attention.v, of both operands), so a layer costs
+    3x its forward. Deviation: the patch embedding computes no input gradient (the image
+    needs none), so it costs 2x. With full activation checkpointing the blocks' forward
+    runs twice (4x for the blocks).
+    """
+    out = {}
+    for path, macs in forward.items():
+        factor = 2 if path == "patch_embed" else 3
+        if recompute_blocks and path.startswith("blocks/"):
+            factor += 1
+        out[path] = factor * macs
+    return out

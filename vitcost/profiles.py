@@ -1,0 +1,251 @@
+"""GPU hardware profiles: find, validate and resolve ``hardware_profiles/*.yaml``.
+
+A profile is a YAML file whose keys carry their units (``memory_mib``,
+``memory_bandwidth_gb_per_s``, ``dense_tflops``). Conventions:
+
+* MiB = 2**20 bytes; GB/s = 1e9 bytes/s; TFLOP/s = 1e12 FLOP/s.
+* ``dense_tflops`` are datasheet peaks without 2:4 sparsity, tensor-core rates with FP32
+  accumulation; ``matmul_efficiency`` (achievable / peak) is kept apart from the peak.
+* Memory and compute figures are per GPU; ``gpus`` says how many the machine has.
+
+A profile is named by its file name (``a100-80gb.yaml`` -> ``a100-80gb``). Files are read
+lazily on first use and cached; nothing is read at import time. Every problem is raised as
+a one-line :class:`~vitcost.errors.ProfileError` or :class:`~vitcost.errors.UnknownNameError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, NamedTuple, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitcost.errors import ProfileError, UnknownNameError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+MIB = 2**20
+Dtype = Literal["fp32", "tf32", "bf16", "fp16"]
+_SUFFIXES = (".yaml", ".yml")
+_CONFIG = ConfigDict(extra="forbid", frozen=True)
+
+
+class DenseTflops(BaseModel):
+    """Dense peak TFLOP/s per dtype (tensor-core rates with FP32 accumulation)."""
+
+    model_config = _CONFIG
+
+    fp32: float = Field(gt=0, strict=True)
+    tf32: float = Field(gt=0, strict=True)
+    bf16: float = Field(gt=0, strict=True)
+    fp16: float = Field(gt=0, strict=True)
+
+
+class Interconnect(BaseModel):
+    """A link and its speed per direction, per GPU."""
+
+    model_config = _CONFIG
+
+    name: str = Field(min_length=1)
+    gb_per_s_per_direction: float = Field(gt=0, strict=True)
+
+
+class GPUProfile(BaseModel):
+    """One GPU model (or a node of ``gpus`` identical GPUs), per-GPU figures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)  # the file name without suffix; not written in the YAML
+    display_name: str = Field(min_length=1)
+    aliases: tuple[str, ...] = ()
+    gpus: int = Field(default=1, gt=0, strict=True)
+    memory_mib: int = Field(gt=0, strict=True)
+    cuda_context_mib: int = Field(gt=0, strict=True)
+    allocator_reserve_fraction: float = Field(ge=0, lt=1, strict=True)
+    memory_bandwidth_gb_per_s: float = Field(gt=0, strict=True)
+    dense_tflops: DenseTflops
+    matmul_efficiency: float = Field(gt=0, le=1, strict=True)
+    interconnect: Interconnect
+    node_interconnect: Optional[Interconnect] = None
+    allreduce_bus_gb_per_s: Optional[float] = Field(default=None, gt=0, strict=True)
+    source: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _context_fits(self) -> "GPUProfile":
+        if self.cuda_context_mib >= self.memory_mib:
+            raise ValueError(
+                f"cuda_context_mib {self.cuda_context_mib} is not less than memory_mib {self.memory_mib}"
+            )
+        return self
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory of one GPU in bytes."""
+        return self.memory_mib * MIB
+
+    @property
+    def cuda_context_bytes(self) -> int:
+        """Memory taken outside PyTorch's allocator (CUDA context, kernels), bytes."""
+        return self.cuda_context_mib * MIB
+
+    @property
+    def usable_memory_bytes(self) -> int:
+        """Bytes of one GPU left for PyTorch tensors: (memory - context) * (1 - reserve), floored."""
+        return int((self.memory_bytes - self.cuda_context_bytes) * (1 - self.allocator_reserve_fraction))
+
+    @property
+    def memory_bandwidth_bytes_per_s(self) -> float:
+        return self.memory_bandwidth_gb_per_s * 1e9
+
+    def peak_flops_per_s(self, dtype: Dtype) -> float:
+        """Dense datasheet peak FLOP/s of one GPU for 'fp32', 'tf32', 'bf16' or 'fp16'."""
+        if dtype not in DenseTflops.model_fields:
+            raise ValueError(f"dtype must be one of {', '.join(DenseTflops.model_fields)}, got {dtype!r}")
+        return getattr(self.dense_tflops, dtype) * 1e12
+
+    def achievable_flops_per_s(self, dtype: Dtype) -> float:
+        """Peak FLOP/s times ``matmul_efficiency``: what large matmuls reach in practice."""
+        return self.peak_flops_per_s(dtype) * self.matmul_efficiency
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    """A loaded profile and how it was asked for (``requested`` may be an alias or a path)."""
+
+    profile: GPUProfile
+    requested: str
+    canonical: str
+    path: Path
+
+    @property
+    def label(self) -> str:
+        """``'a100 -> a100-80gb'`` when reached through an alias, else the canonical name."""
+        if _is_path(self.requested) or _normalize(self.requested) == self.canonical:
+            return self.canonical
+        return f"{self.requested} -> {self.canonical}"
+
+
+def load_profile(name_or_path: str) -> ResolvedProfile:
+    """Load a shipped profile by name or alias (case-insensitive), or a ``.yaml``/``.yml`` file."""
+    if _is_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            raise ProfileError(f"profile file not found: {name_or_path}") from None
+        except OSError as err:
+            raise ProfileError(f"profile {name_or_path}: cannot be read ({err.strerror})") from None
+        profile = _parse(text, name=path.stem, where=name_or_path)
+        return ResolvedProfile(profile, name_or_path, profile.name, path)
+
+    catalog = _catalog()
+    key = _normalize(name_or_path)
+    canonical = catalog.aliases.get(key, key)
+    if canonical not in catalog.profiles:
+        close = difflib.get_close_matches(key, [*catalog.profiles, *catalog.aliases], n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownNameError(f"unknown GPU profile {name_or_path!r}{hint} (see 'vitcost gpus')")
+    return ResolvedProfile(catalog.profiles[canonical], name_or_path, canonical, catalog.paths[canonical])
+
+
+def list_profiles() -> list[GPUProfile]:
+    """Every shipped profile, sorted by name."""
+    profiles = _catalog().profiles
+    return [profiles[name] for name in sorted(profiles)]
+
+
+def _is_path(text: str) -> bool:
+    return text.lower().endswith(_SUFFIXES) or "/" in text or "\\" in text
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+class _Catalog(NamedTuple):
+    profiles: dict[str, GPUProfile]  # canonical name -> profile
+    paths: dict[str, Path]  # canonical name -> file
+    aliases: dict[str, str]  # normalized alias -> canonical name
+
+
+def _profiles_dir() -> Traversable:
+    """The shipped profiles: the installed package, or ``hardware_profiles/`` in a checkout."""
+    try:
+        return resources.files("vitcost.hardware_profiles")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "hardware_profiles"
+
+
+@lru_cache(maxsize=None)
+def _catalog() -> _Catalog:
+    """Read and validate every shipped profile, once, on first use."""
+    entries = sorted(
+        (e for e in _profiles_dir().iterdir() if e.is_file() and e.name.lower().endswith(_SUFFIXES)),
+        key=lambda e: e.name,
+    )
+    profiles: dict[str, GPUProfile] = {}
+    paths: dict[str, Path] = {}
+    for entry in entries:
+        name = _normalize(entry.name.rsplit(".", 1)[0])
+        profiles[name] = _parse(entry.read_bytes(), name=name, where=entry.name)
+        paths[name] = Path(str(entry))
+    aliases: dict[str, str] = {}
+    for name, profile in profiles.items():
+        for alias in map(_normalize, profile.aliases):
+            owner = aliases.get(alias) or (alias if alias in profiles and alias != name else None)
+            if owner:
+                raise ProfileError(f"profile {paths[name].name}: alias {alias!r} already names {owner!r}")
+            if alias != name:
+                aliases[alias] = name
+    return _Catalog(profiles, paths, aliases)
+
+
+def _parse(text: bytes, *, name: str, where: str) -> GPUProfile:
+    """Validate one profile's YAML; ``where`` names the file in error messages."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        raise ProfileError(f"profile {where}: malformed YAML{at}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"profile {where}: expected a mapping of keys, got {type(data).__name__}")
+    if "name" in data:
+        raise ProfileError(f"profile {where}: unknown key 'name' (a profile is named by its file name)")
+    try:
+        return GPUProfile(name=name, **{str(k): v for k, v in data.items()})
+    except ValidationError as err:
+        raise ProfileError(f"profile {where}: {_one_line(err)}") from None
+
+
+_SUBMODELS: dict[str, type[BaseModel]] = {
+    "dense_tflops": DenseTflops,
+    "interconnect": Interconnect,
+    "node_interconnect": Interconnect,
+}
+
+
+def _one_line(err: ValidationError) -> str:
+    """The first error as "missing key 'x'", "unknown key 'x'" or "x.y: message"."""
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a typo first
+    first = errors[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "missing":
+        return f"missing key {key!r}{more}"
+    if first["type"] == "extra_forbidden":
+        model = _SUBMODELS.get(loc[0], GPUProfile) if len(loc) > 1 else GPUProfile
+        known = [k for k in model.model_fields if k != "name"]
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown key {key!r}{hint}{more}"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}{more}" if key else f"{msg}{more}"

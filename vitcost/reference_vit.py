@@ -1,0 +1,181 @@
+"""The reference Vision Transformer that vitcost measures: timm's ``VisionTransformer``, rewritten.
+
+timm cannot be imported everywhere vitcost runs, so this module mirrors its architecture
+module for module and op for op (conv patch embedding, prefix tokens, learned position
+embedding added after or before the prefix tokens, pre-norm blocks with a fused qkv linear,
+``eager`` or ``sdpa`` attention, GELU MLP, final norm, class-token or mean-pool head).
+Dropout, drop-path and layer-scale are left out: at their timm defaults (rate 0, no
+layer-scale) they are identities.
+
+This module imports torch; the analytic core never imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitcost.specs import ViTSpec
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(C, D, P, stride P), then (B, D, gh, gw) -> (B, gh*gw, D), as timm does."""
+
+    def __init__(self, channels: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, kernel: str) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim**-0.5
+        self.kernel = kernel
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if self.kernel == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(b, n, c)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool, kernel: str) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias, kernel)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE / big_vision), shape (1, gh*gw, dim)."""
+    if dim % 4:
+        raise ValueError("sin-cos position embedding needs a width divisible by 4")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64),
+        torch.arange(grid_w, dtype=torch.float64),
+        indexing="ij",
+    )
+    out_y = ys.reshape(-1, 1) * omega
+    out_x = xs.reshape(-1, 1) * omega
+    emb = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    return emb.float().unsqueeze(0)
+
+
+class VisionTransformer(nn.Module):
+    """timm-style ViT built from a :class:`vitcost.specs.ViTSpec`."""
+
+    def __init__(self, spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none"):
+        super().__init__()
+        self.spec = spec
+        self.checkpointing = checkpointing
+        d = spec.dim
+        self.patch_embed = PatchEmbed(spec.channels, d, spec.patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if spec.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if spec.dist_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec.registers, d)) if spec.registers else None
+        grid = spec.grid_h * spec.grid_w
+        if spec.pos_embed == "learned":
+            n_pos = grid + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
+            self.pos_embed = nn.Parameter(torch.randn(1, n_pos, d) * 0.02)
+        elif spec.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
+        else:
+            self.pos_embed = None
+        self.blocks = nn.ModuleList(
+            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention) for _ in range(spec.depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, spec.classes) if spec.classes else None
+        self.head_dist = nn.Linear(d, spec.classes) if spec.classes and spec.dist_token else None
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    def _prefix(self, b: int) -> list[torch.Tensor]:
+        return [
+            t.expand(b, -1, -1)
+            for t in (self.cls_token, self.dist_token, self.reg_token)
+            if t is not None
+        ]
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        # timm: with no_embed_class the position is added to the patches before the prefix
+        # tokens are concatenated, otherwise after.
+        prefix = self._prefix(x.shape[0])
+        if self.pos_embed is None:
+            return torch.cat(prefix + [x], dim=1) if prefix else x
+        if self.spec.pos_embed_prefix and self.spec.pos_embed == "learned":
+            if prefix:
+                x = torch.cat(prefix + [x], dim=1)
+            return x + self.pos_embed
+        x = x + self.pos_embed
+        return torch.cat(prefix + [x], dim=1) if prefix else x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._pos_embed(self.patch_embed(x))
+        for blk in self.blocks:
+            if self.checkpointing == "full" and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        if self.head is None:
+            return x
+        if self.spec.pooling == "avg":
+            return self.head(x[:, self.spec.prefix_tokens :].mean(dim=1))
+        out = self.head(x[:, 0])
+        if self.head_dist is not None:
+            # timm's VisionTransformerDistilled outside distilled training: mean of both heads.
+            out = (out + self.head_dist(x[:, 1])) / 2
+        return out
+
+
+def build(spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none") -> VisionTransformer:
+    return VisionTransformer(spec, attention=attention, checkpointing=checkpointing)
+
+
+__all__ = ["VisionTransformer", "build", "sincos_2d"]

@@ -1,0 +1,172 @@
+"""What vitcost is asked about: the architecture (:class:`ViTSpec`) and the workload (:class:`Workload`).
+
+Both are validated pydantic models; :func:`make_spec` and :func:`make_workload` turn pydantic's
+errors into one-line :class:`~vitcost.errors.ConfigError` messages.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitcost.errors import ConfigError
+
+
+class Mode(str, Enum):
+    train = "train"
+    infer = "infer"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    amp_bf16 = "amp-bf16"
+    amp_fp16 = "amp-fp16"
+
+
+class AttentionKernel(str, Enum):
+    eager = "eager"
+    sdpa = "sdpa"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    adam = "adam"
+    sgd_momentum = "sgd-momentum"
+    sgd = "sgd"
+
+
+class Checkpointing(str, Enum):
+    none = "none"
+    full = "full"
+
+
+class PosEmbed(str, Enum):
+    learned = "learned"
+    sincos = "sincos"
+    none = "none"
+
+
+class Pooling(str, Enum):
+    token = "token"
+    avg = "avg"
+
+
+class Device(str, Enum):
+    """Where the step runs: decides the autocast policy and the allocator's rounding."""
+
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ViTSpec(BaseModel):
+    """A timm-style Vision Transformer and the image it is fed."""
+
+    model_config = _FROZEN
+
+    name: str = "custom"
+    dim: int = Field(gt=0)
+    depth: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    mlp_hidden: int = Field(gt=0)
+    patch: int = Field(gt=0)
+    image_h: int = Field(gt=0)
+    image_w: int = Field(gt=0)
+    channels: int = Field(default=3, gt=0)
+    class_token: bool = True
+    dist_token: bool = False
+    registers: int = Field(default=0, ge=0)
+    pos_embed: PosEmbed = PosEmbed.learned
+    pos_embed_prefix: bool = True
+    pooling: Pooling = Pooling.token
+    classes: int = Field(default=1000, ge=0)
+    qkv_bias: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ViTSpec":
+        if self.dim % self.heads:
+            raise ValueError(f"--heads {self.heads} does not divide --dim {self.dim}")
+        if self.image_h < self.patch or self.image_w < self.patch:
+            raise ValueError(
+                f"image {self.image_h}x{self.image_w} is smaller than patch {self.patch}"
+            )
+        if self.pooling == Pooling.token and self.classes and not self.class_token:
+            raise ValueError("a class-token head needs the class token: use --pool avg or --class-token")
+        if self.pos_embed == PosEmbed.sincos and self.dim % 4:
+            raise ValueError(f"sin-cos position embedding needs --dim divisible by 4, got {self.dim}")
+        return self
+
+    @property
+    def grid_h(self) -> int:
+        return self.image_h // self.patch
+
+    @property
+    def grid_w(self) -> int:
+        return self.image_w // self.patch
+
+    @property
+    def patch_tokens(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.dist_token) + self.registers
+
+    @property
+    def tokens(self) -> int:
+        return self.patch_tokens + self.prefix_tokens
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def divisible(self) -> bool:
+        return self.image_h % self.patch == 0 and self.image_w % self.patch == 0
+
+
+class Workload(BaseModel):
+    """How the model is run: batch, mode, precision, kernel, optimizer, device type."""
+
+    model_config = _FROZEN
+
+    batch: int = Field(default=8, gt=0)
+    mode: Mode = Mode.train
+    precision: Precision = Precision.amp_bf16
+    attention: AttentionKernel = AttentionKernel.sdpa
+    optimizer: Optimizer = Optimizer.adamw
+    keep_grads: bool = False
+    checkpointing: Checkpointing = Checkpointing.none
+    device: Device = Device.cuda
+
+    @property
+    def training(self) -> bool:
+        return self.mode == Mode.train
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc.replace('_', '-')}: {msg}" if loc else msg
+
+
+def make_spec(**fields: object) -> ViTSpec:
+    """Build a :class:`ViTSpec`, raising :class:`ConfigError` with a one-line message."""
+    try:
+        return ViTSpec(**fields)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def make_workload(**fields: object) -> Workload:
+    """Build a :class:`Workload`, raising :class:`ConfigError` with a one-line message."""
+    try:
+        return Workload(**fields)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
