@@ -11,27 +11,25 @@ caching allocator's ``max_memory_allocated`` measures on CUDA (there with every 
 rounded up to 512-byte blocks).
 
 Depth costs nothing: blocks are identical, so the replay runs the first and the last
-block in full and moves over the blocks between them in one step per block, which is
-exact because every live total in block ``i`` is affine in ``i`` (the peak of the middle
-blocks lies between those of the two ends).
+block in full and moves over the blocks between them in one step, which is exact because
+every live total in block ``i`` is affine in ``i`` (the peak of a middle block lies between
+those of the two ends).
 
-Categories (``CATEGORIES``) follow MemTracker's at the peak: weights, gradients, optimizer
-(states and the optimizer's own temporaries), activations (the input batch, tensors
-saved for backward and forward temporaries) and temporaries (tensors made by backward).
+Categories at the peak follow MemTracker's: weights, gradients, optimizer (states and the
+optimizer's own temporaries), activations (the input batch, tensors saved for backward,
+forward temporaries, autocast's weight copies) and temporaries (tensors made by backward).
 
-Every size here is in bytes. Where the replay follows a rule of a particular PyTorch
-kernel (which tensors it saves), the rule is named beside it; docs/memory-model.md
-explains each one and what has been measured.
+Every size here is in bytes. docs/memory-model.md explains each rule and what measured it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from vitcost.formulas import param_tensors, pos_embed_tokens
+from vitcost.formulas import block_param_tensors, param_tensors, pos_embed_tokens
 from vitcost.specs import (
     AttentionKernel,
-    Checkpointing,
     Device,
     Optimizer,
     PosEmbed,
@@ -41,11 +39,12 @@ from vitcost.specs import (
     Workload,
 )
 
-# Replay categories, and the MemTracker category each one is reported under.
-W, G, O, OT, I, S, F, B = "W", "G", "O", "OT", "I", "S", "F", "B"
+# Replay categories: weights, gradients, optimizer states, optimizer temporaries, inputs,
+# saved for backward, forward temporaries, backward temporaries, autocast weight copies.
+W, G, O, OT, I, S, F, B, WC = "W", "G", "O", "OT", "I", "S", "F", "B", "WC"
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
 _REPORTED = {W: "weights", G: "gradients", O: "optimizer", OT: "optimizer", I: "activations",
-             S: "activations", F: "activations", B: "temporaries"}
+             S: "activations", F: "activations", B: "temporaries", WC: "activations"}
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every tensor up to this
 INDEX_BYTES = 8  # int64 class labels
@@ -60,21 +59,23 @@ class MemoryResult:
     optimizer_states: int
     inputs: int
     activations: int  # saved for backward at the end of the forward pass (0 under no_grad)
+    autocast_copies: int  # low-precision weight copies autocast holds at the end of forward
     peak: int
-    transient: int  # peak minus what is held for the whole step or saved for backward
+    transient: int  # at the peak: temporaries of forward, backward and the optimizer step
     peak_phase: str
-    at_peak: dict[str, int]  # MemTracker categories live at the peak
+    at_peak: dict[str, int]  # MemTracker's categories live at the peak
     saved_by_component: dict[str, int]  # activations saved for backward, by component
+    totals: tuple[int, ...]  # the live total after each allocation, in replay order
 
 
 class _Replay:
     """Live tensors by name, totals by category, and the peak."""
 
-    __slots__ = ("live", "cat", "total", "peak", "peak_cat", "peak_where", "where", "round_to", "sampling")
+    __slots__ = ("live", "cat", "total", "peak", "peak_cat", "peak_where", "where", "round_to", "sampling", "totals")
 
     def __init__(self, round_to: int) -> None:
         self.live: dict[str, tuple[int, str]] = {}
-        self.cat = dict.fromkeys((W, G, O, OT, I, S, F, B), 0)
+        self.cat = dict.fromkeys((W, G, O, OT, I, S, F, B, WC), 0)
         self.total = 0
         self.peak = 0
         self.peak_cat: dict[str, int] = dict(self.cat)
@@ -82,6 +83,7 @@ class _Replay:
         self.where = ""
         self.round_to = round_to
         self.sampling = True
+        self.totals: list[int] = []
 
     def alloc(self, name: str, nbytes: int, cat: str) -> None:
         if nbytes <= 0:
@@ -92,7 +94,10 @@ class _Replay:
         self.live[name] = (nbytes, cat)
         self.cat[cat] += nbytes
         self.total += nbytes
-        if self.sampling and self.total > self.peak:
+        if not self.sampling:
+            return
+        self.totals.append(self.total)
+        if self.total > self.peak:
             self.peak = self.total
             self.peak_cat = dict(self.cat)
             self.peak_where = self.where
@@ -111,303 +116,336 @@ class _Replay:
             self.cat[cat] += entry[0]
             self.live[name] = (entry[0], cat)
 
-    def bytes_of(self, prefix: str) -> int:
-        return sum(b for n, (b, _) in self.live.items() if n.startswith(prefix))
+    def rename(self, old: str, new: str) -> None:
+        self.live[new] = self.live.pop(old)
+
+    def free_matching(self, suffix: str) -> None:
+        self.free(*[n for n in self.live if n.endswith(suffix)])
 
 
 @dataclass(frozen=True)
 class _Shapes:
-    """Byte sizes of the tensors one step makes, for one spec and workload."""
+    """Element sizes and shapes of one step, for one spec and workload."""
 
     b: int
     n: int
     d: int
     f: int
     h: int
-    c: int
-    act: int  # activation element bytes
-    par: int  # parameter / gradient element bytes
+    res: int  # residual stream and LayerNorm output element bytes (fp32 under autocast)
+    lo: int  # matmul output element bytes (the low precision under autocast)
+    par: int  # parameter and gradient element bytes
     stat: int  # LayerNorm mean / rstd element bytes
+    amp: bool
     cuda: bool
 
     @property
-    def tok(self) -> int:  # one token tensor (B, N, D)
-        return self.b * self.n * self.d * self.act
+    def tok(self) -> int:  # (B, N, D) in the residual dtype
+        return self.b * self.n * self.d * self.res
 
     @property
-    def hid(self) -> int:  # one MLP hidden tensor (B, N, F)
-        return self.b * self.n * self.f * self.act
+    def tok_lo(self) -> int:  # (B, N, D) as a matmul makes it
+        return self.b * self.n * self.d * self.lo
+
+    @property
+    def hid(self) -> int:  # (B, N, F) MLP hidden
+        return self.b * self.n * self.f * self.lo
 
     @property
     def stats(self) -> int:  # LayerNorm mean or rstd, (B, N, 1)
         return self.b * self.n * self.stat
 
     @property
-    def amap(self) -> int:  # attention maps of one layer, (B, H, N, N)
-        return self.b * self.h * self.n * self.n * self.act
+    def amap(self) -> int:  # one layer's attention maps, (B, H, N, N)
+        return self.b * self.h * self.n * self.n * self.lo
+
+    @property
+    def softmax_fp32(self) -> bool:
+        """CUDA autocast runs softmax in fp32; CPU autocast (bf16) does not."""
+        return self.amp and self.cuda
 
 
-def _element_bytes(precision: Precision) -> int:
-    return 2 if precision in (Precision.bf16, Precision.fp16) else 4
+def _shapes(spec: ViTSpec, wl: Workload) -> _Shapes:
+    amp = wl.precision in (Precision.amp_bf16, Precision.amp_fp16)
+    e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
+    cuda = wl.device == Device.cuda
+    return _Shapes(
+        b=wl.batch, n=spec.tokens, d=spec.dim, f=spec.mlp_hidden, h=spec.heads,
+        res=e, lo=2 if amp else e, par=e,
+        # LayerNorm keeps its statistics in the input dtype on the CPU, fp32 on CUDA
+        stat=4 if cuda else e,
+        amp=amp, cuda=cuda,
+    )
 
 
-def _lse_bytes(sh: _Shapes, spec: ViTSpec) -> int:
+def _lse_bytes(sh: _Shapes) -> int:
     """Per-row softmax statistics a fused attention kernel saves (fp32).
 
     CPU flash and CUDA flash: (B, H, N); CUDA memory-efficient (fp32 inputs): N padded to 32.
     """
     n = sh.n
-    if sh.cuda and sh.act == 4:
+    if sh.cuda and sh.lo == 4:
         n = -(-n // 32) * 32
     return sh.b * sh.h * n * 4
 
 
-# --- forward -------------------------------------------------------------------------
+# --- forward ------------------------------------------------------------------------------
 
 
-def _prologue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool) -> None:
+def _linear_forward(r: _Replay, sh: _Shapes, p: str, name: str, w_elems: int, b_elems: int,
+                    in_elems: int, out_elems: int, out_cat: str, grad: bool) -> None:
+    """A linear layer. Under autocast: bias and weight copies (cached until autocast exits),
+    and a low-precision copy of an fp32 input (``in_elems`` > 0), saved for backward."""
+    if sh.amp:
+        r.alloc(p + name + ".bc", b_elems * sh.lo, WC)
+        r.alloc(p + name + ".wc", w_elems * sh.lo, WC)
+        if in_elems:
+            r.alloc(p + name + ".ic", in_elems * sh.lo, S if grad else F)
+    r.alloc(p + name, out_elems * sh.lo, out_cat)
+    if sh.amp and in_elems and not grad:
+        r.free(p + name + ".ic")
+
+
+def _prologue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, image_elems: int) -> None:
     """Patch embedding, prefix tokens, position embedding; leaves ``b0.in``."""
-    cat_ = S if grad else F
-    patches = sh.b * spec.patch_tokens * sh.d * sh.act
-    r.alloc("patches", patches, F)  # conv output; the conv saves its input, not this
+    saved = S if grad else F
+    r.where = "forward: patch embedding"
+    patch_elems = sh.b * spec.patch_tokens * sh.d
+    conv_w = sh.d * spec.channels * spec.patch * spec.patch
+    _linear_forward(r, sh, "", "patches", conv_w, sh.d, image_elems, patch_elems, F, grad)
+    cur = "patches"
     has_pos = spec.pos_embed != PosEmbed.none
     pos_after_cat = spec.pos_embed == PosEmbed.learned and spec.pos_embed_prefix
-    cur = "patches"
     if has_pos and not pos_after_cat:
-        r.alloc("pos_add", patches, F)
+        r.alloc("pos_add", patch_elems * sh.res, F)  # promotes to the fp32 position embedding
         r.free(cur)
         cur = "pos_add"
     if spec.prefix_tokens:
+        if sh.amp and cur == "patches":
+            r.alloc("patches.32", patch_elems * sh.res, F)  # cat promotes to the fp32 tokens
         last = not (has_pos and pos_after_cat)
-        r.alloc("b0.in" if last else "cat", sh.tok, cat_ if last else F)
-        r.free(cur)
+        r.alloc("b0.in" if last else "cat", sh.tok, saved if last else F)
+        r.free(cur, "patches.32")
         cur = "b0.in" if last else "cat"
     if has_pos and pos_after_cat:
-        r.alloc("b0.in", sh.tok, cat_)
+        r.alloc("b0.in", sh.tok, saved)
         r.free(cur)
         cur = "b0.in"
     if cur != "b0.in":  # no prefix and no position added after: the conv output itself
-        entry = r.live.pop(cur)
-        r.live["b0.in"] = (entry[0], entry[1])
-        r.retag("b0.in", cat_)
+        r.rename(cur, "b0.in")
+        r.retag("b0.in", saved)
 
 
-def _attention_forward_train(r: _Replay, p: str, sh: _Shapes, spec: ViTSpec, kernel: AttentionKernel) -> None:
-    t = sh.tok
+def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKernel, grad: bool) -> None:
+    t = sh.tok_lo
+    keep = S if grad else F
     if kernel == AttentionKernel.sdpa:
-        r.alloc(p + "qkv", 3 * t, S)  # q, k, v are views of it, saved by SDPA
-        r.alloc(p + "attn", t, S)  # SDPA output, laid out (B, N, H, hd): the reshape is a view
-        r.alloc(p + "lse", _lse_bytes(sh, spec), S)
-        r.alloc(p + "proj", t, F)
+        # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
+        # the output is laid out (B, N, H, hd), so transpose + reshape is a view
+        r.alloc(p + "attn", t, keep)
+        r.alloc(p + "lse", _lse_bytes(sh), keep)
+        if not grad:
+            r.free(p + "lse")
         return
-    r.alloc(p + "qkv", 3 * t, F)  # not saved: matmul saves the reshaped copies below
     r.alloc(p + "qs", t, F)  # q * scale keeps q's strides; lives until attention returns
-    r.alloc(p + "qs.c", t, S)  # matmul copies the 4-D operands to contiguous 3-D
-    r.alloc(p + "kT.c", t, S)
+    r.alloc(p + "qs.c", t, keep)  # matmul copies its 4-D operands to contiguous 3-D ones
+    r.alloc(p + "kT.c", t, keep)
     r.alloc(p + "scores", sh.amap, F)
-    r.alloc(p + "probs", sh.amap, S)  # softmax saves its output, not its input
-    r.free(p + "scores")
-    r.alloc(p + "v.c", t, S)
-    r.alloc(p + "av", t, F)
-    r.alloc(p + "attn", t, S)  # transpose(1, 2).reshape copies; proj saves the copy
-    r.free(p + "av")
-    r.alloc(p + "proj", t, F)
-    r.free(p + "qs", p + "qkv")
-
-
-def _block_forward_train(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload) -> None:
-    p = f"b{i}."
-    t, st = sh.tok, sh.stats
-    r.where = f"forward: blocks.{i}"
-    r.alloc(p + "ln1", t, S)
-    r.alloc(p + "ln1.mean", st, S)
-    r.alloc(p + "ln1.rstd", st, S)
-    _attention_forward_train(r, p, sh, spec, wl.attention)
-    r.alloc(p + "x1", t, S)
-    r.free(p + "proj")
-    r.alloc(p + "ln2", t, S)
-    r.alloc(p + "ln2.mean", st, S)
-    r.alloc(p + "ln2.rstd", st, S)
-    r.alloc(p + "fc1", sh.hid, S)
-    r.alloc(p + "gelu", sh.hid, S)
-    r.alloc(p + "fc2", t, F)
-    r.alloc(nxt, t, S)
-    r.free(p + "fc2")
-
-
-def _block_forward_infer(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload) -> None:
-    p = f"b{i}."
-    t, st = sh.tok, sh.stats
-    r.where = f"forward: blocks.{i}"
-    r.alloc(p + "ln1", t, F)
-    r.alloc(p + "ln1.mean", st, F)
-    r.alloc(p + "ln1.rstd", st, F)
-    r.free(p + "ln1.mean", p + "ln1.rstd")
-    r.alloc(p + "qkv", 3 * t, F)
-    if wl.attention == AttentionKernel.sdpa:
-        r.alloc(p + "attn", t, F)
-        r.alloc(p + "lse", _lse_bytes(sh, spec), F)
-        r.free(p + "lse")
-        r.alloc(p + "proj", t, F)
-        r.free(p + "attn", p + "qkv", p + "ln1")
-    else:
-        r.alloc(p + "qs", t, F)
-        r.alloc(p + "qs.c", t, F)
-        r.alloc(p + "kT.c", t, F)
-        r.alloc(p + "scores", sh.amap, F)
+    if not grad:
         r.free(p + "qs.c", p + "kT.c")
-        r.alloc(p + "probs", sh.amap, F)
+    if sh.softmax_fp32:
+        r.alloc(p + "scores.32", sh.amap * 2, F)
         r.free(p + "scores")
-        r.alloc(p + "v.c", t, F)
-        r.alloc(p + "av", t, F)
+        r.alloc(p + "probs.32", sh.amap * 2, keep)  # softmax saves its output
+        r.free(p + "scores.32")
+        r.alloc(p + "probs", sh.amap, keep)  # the matmul's low-precision copy
+        if not grad:
+            r.free(p + "probs.32")
+    else:
+        r.alloc(p + "probs", sh.amap, keep)  # softmax saves its output, not its input
+        r.free(p + "scores")
+    r.alloc(p + "v.c", t, keep)
+    r.alloc(p + "av", t, F)
+    if not grad:
         r.free(p + "v.c")
-        r.alloc(p + "attn", t, F)
-        r.free(p + "av")
-        r.alloc(p + "proj", t, F)
-        r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "ln1")
-    r.alloc(p + "x1", t, F)
+    r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
+    r.free(p + "av")
+
+
+def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload, grad: bool) -> None:
+    p = f"b{i}."
+    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    keep = S if grad else F
+    sdpa = wl.attention == AttentionKernel.sdpa
+    # under autocast a LayerNorm output is only an argument: its low-precision copy is saved
+    ln_cat = F if (sh.amp or not grad) else S
+    r.where = f"forward: blocks.{i}.attn"
+    r.alloc(p + "ln1", sh.tok, ln_cat)
+    r.alloc(p + "ln1.mean", sh.stats, keep)
+    r.alloc(p + "ln1.rstd", sh.stats, keep)
+    if not grad:
+        r.free(p + "ln1.mean", p + "ln1.rstd")
+    qkv_cat = S if (grad and sdpa) else F  # eager attention saves copies, not the qkv output
+    _linear_forward(r, sh, p, "qkv", 3 * d * d, 3 * d if spec.qkv_bias else 0,
+                    bn * d if sh.amp else 0, 3 * bn * d, qkv_cat, grad)
+    _attention_core_forward(r, sh, p, wl.attention, grad)
+    _linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
+    r.free(p + "qs")
+    if not grad:
+        r.free(p + "attn", p + "qkv", p + "probs", p + "ln1")
+    elif not sdpa:
+        r.free(p + "qkv")
+    if sh.amp:
+        r.free(p + "ln1")
+    r.alloc(p + "x1", sh.tok, keep)
     r.free(p + "proj")
-    r.alloc(p + "ln2", t, F)
-    r.alloc(p + "ln2.mean", st, F)
-    r.alloc(p + "ln2.rstd", st, F)
-    r.free(p + "ln2.mean", p + "ln2.rstd")
-    r.alloc(p + "fc1", sh.hid, F)
-    r.alloc(p + "gelu", sh.hid, F)
-    r.free(p + "fc1")
-    r.alloc(p + "fc2", t, F)
-    r.free(p + "gelu", p + "ln2")
-    r.alloc(nxt, t, F)
-    r.free(p + "fc2", p + "x1", p + "in")
+    r.where = f"forward: blocks.{i}.mlp"
+    r.alloc(p + "ln2", sh.tok, ln_cat)
+    r.alloc(p + "ln2.mean", sh.stats, keep)
+    r.alloc(p + "ln2.rstd", sh.stats, keep)
+    if not grad:
+        r.free(p + "ln2.mean", p + "ln2.rstd")
+    _linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+    r.alloc(p + "gelu", sh.hid, keep)
+    if not grad:
+        r.free(p + "fc1")
+    _linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, F, grad)
+    if not grad:
+        r.free(p + "gelu", p + "ln2")
+    elif sh.amp:
+        r.free(p + "ln2")
+    r.alloc(nxt, sh.tok, keep)
+    r.free(p + "fc2")
+    if not grad:
+        r.free(p + "x1", p + "in")
 
 
 def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool) -> None:
     """Final norm, pooling, head(s), and (training) the cross-entropy loss."""
-    saved = S if grad else F
-    logits = sh.b * spec.classes * sh.act
+    keep = S if grad else F
     r.where = "forward: norm + head"
-    r.alloc("norm.out", sh.tok, saved)
-    r.alloc("norm.mean", sh.stats, saved)
-    r.alloc("norm.rstd", sh.stats, saved)
+    # the head saves the class-token row, a view that keeps the whole norm output alive
+    head_saves_norm = grad and not sh.amp and spec.pooling == Pooling.token
+    r.alloc("norm.out", sh.tok, S if head_saves_norm else F)
+    r.alloc("norm.mean", sh.stats, keep)
+    r.alloc("norm.rstd", sh.stats, keep)
     if not grad:
         r.free("norm.mean", "norm.rstd", "norm.in")
+    if spec.classes:
+        pooled_elems = sh.b * sh.d
+        if spec.pooling == Pooling.avg:
+            r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.amp) else F)
+        heads = ["head"] + (["head_dist"] if spec.dist_token else [])
+        for head in heads:
+            _linear_forward(r, sh, "", head, spec.classes * sh.d, spec.classes,
+                            pooled_elems if sh.amp else 0, sh.b * spec.classes, F, grad)
+        logits = sh.b * spec.classes * sh.lo
+        if spec.dist_token:
+            r.alloc("logits_sum", logits, F)
+            r.free("head", "head_dist")
+            r.alloc("logits_avg", logits, F)
+            r.free("logits_sum")
+            r.rename("logits_avg", "head")
+    if not head_saves_norm:
+        r.free("norm.out")  # forward returns: only what backward saved survives
+        if sh.amp or not grad:
+            r.free("pooled")
+    if not grad:
+        r.free_matching(".bc")  # autocast exits: its cache of weight copies goes
+        r.free_matching(".wc")
+        r.free("mid.wc")
+        return
     if not spec.classes:
         return
-    if spec.pooling == Pooling.avg:
-        r.alloc("pooled", sh.b * sh.d * sh.act, saved)  # mean over the patch tokens
-        if not grad:
-            r.free("norm.out")
-    r.alloc("logits", logits, F)
-    if spec.dist_token:
-        r.alloc("logits_dist", logits, F)
-        r.alloc("logits_sum", logits, F)
-        r.free("logits", "logits_dist")
-        r.alloc("logits_avg", logits, F)
-        r.free("logits_sum")
-        r.live["logits"] = r.live.pop("logits_avg")
-    if not grad:
-        if spec.pooling == Pooling.token:
-            r.free("norm.out")
-        return
-    r.alloc("logp", logits, S)  # log_softmax saves its output
-    r.alloc("loss", sh.act, F)
-    r.alloc("total_weight", sh.act, S)
-    r.free("logits")
-    r.alloc("seed", sh.act, F)  # ones_like(loss), the gradient backward starts from
+    logits_hi = sh.b * spec.classes * sh.res
+    if sh.amp:
+        r.alloc("logits.32", logits_hi, F)  # cross-entropy runs in fp32 under autocast
+    r.alloc("logp", logits_hi, S)  # log_softmax saves its output
+    r.alloc("loss", sh.res, F)
+    r.alloc("total_weight", sh.res, S)
+    r.free("logits.32", "head")
+    r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved
+    r.free("mid.bc")
+    r.alloc("seed", sh.res, F)  # ones_like(loss), the gradient backward starts from
 
 
-# --- backward ------------------------------------------------------------------------
+# --- backward -----------------------------------------------------------------------------
 
 
 class _Grads:
     """Weight gradients: made by backward as temporaries, then kept as ``.grad``."""
 
-    def __init__(self, r: _Replay, keep: bool) -> None:
+    def __init__(self, r: _Replay, sh: _Shapes, keep: bool) -> None:
         self.r = r
+        self.sh = sh
         self.keep = keep  # zero_grad(set_to_none=False): .grad exists, the new one is added in
 
-    def make(self, name: str, nbytes: int) -> None:
-        self.r.alloc("g:" + name, nbytes, B)
+    def make(self, name: str, elems: int) -> None:
+        """A parameter's gradient, in the dtype the op computes it (low under autocast)."""
+        self.r.alloc("g:" + name, elems * self.sh.lo, B)
+
+    def make_param(self, name: str, elems: int) -> None:
+        """A gradient computed directly in the parameter's dtype (norms, embeddings)."""
+        self.r.alloc("g:" + name, elems * self.sh.par, B)
 
     def accumulate(self, *names: str) -> None:
         for name in names:
             if self.keep:
-                self.r.retag("g:" + name, G)
                 self.r.free("g:" + name)  # param.grad.add_(new); the new one dies
             else:
                 self.r.retag("g:" + name, G)
 
-
-def _epilogue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, gr: _Grads) -> str:
-    d, pb = sh.d, sh.par
-    logits = sh.b * spec.classes * sh.act
-    r.where = "backward: loss + head"
-    r.alloc("g.nll", logits, B)
-    r.free("seed")
-    r.alloc("g.logits", logits, B)
-    r.free("g.nll", "logp")
-    heads = ["head"] + (["head_dist"] if spec.dist_token else [])
-    if spec.dist_token:
-        # (a + b) / 2: DivBackward makes a new tensor, AddBackward passes it on to both heads
-        r.alloc("g.logits_avg", logits, B)
-        r.free("g.logits")
-        r.live["g.logits"] = r.live.pop("g.logits_avg")
-    for k, head in enumerate(heads):
-        r.alloc(f"g.{head}in", sh.b * d * sh.act, B)
-        gr.make(head + ".w", spec.classes * d * pb)
-        gr.make(head + ".b", spec.classes * pb)
-        if k == len(heads) - 1:
-            r.free("g.logits")
-            r.free("norm.out" if spec.pooling == Pooling.token else "pooled")
-        gr.accumulate(head + ".b", head + ".w")
-    if spec.pooling == Pooling.avg:
-        r.alloc("g.norm", sh.tok, B)  # mean backward: expand then divide, one (B, N, D) tensor
-        r.free("g.headin")
-    else:
-        r.alloc("g.norm", sh.tok, B)  # select_backward: zeros with the class row(s) filled
-        for head in heads:
-            r.free(f"g.{head}in")
-    r.where = "backward: norm"
-    r.alloc("g.normin", sh.tok, B)
-    gr.make("norm.w", d * pb)
-    gr.make("norm.b", d * pb)
-    r.free("g.norm", "norm.in", "norm.mean", "norm.rstd")
-    gr.accumulate("norm.w", "norm.b")
-    if spec.pooling == Pooling.avg:
-        r.free("norm.out")
-    return "g.normin"
+    def finish(self, name: str, elems: int) -> None:
+        """Accumulate a gradient; under autocast, first cast it to the fp32 parameter's dtype."""
+        if self.sh.amp:
+            self.r.alloc("g:" + name + ".32", elems * self.sh.par, B)
+            self.r.free("g:" + name)
+            name = name + ".32"
+        self.accumulate(name)
 
 
-def _linear_backward(r: _Replay, gr: _Grads, p: str, name: str, gin_bytes: int, w_elems: int, b_elems: int, pb: int) -> str:
+def _linear_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, out_elems: int,
+                     in_elems: int, w_elems: int, b_elems: int, cast_grad: bool, input_cast: bool,
+                     frees: tuple[str, ...], free_first: tuple[str, ...] = ()) -> str:
+    """Backward of a linear layer; returns the name of the gradient of its input.
+
+    Under autocast: a gradient arriving in fp32 (from a residual add) is first cast down;
+    the input gradient is cast back up when the input was cast down in forward; the
+    weight and bias gradients are computed low and cast to fp32.
+    """
+    gc = p + name + ".gc"
+    if sh.amp and cast_grad:
+        r.alloc(gc, out_elems * sh.lo, B)
+        r.free(*free_first)
     gin = f"{p}g.{name}in"
-    r.alloc(gin, gin_bytes, B)  # grad_output @ W
-    gr.make(p + name + ".w", w_elems * pb)  # grad_output^T @ input
-    gr.make(p + name + ".b", b_elems * pb)  # grad_output summed over rows
+    r.alloc(gin, in_elems * sh.lo, B)  # grad_output @ W
+    gr.make(p + name + ".w", w_elems)  # grad_output^T @ input
+    gr.make(p + name + ".b", b_elems)  # grad_output summed over rows
+    r.free(gc, p + name + ".wc", p + name + ".ic", *frees)
+    if not sh.amp:
+        gr.accumulate(p + name + ".b", p + name + ".w")
+        return gin
+    if input_cast:
+        r.alloc(gin + ".32", in_elems * sh.res, B)
+        r.free(gin)
+        gin = gin + ".32"
+    gr.finish(p + name + ".w", w_elems)
+    gr.finish(p + name + ".b", b_elems)
     return gin
 
 
-def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViTSpec, wl: Workload, gr: _Grads) -> None:
-    p = f"b{i}."
-    t, d, f, pb = sh.tok, sh.d, sh.f, sh.par
-    r.where = f"backward: blocks.{i}.mlp"
-    gfc2 = _linear_backward(r, gr, p, "fc2", sh.hid, d * f, d, pb)
-    r.free(p + "gelu")
-    gr.accumulate(p + "fc2.b", p + "fc2.w")
-    r.alloc(p + "g.gelu", sh.hid, B)
-    r.free(gfc2, p + "fc1")
-    gfc1 = _linear_backward(r, gr, p, "fc1", t, f * d, f, pb)
-    r.free(p + "g.gelu", p + "ln2")
-    gr.accumulate(p + "fc1.b", p + "fc1.w")
-    r.alloc(p + "g.ln2in", t, B)
-    gr.make(p + "ln2.w", d * pb)
-    gr.make(p + "ln2.b", d * pb)
-    r.free(gfc1, p + "x1", p + "ln2.mean", p + "ln2.rstd")
-    r.alloc(p + "g.x1", t, B)  # residual: the incoming gradient plus the MLP branch's
-    r.free(p + "g.ln2in", g)
-    gr.accumulate(p + "ln2.w", p + "ln2.b")
-    r.where = f"backward: blocks.{i}.attn"
-    gproj = _linear_backward(r, gr, p, "proj", t, d * d, d, pb)
-    if wl.attention == AttentionKernel.sdpa:
-        gr.accumulate(p + "proj.b", p + "proj.w")
+def _layernorm_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, g_in: str, x: str) -> None:
+    """LayerNorm backward: the input gradient and the two parameter gradients; then the
+    gradient it was given, its saved input and its statistics go."""
+    r.alloc(f"{p}g.{name}in", sh.tok, B)
+    gr.make_param(f"{p}{name}.w", sh.d)
+    gr.make_param(f"{p}{name}.b", sh.d)
+    r.free(g_in, x, f"{p}{name}.mean", f"{p}{name}.rstd")
+
+
+def _attention_core_backward(r: _Replay, sh: _Shapes, p: str, gproj: str, kernel: AttentionKernel) -> None:
+    t = sh.tok_lo
+    if kernel == AttentionKernel.sdpa:
         r.alloc(p + "g.q", t, B)
         r.alloc(p + "g.k", t, B)
         r.alloc(p + "g.v", t, B)
@@ -416,33 +454,56 @@ def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViT
             _cuda_sdpa_backward_workspace(r, p, sh)
         r.alloc(p + "g.stack", 3 * t, B)  # unbind backward: stack
         r.free(p + "g.q", p + "g.k", p + "g.v")
-    else:
-        r.free(p + "attn")
-        gr.accumulate(p + "proj.b", p + "proj.w")
-        r.alloc(p + "g.av", t, B)  # the transposed gradient, made contiguous for bmm
-        r.free(gproj)
-        r.alloc(p + "g.v", t, B)
-        r.alloc(p + "g.probs", sh.amap, B)
-        r.free(p + "g.av", p + "v.c")
+        return
+    r.alloc(p + "g.av", t, B)  # the transposed gradient, made contiguous for bmm
+    r.free(gproj)
+    r.alloc(p + "g.v", t, B)
+    r.alloc(p + "g.probs", sh.amap, B)
+    r.free(p + "g.av", p + "v.c", p + "probs")
+    if sh.softmax_fp32:
+        r.alloc(p + "g.probs.32", 2 * sh.amap, B)
+        r.free(p + "g.probs")
+        r.alloc(p + "g.scores.32", 2 * sh.amap, B)
+        r.free(p + "g.probs.32", p + "probs.32")
         r.alloc(p + "g.scores", sh.amap, B)
-        r.free(p + "g.probs", p + "probs")
-        r.alloc(p + "g.qs", t, B)
-        r.alloc(p + "g.kT", t, B)
-        r.free(p + "g.scores", p + "qs.c", p + "kT.c")
-        r.alloc(p + "g.q", t, B)  # times the scale
-        r.free(p + "g.qs")
-        r.alloc(p + "g.stack", 3 * t, B)
-        r.free(p + "g.q", p + "g.kT", p + "g.v")
-    r.alloc(p + "g.qkv", 3 * t, B)  # permute backward: a contiguous copy for the linear
+        r.free(p + "g.scores.32")
+    else:
+        r.alloc(p + "g.scores", sh.amap, B)
+        r.free(p + "g.probs")
+    r.alloc(p + "g.qs", t, B)
+    r.alloc(p + "g.kT", t, B)
+    r.free(p + "g.scores", p + "qs.c", p + "kT.c")
+    r.alloc(p + "g.q", t, B)  # times the scale
+    r.free(p + "g.qs")
+    r.alloc(p + "g.stack", 3 * t, B)
+    r.free(p + "g.q", p + "g.kT", p + "g.v")
+
+
+def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViTSpec, wl: Workload, gr: _Grads) -> None:
+    p = f"b{i}."
+    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    amp = sh.amp
+    r.where = f"backward: blocks.{i}.mlp"
+    gfc2 = _linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",))
+    r.alloc(p + "g.gelu", sh.hid, B)
+    r.free(gfc2, p + "fc1")
+    gfc1 = _linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, amp,
+                            (p + "g.gelu", p + "ln2"))
+    _layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1")
+    r.alloc(p + "g.x1", sh.tok, B)  # residual: the incoming gradient plus the MLP branch's
+    r.free(p + "g.ln2in", g)
+    gr.accumulate(p + "ln2.w", p + "ln2.b")
+    r.where = f"backward: blocks.{i}.attn"
+    sdpa = wl.attention == AttentionKernel.sdpa
+    gproj = _linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
+                             () if sdpa else (p + "attn",))
+    _attention_core_backward(r, sh, p, gproj, wl.attention)
+    r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
     r.free(p + "g.stack")
-    gqkv = _linear_backward(r, gr, p, "qkv", t, 3 * d * d, 3 * d if spec.qkv_bias else 0, pb)
-    r.free(p + "g.qkv", p + "ln1")
-    gr.accumulate(p + "qkv.b", p + "qkv.w")
-    r.alloc(p + "g.ln1in", t, B)
-    gr.make(p + "ln1.w", d * pb)
-    gr.make(p + "ln1.b", d * pb)
-    r.free(gqkv, p + "in", p + "ln1.mean", p + "ln1.rstd")
-    r.alloc(out, t, B)
+    gqkv = _linear_backward(r, gr, sh, p, "qkv", 3 * bn * d, bn * d, 3 * d * d,
+                            3 * d if spec.qkv_bias else 0, False, amp, (p + "g.qkv", p + "ln1"))
+    _layernorm_backward(r, gr, sh, p, "ln1", gqkv, p + "in")
+    r.alloc(out, sh.tok, B)
     r.free(p + "g.ln1in", p + "g.x1")
     gr.accumulate(p + "ln1.w", p + "ln1.b")
 
@@ -456,220 +517,252 @@ def _cuda_sdpa_backward_workspace(r: _Replay, p: str, sh: _Shapes) -> None:
     """
     n128 = -(-sh.n // 128) * 128
     hd = sh.d // sh.h
-    if sh.act == 2:
-        hd32 = -(-hd // 32) * 32
-        r.alloc(p + "ws.dq", sh.b * n128 * sh.h * hd32 * 4, B)
+    if sh.lo == 2:
+        r.alloc(p + "ws.dq", sh.b * n128 * sh.h * (-(-hd // 32) * 32) * 4, B)
         r.alloc(p + "ws.d", sh.b * sh.h * n128 * 4, B)
     else:
         r.alloc(p + "ws.d", sh.b * sh.h * sh.n * 4, B)
     r.free(p + "ws.dq", p + "ws.d")
 
 
-def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grads) -> None:
-    pb, d = sh.par, sh.d
+def _epilogue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, gr: _Grads) -> str:
+    logits_hi = sh.b * spec.classes * sh.res
+    r.where = "backward: loss + head"
+    r.alloc("g.nll", logits_hi, B)
+    r.free("seed")
+    r.alloc("g.logits", logits_hi, B)
+    r.free("g.nll", "logp")
+    heads = ["head"] + (["head_dist"] if spec.dist_token else [])
+    if spec.dist_token:
+        # (a + b) / 2: DivBackward makes a new tensor, AddBackward hands it to both heads
+        r.alloc("g.logits_avg", sh.b * spec.classes * sh.lo, B)
+        r.free("g.logits")
+        r.rename("g.logits_avg", "g.logits")
+    pooled = sh.b * sh.d
+    for k, head in enumerate(heads):
+        last = k == len(heads) - 1
+        frees = ("g.logits", "norm.out", "pooled") if last else ()
+        gin = _linear_backward(r, gr, sh, "", head, sh.b * spec.classes, pooled,
+                               spec.classes * sh.d, spec.classes, sh.amp and k == 0,
+                               sh.amp, frees, free_first=("g.logits",))
+        # select_backward (or mean backward): a (B, N, D) tensor per head, summed after
+        r.alloc(f"g.sel{k}", sh.tok, B)
+        r.free(gin)
+    if len(heads) == 1:
+        r.rename("g.sel0", "g.norm")
+    else:
+        r.alloc("g.norm", sh.tok, B)
+        r.free(*(f"g.sel{k}" for k in range(len(heads))))
+    r.where = "backward: norm"
+    _layernorm_backward(r, gr, sh, "", "norm", "g.norm", "norm.in")
+    gr.accumulate("norm.w", "norm.b")
+    return "g.normin"
+
+
+def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grads, image_elems: int) -> None:
+    d = sh.d
     r.where = "backward: patch embedding"
-    names = []
     if spec.pos_embed == PosEmbed.learned:
-        names.append(("pos_embed", pos_embed_tokens(spec) * d))
-    for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)), ("reg_token", spec.registers)):
+        gr.make_param("pos_embed", pos_embed_tokens(spec) * d)  # summed over the batch
+        gr.accumulate("pos_embed")
+    patch_elems = sh.b * spec.patch_tokens * d
+    if sh.amp:
+        r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
+    for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)),
+                     ("reg_token", spec.registers)):
         if n:
-            names.append((token, n * d))
-    for name, elems in names:  # sums over the batch of the gradient slices
-        gr.make(name, elems * pb)
-        gr.accumulate(name)
-    gr.make("patch.w", d * spec.channels * spec.patch * spec.patch * pb)
-    gr.make("patch.b", d * pb)
-    r.free(g)
-    gr.accumulate("patch.w", "patch.b")
+            gr.make_param(token, n * d)
+            gr.accumulate(token)
+    if sh.amp:
+        r.free(g)
+    conv_w = d * spec.channels * spec.patch * spec.patch
+    gr.make("patch.w", conv_w)
+    gr.make("patch.b", d)
+    r.free(g, "g.patches.c", "patches.wc", "patches.ic")
+    if sh.amp:
+        gr.finish("patch.w", conv_w)
+        gr.finish("patch.b", d)
+    else:
+        gr.accumulate("patch.w", "patch.b")
     r.free("total_weight")
 
 
-# --- optimizer ------------------------------------------------------------------------
+# --- optimizer ------------------------------------------------------------------------------
 
 
-def _optimizer_state_bytes(spec: ViTSpec, wl: Workload, pb: int) -> int:
-    tensors = param_tensors(spec)
-    total = sum(n for _, n in tensors) * pb
+@lru_cache(maxsize=4096)
+def _param_bytes(spec: ViTSpec, pb: int, round_to: int) -> tuple[int, ...]:
+    """Bytes of each parameter tensor as allocated, in ``parameters()`` order."""
+    return tuple(-(-n * pb // round_to) * round_to for _, n in param_tensors(spec))
+
+
+@lru_cache(maxsize=4096)
+def _block_param_bytes(spec: ViTSpec, pb: int, round_to: int) -> int:
+    return sum(-(-n * pb // round_to) * round_to for _, n in block_param_tensors(spec))
+
+
+def _optimizer_state_bytes(spec: ViTSpec, wl: Workload, sh: _Shapes, round_to: int) -> int:
+    sizes = _param_bytes(spec, sh.par, round_to)
+    total = sum(sizes)
     if wl.optimizer in (Optimizer.adamw, Optimizer.adam):
-        return 2 * total + 4 * len(tensors)  # exp_avg, exp_avg_sq, and a fp32 step per tensor
+        # exp_avg and exp_avg_sq, plus a fp32 ``step`` per tensor that PyTorch keeps on the
+        # CPU unless the optimizer is capturable or fused: none of it on a GPU
+        return 2 * total + (0 if sh.cuda else 4 * len(sizes))
     if wl.optimizer == Optimizer.sgd_momentum:
         return total
     return 0
 
 
-def _optimizer_step(r: _Replay, spec: ViTSpec, wl: Workload, pb: int, foreach: bool) -> None:
+def _optimizer_step(r: _Replay, spec: ViTSpec, wl: Workload, sh: _Shapes) -> None:
     """Temporaries of ``optimizer.step()``: only Adam-type optimizers make any.
 
-    Single-tensor Adam (PyTorch's default on the CPU) computes, per parameter,
+    Single-tensor Adam (PyTorch's default on the CPU) computes, per parameter ``k``,
     ``denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``: two tensors of the
-    parameter's size, plus the previous parameter's ``denom`` until the name is rebound.
-    The foreach implementation (default on CUDA) makes ``exp_avg_sq.sqrt()`` for every
-    parameter at once.
+    parameter's size, while the previous parameter's ``denom`` lives until the name is
+    rebound, so the most it holds is ``max_k 2 s_k + s_(k-1)`` in ``parameters()`` order.
+    The foreach implementation (PyTorch's default on CUDA) makes ``exp_avg_sq.sqrt()`` for
+    every parameter at once.
     """
     r.where = "optimizer step"
     if wl.optimizer not in (Optimizer.adamw, Optimizer.adam):
         return
-    tensors = param_tensors(spec)
-    if foreach:
-        r.alloc("opt.sqrt", sum(n for _, n in tensors) * pb, OT)
-        r.free("opt.sqrt")
-        return
-    prev = None
-    for k, (_, n) in enumerate(tensors):
-        r.alloc("opt.sqrt", n * pb, OT)
-        r.alloc(f"opt.denom{k}", n * pb, OT)
-        r.free("opt.sqrt")
-        if prev:
-            r.free(prev)
-        prev = f"opt.denom{k}"
-    if prev:
-        r.free(prev)
+    sizes = _param_bytes(spec, sh.par, r.round_to)
+    if sh.cuda:
+        extra = sum(sizes)
+    else:
+        extra = max(2 * s + prev for s, prev in zip(sizes, (0,) + sizes[:-1]))
+    r.alloc("opt.temporaries", extra, OT)
+    r.free("opt.temporaries")
 
 
-# --- the whole step ----------------------------------------------------------------------
+# --- the whole step ---------------------------------------------------------------------------
 
 
-def _shapes(spec: ViTSpec, wl: Workload) -> _Shapes:
-    e = _element_bytes(wl.precision)
-    cuda = wl.device == Device.cuda
-    return _Shapes(
-        b=wl.batch,
-        n=spec.tokens,
-        d=spec.dim,
-        f=spec.mlp_hidden,
-        h=spec.heads,
-        c=spec.channels,
-        act=e,
-        par=e,
-        stat=4 if cuda else e,  # CUDA keeps LayerNorm statistics in fp32 for 16-bit inputs
-        cuda=cuda,
-    )
+_COMPONENT_OF = {
+    "b0.in": "patch_embed",
+    **{k: "blocks/norm1" for k in ("ln1", "ln1.mean", "ln1.rstd", "qkv.ic")},
+    **{k: "blocks/attn/qkv" for k in ("qkv", "qs.c", "kT.c", "v.c")},
+    **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
+    **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic")},
+    **{k: "blocks/mlp" for k in ("fc1", "gelu")},
+    "in": "blocks/residual",
+    **{k: "norm + head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled",
+                                  "logp", "total_weight", "head.ic", "head_dist.ic")},
+    "patches.ic": "patch_embed",
+}
 
 
-def _saved_by_component(r: _Replay, spec: ViTSpec) -> dict[str, int]:
-    """Saved activations at the end of the forward pass, grouped by component path."""
-    groups = {
-        "patch_embed": ("b0.in",),
-        "blocks/norm1": ("ln1", "ln1.mean", "ln1.rstd"),
-        "blocks/attn/qkv": ("qkv", "qs.c", "kT.c", "v.c"),
-        "blocks/attn/core": ("attn", "lse", "probs"),
-        "blocks/norm2": ("x1", "ln2", "ln2.mean", "ln2.rstd"),
-        "blocks/mlp": ("fc1", "gelu"),
-        "blocks/residual": ("in",),
-        "norm + head": ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled", "logp", "total_weight"),
-    }
-    out = dict.fromkeys(groups, 0)
+def _saved_by_component(r: _Replay, depth: int) -> dict[str, int]:
+    """Saved activations at the end of the forward pass, by component, summed over depth.
+
+    The replay holds blocks 0 and depth-1 by name; the blocks between them repeat block 0.
+    """
+    out = dict.fromkeys(dict.fromkeys(_COMPONENT_OF.values()), 0)
+    middle = max(depth - 2, 0)
     for name, (nbytes, cat) in r.live.items():
-        if cat != S:
+        if cat != S or name == "mid.saved":
             continue
-        key = name.split(".", 1)[1] if name[0] == "b" and name[1].isdigit() else name
-        for group, members in groups.items():
-            if key in members or name in members:
-                out[group] += nbytes
-                break
+        if name[0] == "b" and name[1].isdigit() and name != "b0.in":
+            block, key = name.split(".", 1)
+            out[_COMPONENT_OF[key]] += nbytes * (1 + middle if block == "b0" else 1)
+        else:
+            out[_COMPONENT_OF[name]] += nbytes
     return out
+
+
+def _skip_forward(r: _Replay, depth: int, grad: bool) -> None:
+    """Blocks 1 .. depth-2 forward: each leaves what block 0 left (under autocast, with
+    its weight copies); totals only grow here, so the last block's forward peaks higher."""
+    per_block = {S: 0, "wc": 0, "bc": 0}
+    for name, (nbytes, cat) in r.live.items():
+        if name.startswith("b0.") and name != "b0.in":
+            if cat == WC:
+                per_block[name[-2:]] += nbytes
+            elif cat == S:
+                per_block[S] += nbytes
+    inp = r.live["b1.in"]
+    r.sampling = False
+    r.free("b1.in")
+    m = depth - 2
+    r.alloc("mid.saved", m * (per_block[S] + (inp[0] if grad else 0)), S)
+    r.alloc("mid.wc", m * per_block["wc"], WC)
+    r.alloc("mid.bc", m * per_block["bc"], WC)
+    r.alloc(f"b{depth - 1}.in", inp[0], inp[1])
+    r.sampling = True
+
+
+def _skip_backward(r: _Replay, spec: ViTSpec, depth: int, g: str, sh: _Shapes, wl: Workload) -> str:
+    """Blocks depth-2 .. 1 backward: their saved tensors and weight copies go, their gradients come."""
+    r.sampling = False
+    r.free("mid.saved", "mid.wc")
+    if not wl.keep_grads:
+        r.alloc("mid.grads", (depth - 2) * _block_param_bytes(spec, sh.par, r.round_to), G)
+    r.sampling = True
+    r.rename(g, "g.b0.out")
+    return "g.b0.out"
 
 
 def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     """Replay one steady-state training step (or one no_grad forward) and return its memory."""
     sh = _shapes(spec, wl)
     r = _Replay(CUDA_BLOCK_BYTES if sh.cuda else 1)
-    pb = sh.par
-    tensors = param_tensors(spec)
-    for k, (_, n) in enumerate(tensors):
-        r.alloc(f"w{k}", n * pb, W)
-    if spec.pos_embed == PosEmbed.sincos:
-        r.alloc("sincos", spec.patch_tokens * sh.d * pb, W)  # a buffer, moved with the model
-    weights = r.cat[W]
-    grads_total = sum(-(-n * pb // r.round_to) * r.round_to for _, n in tensors)
     train = wl.training
-    state_bytes = _optimizer_state_bytes(spec, wl, pb) if train else 0
-    if train:
-        r.alloc("opt.states", state_bytes, O)
-        if wl.keep_grads:
-            r.alloc("grads.kept", grads_total, G)
-    inputs = sh.b * sh.c * spec.image_h * spec.image_w * sh.act + (sh.b * INDEX_BYTES if train else 0)
+    sizes = _param_bytes(spec, sh.par, r.round_to)
+    grads_total = sum(sizes)
+    r.where = "weights"
+    r.alloc("weights", grads_total, W)
+    if spec.pos_embed == PosEmbed.sincos:
+        r.alloc("sincos", spec.patch_tokens * sh.d * sh.par, W)  # a buffer, moved with the model
+    weights = r.cat[W]
+    states = _optimizer_state_bytes(spec, wl, sh, r.round_to) if train else 0
+    r.alloc("opt.states", states, O)
+    if train and wl.keep_grads:
+        r.alloc("grads.kept", grads_total, G)
+    image_elems = sh.b * spec.channels * spec.image_h * spec.image_w
     r.where = "forward: input batch"
-    r.alloc("x", sh.b * sh.c * spec.image_h * spec.image_w * sh.act, I)
-    if train:
-        r.alloc("y", sh.b * INDEX_BYTES, I)
+    r.alloc("x", image_elems * sh.res, I)  # images arrive in fp32 under autocast
+    r.alloc("y", sh.b * INDEX_BYTES if train else 0, I)
+    inputs = r.cat[I]
     depth = spec.depth
-    fwd = _block_forward_train if train else _block_forward_infer
-    _prologue_forward(r, spec, sh, train)
-    last_in = "norm.in"
+    _prologue_forward(r, spec, sh, train, image_elems)
     for i in _ends(depth):
-        nxt = f"b{i + 1}.in" if i < depth - 1 else last_in
-        fwd(r, i, nxt, sh, spec, wl)
+        _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train)
         if i == 0 and depth > 2:
             _skip_forward(r, depth, train)
     _epilogue_forward(r, spec, sh, train)
-    saved_components = _saved_by_component(r, spec) if train else {}
     saved = r.cat[S]
-    if train:
-        gr = _Grads(r, wl.keep_grads)
+    copies = r.cat[WC]
+    components = _saved_by_component(r, depth) if train else {}
+    if train and spec.classes:
+        gr = _Grads(r, sh, wl.keep_grads)
         g = _epilogue_backward(r, spec, sh, gr)
         for i in reversed(_ends(depth)):
             out = f"g.b{i}.in"
             _block_backward(r, i, g, out, sh, spec, wl, gr)
             g = out
             if i == depth - 1 and depth > 2:
-                g = _skip_backward(r, depth, g, sh, spec, wl, gr)
-        _prologue_backward(r, spec, sh, g, gr)
-        _optimizer_step(r, spec, wl, pb, foreach=sh.cuda)
+                g = _skip_backward(r, spec, depth, g, sh, wl)
+        _prologue_backward(r, spec, sh, g, gr, image_elems)
+        _optimizer_step(r, spec, wl, sh)
     at_peak = dict.fromkeys(CATEGORIES, 0)
     for cat, nbytes in r.peak_cat.items():
         at_peak[_REPORTED[cat]] += nbytes
     return MemoryResult(
         weights=weights,
         gradients=grads_total if train else 0,
-        optimizer_states=state_bytes,
+        optimizer_states=states,
         inputs=inputs,
         activations=saved,
+        autocast_copies=copies,
         peak=r.peak,
         transient=r.peak_cat[F] + r.peak_cat[B] + r.peak_cat[OT],
         peak_phase=r.peak_where,
         at_peak=at_peak,
-        saved_by_component=saved_components,
+        saved_by_component=components,
+        totals=tuple(r.totals),
     )
 
 
 def _ends(depth: int) -> list[int]:
     """The blocks replayed in full: the first and the last."""
     return [0] if depth == 1 else [0, depth - 1]
-
-
-def _skip_forward(r: _Replay, depth: int, train: bool) -> None:
-    """Blocks 1 .. depth-2 forward: each leaves the same saved set as block 0 did."""
-    if not train:
-        # under no_grad nothing is kept: the next block's input replaces this one's
-        r.live[f"b{depth - 1}.in"] = r.live.pop("b1.in")
-        return
-    saved0 = [(n[3:], b) for n, (b, c) in r.live.items() if n.startswith("b0.") and c == S and n != "b0.in"]
-    inp = r.live["b1.in"][0]
-    r.sampling = False  # totals only grow here: the last block's forward peaks higher
-    for i in range(1, depth - 1):
-        for name, nbytes in saved0:
-            r.alloc(f"b{i}.{name}", nbytes, S)
-        r.alloc(f"b{i + 1}.in", inp, S)
-    r.sampling = True
-
-
-def _skip_backward(r: _Replay, depth: int, g: str, sh: _Shapes, spec: ViTSpec, wl: Workload, gr: _Grads) -> str:
-    """Blocks depth-2 .. 1 backward: free their saved tensors, add their gradients."""
-    r.sampling = False
-    block_grad_bytes = [n * sh.par for _, n in _block_param_elems(spec)]
-    for i in range(depth - 2, 0, -1):
-        for name in [n for n in r.live if n.startswith(f"b{i}.")]:
-            r.free(name)
-        for k, nbytes in enumerate(block_grad_bytes):
-            gr.make(f"b{i}.p{k}", nbytes)
-            gr.accumulate(f"b{i}.p{k}")
-    r.sampling = True
-    r.live[f"g.b{0}.out"] = r.live.pop(g)
-    return f"g.b{0}.out"
-
-
-def _block_param_elems(spec: ViTSpec) -> list[tuple[str, int]]:
-    from vitcost.formulas import block_param_tensors
-
-    return block_param_tensors(spec)
