@@ -30,6 +30,7 @@ from functools import lru_cache
 from vitcost.formulas import block_param_tensors, param_tensors, pos_embed_tokens
 from vitcost.specs import (
     AttentionKernel,
+    Checkpointing,
     Device,
     Optimizer,
     PosEmbed,
@@ -272,7 +273,13 @@ def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKe
     r.free(p + "av")
 
 
-def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload, grad: bool) -> None:
+def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload, grad: bool,
+                   checkpointed: bool = False, recompute: bool = False) -> None:
+    """One block's forward. ``grad``: autograd saves what backward needs. ``checkpointed``:
+    the forward of a checkpointed block, which saves nothing but its input (so it frees like
+    a no_grad forward). ``recompute``: that block rerun in backward, stopping, as PyTorch's
+    non-reentrant checkpoint does, once the last tensor backward needs (GELU's output) exists.
+    """
     p = f"b{i}."
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     keep = S if grad else F
@@ -307,6 +314,13 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
         r.free(p + "ln2.mean", p + "ln2.rstd")
     _linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
     r.alloc(p + "gelu", sh.hid, keep)
+    if recompute:
+        if sh.amp:  # fc2 saves a weight copy too: the recompute goes on until it exists
+            r.alloc(p + "fc2.bc", d * sh.lo, WC)
+            r.alloc(p + "fc2.wc", d * f * sh.lo, WC)
+            r.free_matching(".bc")  # the recompute stops; its autocast region ends
+            r.free(p + "ln2")
+        return
     if not grad:
         r.free(p + "fc1")
     _linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, F, grad)
@@ -314,13 +328,15 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
         r.free(p + "gelu", p + "ln2")
     elif sh.amp:
         r.free(p + "ln2")
-    r.alloc(nxt, sh.tok, keep)
+    r.alloc(nxt, sh.tok, S if checkpointed else keep)
     r.free(p + "fc2")
     if not grad:
-        r.free(p + "x1", p + "in")
+        r.free(p + "x1")
+        if not checkpointed:
+            r.free(p + "in")
 
 
-def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool) -> None:
+def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkpointed: bool = False) -> None:
     """Final norm, pooling, head(s), and (training) the cross-entropy loss."""
     keep = S if grad else F
     r.where = "forward: norm + head"
@@ -366,6 +382,8 @@ def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool) -> Non
     r.free("logits.32", "head")
     r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved
     r.free("mid.bc")
+    if checkpointed:  # ... except in checkpointed blocks, which saved none
+        r.free(*[n for n in r.live if n[0] == "b" and n.endswith(".wc")], "mid.wc")
     r.alloc("seed", sh.res, F)  # ones_like(loss), the gradient backward starts from
 
 
@@ -406,7 +424,7 @@ class _Grads:
 
 def _linear_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, out_elems: int,
                      in_elems: int, w_elems: int, b_elems: int, cast_grad: bool, input_cast: bool,
-                     frees: tuple[str, ...], free_first: tuple[str, ...] = ()) -> str:
+                     frees: tuple[str, ...], free_first: tuple[str, ...] = (), early: bool = False) -> str:
     """Backward of a linear layer; returns the name of the gradient of its input.
 
     Under autocast: a gradient arriving in fp32 (from a residual add) is first cast down;
@@ -414,12 +432,15 @@ def _linear_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, out
     weight and bias gradients are computed low and cast to fp32.
     """
     gc = p + name + ".gc"
-    if sh.amp and cast_grad:
+    if sh.amp and cast_grad and gc not in r.live:
         r.alloc(gc, out_elems * sh.lo, B)
         r.free(*free_first)
     gin = f"{p}g.{name}in"
     r.alloc(gin, in_elems * sh.lo, B)  # grad_output @ W
     gr.make(p + name + ".w", w_elems)  # grad_output^T @ input
+    if early:
+        # a recomputed tensor dies when backward unpacks it, not when the node finishes
+        r.free(p + name + ".wc", *frees[-1:])
     gr.make(p + name + ".b", b_elems)  # grad_output summed over rows
     r.free(gc, p + name + ".wc", p + name + ".ic", *frees)
     if not sh.amp:
@@ -483,12 +504,18 @@ def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViT
     p = f"b{i}."
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     amp = sh.amp
+    ck = wl.checkpointing == Checkpointing.full
+    if ck:
+        if amp:  # the residual add casts the gradient down before fc2's node asks for recompute
+            r.alloc(p + "fc2.gc", sh.tok_lo, B)
+        r.where = f"backward: blocks.{i} (recompute)"
+        _block_forward(r, i, "", sh, spec, wl, True, recompute=True)
     r.where = f"backward: blocks.{i}.mlp"
-    gfc2 = _linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",))
+    gfc2 = _linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",), early=ck)
     r.alloc(p + "g.gelu", sh.hid, B)
     r.free(gfc2, p + "fc1")
     gfc1 = _linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, amp,
-                            (p + "g.gelu", p + "ln2"))
+                            (p + "g.gelu", p + "ln2"), early=ck)
     _layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1")
     r.alloc(p + "g.x1", sh.tok, B)  # residual: the incoming gradient plus the MLP branch's
     r.free(p + "g.ln2in", g)
@@ -501,7 +528,7 @@ def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViT
     r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
     r.free(p + "g.stack")
     gqkv = _linear_backward(r, gr, sh, p, "qkv", 3 * bn * d, bn * d, 3 * d * d,
-                            3 * d if spec.qkv_bias else 0, False, amp, (p + "g.qkv", p + "ln1"))
+                            3 * d if spec.qkv_bias else 0, False, amp, (p + "g.qkv", p + "ln1"), early=ck)
     _layernorm_backward(r, gr, sh, p, "ln1", gqkv, p + "in")
     r.alloc(out, sh.tok, B)
     r.free(p + "g.ln1in", p + "g.x1")
@@ -725,11 +752,13 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     inputs = r.cat[I]
     depth = spec.depth
     _prologue_forward(r, spec, sh, train, image_elems)
+    ck = train and wl.checkpointing == Checkpointing.full
     for i in _ends(depth):
-        _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train)
+        nxt = f"b{i + 1}.in" if i < depth - 1 else "norm.in"
+        _block_forward(r, i, nxt, sh, spec, wl, train and not ck, checkpointed=ck)
         if i == 0 and depth > 2:
             _skip_forward(r, depth, train)
-    _epilogue_forward(r, spec, sh, train)
+    _epilogue_forward(r, spec, sh, train, checkpointed=ck)
     saved = r.cat[S]
     copies = r.cat[WC]
     components = _saved_by_component(r, depth) if train else {}
