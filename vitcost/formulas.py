@@ -13,6 +13,13 @@ from __future__ import annotations
 
 from vitcost.specs import PosEmbed, ViTSpec
 
+# The order components are listed in, everywhere (params, MACs, tables).
+COMPONENT_ORDER = (
+    "patch_embed", "pos_embed", "prefix_tokens", "blocks/norm1", "blocks/attn/qkv",
+    "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/proj", "blocks/norm2",
+    "blocks/mlp/fc1", "blocks/mlp/fc2", "norm", "head",
+)
+
 # --- tokens -------------------------------------------------------------------------
 
 

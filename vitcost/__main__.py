@@ -1,0 +1,3 @@
+from vitcost.cli import app
+
+app(prog_name="vitcost")

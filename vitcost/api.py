@@ -1,0 +1,193 @@
+"""The Python API: ``vitcost.plan(...)`` and ``vitcost.compare(...)``.
+
+The CLI is a thin layer over these two functions: same names, same options, and the
+report they return is what it renders.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from typing import Any, Iterable, Optional, Union
+
+from vitcost.errors import ConfigError
+from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, build_report, max_batch_size
+from vitcost.presets import build_spec
+from vitcost.specs import ViTSpec, Workload, make_workload
+
+ImageSize = Union[int, str, tuple[int, int], None]
+
+_ARCH_KEYS = (
+    "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
+    "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias",
+)
+
+
+def parse_image(image: ImageSize) -> Optional[tuple[int, int]]:
+    """``384``, ``"384"``, ``"384x256"`` (height x width) or ``(384, 256)``."""
+    if image is None:
+        return None
+    if isinstance(image, tuple):
+        h, w = image
+    elif isinstance(image, int):
+        h = w = image
+    else:
+        m = re.fullmatch(r"\s*(-?\d+)\s*(?:[xX*]\s*(-?\d+))?\s*", str(image))
+        if not m:
+            raise ConfigError(f"--image {image!r}: expected a size like 384 or 384x256")
+        h = int(m.group(1))
+        w = int(m.group(2)) if m.group(2) else h
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"--image {h}x{w}: sizes must be positive")
+    return h, w
+
+
+def make_model_spec(model: Optional[str] = "vit-b", *, image: ImageSize = None, patch: Optional[int] = None,
+                    strict: bool = False, **arch: Any) -> tuple[ViTSpec, tuple[str, ...]]:
+    """The architecture from a preset or timm-style name plus explicit overrides."""
+    unknown = set(arch) - set(_ARCH_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
+    if patch is not None and patch <= 0:
+        raise ConfigError(f"--patch {patch}: the patch size must be a positive number of pixels")
+    overrides: dict[str, Any] = {k: v for k, v in arch.items() if v is not None}
+    size = parse_image(image)
+    if size:
+        overrides["image_h"], overrides["image_w"] = size
+    if patch is not None:
+        overrides["patch"] = patch
+    if model is None and not {"dim", "depth", "heads"} <= overrides.keys():
+        model = "vit-b"
+    spec = build_spec(model, overrides=overrides)
+    warnings: list[str] = []
+    if not spec.divisible:
+        lost_h, lost_w = spec.image_h % spec.patch, spec.image_w % spec.patch
+        msg = (f"image {spec.image_h}x{spec.image_w} is not divisible by patch {spec.patch}: "
+               f"the conv patch embedding drops the last {lost_h} rows and {lost_w} columns "
+               f"({spec.grid_h}x{spec.grid_w} patches)")
+        if strict:
+            raise ConfigError(msg + " (--strict)")
+        warnings.append(msg)
+    return spec, tuple(warnings)
+
+
+def plan(
+    model: Optional[str] = "vit-b",
+    *,
+    image: ImageSize = None,
+    patch: Optional[int] = None,
+    batch: int = 8,
+    mode: str = "train",
+    precision: str = "amp-bf16",
+    attention: str = "sdpa",
+    optimizer: str = "adamw",
+    keep_grads: bool = False,
+    checkpointing: str = "none",
+    gpu: Optional[str] = None,
+    device: Optional[str] = None,
+    strict: bool = False,
+    **arch: Any,
+) -> Report:
+    """Tokens, parameters, MACs, attention maps and memory of one configuration.
+
+    ``batch`` is the global batch: on a multi-GPU profile each GPU runs its share under
+    plain data parallel. ``device`` picks the replay's rules (``cuda``: autocast's CUDA
+    policy and 512-byte allocator blocks; ``cpu``: what a CPU run allocates); it defaults to
+    ``cuda``. With ``gpu`` (a profile name or YAML path) the report says whether the step fits
+    and the largest batch that does.
+    """
+    spec, warnings = make_model_spec(model, image=image, patch=patch, strict=strict, **arch)
+    return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
+                      optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing,
+                      gpu=gpu, device=device)
+
+
+def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],
+               device: Optional[str], **workload: Any) -> Report:
+    resolved = _load_gpu(gpu) if gpu else None
+    gpus = resolved.profile.gpus if resolved else 1
+    if batch is not None and batch <= 0:
+        raise ConfigError(f"--batch {batch}: the batch size must be at least 1")
+    per_gpu = math.ceil(batch / gpus)
+    wl = make_workload(batch=per_gpu, device=device or "cuda", **workload)
+    if wl.training and not spec.classes:
+        raise ConfigError("training needs a classification head: this model has none, pass --classes N")
+    if gpus > 1 and batch % gpus:
+        warnings = warnings + (f"batch {batch} does not split evenly over {gpus} GPUs: "
+                               f"each runs {per_gpu} (the largest share)",)
+    report = build_report(spec, wl, gpus=gpus, warnings=warnings)
+    if resolved is None:
+        return report
+    return replace(report, gpu=_fit(report, resolved, batch))
+
+
+def _load_gpu(gpu: str):
+    from vitcost.profiles import load_profile
+
+    return load_profile(gpu)
+
+
+def usable_memory(resolved) -> tuple[int, str]:
+    """Bytes PyTorch's tensors may use on one GPU, and where the figure comes from."""
+    from vitcost.calibration_store import calibrated_usable_bytes
+
+    calibrated = calibrated_usable_bytes(resolved.canonical)
+    if calibrated is not None:
+        return calibrated
+    return resolved.profile.usable_memory_bytes, "profile"
+
+
+def _fit(report: Report, resolved, global_batch: int) -> GPUFit:
+    profile = resolved.profile
+    usable, source = usable_memory(resolved)
+    peak = report.peak_bytes
+    budget = usable - report.ddp_bucket_bytes
+    per_gpu_max = max_batch_size(report.spec, report.workload, budget)
+    dtype = _MATMUL_DTYPE[report.workload.precision]
+    flops = profile.peak_flops_per_s(dtype)
+    per_image = report.macs_training_per_image if report.workload.training else report.macs_forward_per_image
+    step_flops = 2 * per_image * report.workload.batch
+    return GPUFit(
+        name=resolved.canonical,
+        requested=resolved.requested,
+        display_name=profile.display_name,
+        gpus=profile.gpus,
+        usable_memory_bytes=usable,
+        usable_memory_source=source,
+        per_gpu_batch=report.workload.batch,
+        ddp_bucket_bytes=report.ddp_bucket_bytes,
+        peak_bytes=peak,
+        fits=peak <= usable,
+        headroom_bytes=usable - peak,
+        max_batch_size=per_gpu_max * profile.gpus,
+        matmul_dtype=dtype,
+        peak_flops_per_s=flops,
+        matmul_efficiency=profile.matmul_efficiency,
+        step_seconds_lower_bound=step_flops / (flops * profile.matmul_efficiency),
+    )
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return [None]
+    if isinstance(value, (list, tuple)) and not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        return list(value)
+    if isinstance(value, str) and "," in value:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def compare(
+    model: Optional[str] = "vit-b",
+    *,
+    image: Union[ImageSize, Iterable[ImageSize]] = None,
+    patch: Union[int, Iterable[int], None] = None,
+    **options: Any,
+) -> list[Report]:
+    """One report per (image, patch) combination, images outer, patches inner."""
+    reports = []
+    for img in _as_list(image):
+        for p in _as_list(patch):
+            reports.append(plan(model, image=img, patch=int(p) if p is not None else None, **options))
+    return reports

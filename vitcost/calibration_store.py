@@ -1,0 +1,71 @@
+"""Saved GPU calibrations: what only a real GPU can tell, kept per hardware profile.
+
+``vitcost calibrate --save`` records, for the profile it ran against, the CUDA context's
+size, the caching allocator's reserved/allocated ratio at the peak and the device's total
+memory. ``plan`` and ``compare`` then take the usable memory from here instead of the
+profile's estimate. The file is JSON, at ``$VITCOST_CALIBRATION`` if set, else
+``~/.config/vitcost/calibration.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from vitcost.errors import ProfileError
+
+FILE_VERSION = 1
+
+
+def calibration_path() -> Path:
+    env = os.environ.get("VITCOST_CALIBRATION")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".config" / "vitcost" / "calibration.json"
+
+
+def load_calibrations(path: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+    path = path or calibration_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProfileError(f"calibration file {path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("profiles", {}), dict):
+        raise ProfileError(f"calibration file {path}: expected an object with 'profiles'")
+    return data.get("profiles", {})
+
+
+def usable_from(entry: dict[str, Any]) -> int:
+    """(total - context) / (reserved / allocated): what tensors may use once the caching
+    allocator's overhead, as measured, is paid."""
+    total = int(entry["total_bytes"])
+    context = int(entry["cuda_context_bytes"])
+    ratio = max(float(entry.get("reserved_over_allocated", 1.0)), 1.0)
+    return int((total - context) / ratio)
+
+
+def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Optional[tuple[int, str]]:
+    """``(usable bytes, "calibrated: <file>")`` for a profile, or None when none is saved."""
+    path = path or calibration_path()
+    if not path.is_file():
+        return None
+    entry = load_calibrations(path).get(profile)
+    if not entry:
+        return None
+    try:
+        return usable_from(entry), f"calibrated: {path}"
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"calibration file {path}: entry {profile!r} is incomplete ({exc})") from None
+
+
+def save_calibration(profile: str, entry: dict[str, Any], path: Optional[Path] = None) -> Path:
+    path = path or calibration_path()
+    profiles = load_calibrations(path) if path.is_file() else {}
+    profiles[profile] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": FILE_VERSION, "profiles": profiles}, indent=2, sort_keys=True) + "\n")
+    return path

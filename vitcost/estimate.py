@@ -1,0 +1,283 @@
+"""Compose the counts and the memory replay into one report, and fit it to a GPU.
+
+Pure: no torch, typer or rich. ``Report.to_dict()`` is the JSON the CLI prints
+(schema in docs/json-schema.md); every key carries its unit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Optional
+
+from vitcost import formulas
+from vitcost.memory import MemoryResult, estimate_memory
+from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
+
+SCHEMA_VERSION = 1
+
+# The dtype a profile's peak rate is read for: autocast runs its matmuls low; plain fp32
+# matmuls do not use TF32 unless torch.backends.cuda.matmul.allow_tf32 is set.
+_MATMUL_DTYPE = {
+    Precision.fp32: "fp32",
+    Precision.bf16: "bf16",
+    Precision.fp16: "fp16",
+    Precision.amp_bf16: "bf16",
+    Precision.amp_fp16: "fp16",
+}
+
+
+@dataclass(frozen=True)
+class GPUFit:
+    """How a workload sits on a GPU profile (per GPU; ``gpus`` > 1 is plain data parallel)."""
+
+    name: str
+    requested: str
+    display_name: str
+    gpus: int
+    usable_memory_bytes: int
+    usable_memory_source: str
+    per_gpu_batch: int
+    ddp_bucket_bytes: int
+    peak_bytes: int
+    fits: bool
+    headroom_bytes: int
+    max_batch_size: int  # global: per-GPU maximum times the number of GPUs
+    matmul_dtype: str
+    peak_flops_per_s: float
+    matmul_efficiency: float
+    step_seconds_lower_bound: float
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything vitcost says about one configuration."""
+
+    spec: ViTSpec
+    workload: Workload
+    tokens: dict[str, int]
+    params: dict[str, int]
+    macs_forward: dict[str, int]
+    macs_training: dict[str, int]
+    attention_maps: dict[str, int]
+    memory: MemoryResult
+    ddp_bucket_bytes: int = 0
+    gpu: Optional[GPUFit] = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def params_total(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def macs_forward_per_image(self) -> int:
+        return sum(self.macs_forward.values())
+
+    @property
+    def macs_training_per_image(self) -> int:
+        return sum(self.macs_training.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.memory.peak + self.ddp_bucket_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        s, w, m = self.spec, self.workload, self.memory
+        batch = w.batch
+        gpu = self.gpu
+        per_image_train = self.macs_training_per_image if w.training else 0
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "inputs": {
+                "model": s.name,
+                "image_h": s.image_h,
+                "image_w": s.image_w,
+                "patch": s.patch,
+                "batch": batch,
+                "mode": w.mode.value,
+                "precision": w.precision.value,
+                "attention": w.attention.value,
+                "optimizer": w.optimizer.value,
+                "keep_grads": w.keep_grads,
+                "checkpointing": w.checkpointing.value,
+                "device": w.device.value,
+                "gpu": gpu.requested if gpu else None,
+                "dim": s.dim,
+                "depth": s.depth,
+                "heads": s.heads,
+                "mlp_hidden": s.mlp_hidden,
+                "channels": s.channels,
+                "class_token": s.class_token,
+                "dist_token": s.dist_token,
+                "registers": s.registers,
+                "pos_embed": s.pos_embed.value,
+                "pos_embed_prefix": s.pos_embed_prefix,
+                "pooling": s.pooling.value,
+                "classes": s.classes,
+                "qkv_bias": s.qkv_bias,
+            },
+            "tokens": dict(self.tokens),
+            "params": {**self.params, "total": self.params_total},
+            "macs": {
+                "forward_per_image": self.macs_forward_per_image,
+                "forward_per_batch": self.macs_forward_per_image * batch,
+                "forward_by_component": dict(self.macs_forward),
+                "training_per_image": per_image_train,
+                "training_per_step": per_image_train * batch,
+                "training_by_component": dict(self.macs_training) if w.training else {},
+            },
+            "flops": {
+                "forward_per_image": 2 * self.macs_forward_per_image,
+                "training_per_image": 2 * per_image_train,
+                "training_per_step": 2 * per_image_train * batch,
+            },
+            "attention_maps": dict(self.attention_maps),
+            "memory_bytes": {
+                "weights": m.weights,
+                "gradients": m.gradients,
+                "optimizer_states": m.optimizer_states,
+                "inputs": m.inputs,
+                "activations": m.activations,
+                "autocast_weight_copies": m.autocast_copies,
+                "transient": m.transient,
+                "ddp_buckets": self.ddp_bucket_bytes,
+                "peak": self.peak_bytes,
+            },
+            "activations_bytes_by_component": dict(m.saved_by_component),
+            "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
+            "gpu": None if gpu is None else {
+                "name": gpu.name,
+                "requested": gpu.requested,
+                "display_name": gpu.display_name,
+                "gpus": gpu.gpus,
+                "per_gpu_batch": gpu.per_gpu_batch,
+                "usable_memory_bytes": gpu.usable_memory_bytes,
+                "usable_memory_source": gpu.usable_memory_source,
+                "matmul_dtype": gpu.matmul_dtype,
+                "peak_flops_per_s": gpu.peak_flops_per_s,
+                "matmul_efficiency": gpu.matmul_efficiency,
+                "step_seconds_lower_bound": gpu.step_seconds_lower_bound,
+            },
+            "fits": gpu.fits if gpu else None,
+            "headroom_bytes": gpu.headroom_bytes if gpu else None,
+            "max_batch_size": gpu.max_batch_size if gpu else None,
+            "warnings": list(self.warnings),
+        }
+
+
+def tokens_of(spec: ViTSpec) -> dict[str, int]:
+    return {
+        "grid_h": spec.grid_h,
+        "grid_w": spec.grid_w,
+        "patches": spec.patch_tokens,
+        "prefix": spec.prefix_tokens,
+        "total": spec.tokens,
+    }
+
+
+def attention_maps_of(spec: ViTSpec, workload: Workload) -> dict[str, int]:
+    per_head = formulas.attention_map_elements(spec.tokens)
+    element = 4 if workload.precision == Precision.fp32 else 2
+    per_layer_batch = workload.batch * spec.heads * per_head * element
+    return {
+        "elements_per_head": per_head,
+        "elements_per_layer": spec.heads * per_head,
+        "bytes_per_layer": per_layer_batch,
+        "bytes_all_layers": spec.depth * per_layer_batch,
+    }
+
+
+def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload) -> int:
+    """DistributedDataParallel's gradient buckets: a flat copy of every gradient, held for
+    the whole run (``gradient_as_bucket_view=False``, the default)."""
+    if gpus <= 1 or not workload.training:
+        return 0
+    return report_memory.gradients
+
+
+def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = ()) -> Report:
+    """Counts and memory for one configuration; ``workload.batch`` is per GPU."""
+    fwd = _macs(spec)
+    train = formulas.training_macs(fwd, recompute_blocks=workload.checkpointing == Checkpointing.full)
+    memory = estimate_memory(spec, workload)
+    return Report(
+        spec=spec,
+        workload=workload,
+        tokens=tokens_of(spec),
+        params=_params(spec),
+        macs_forward=fwd,
+        macs_training=train,
+        attention_maps=attention_maps_of(spec, workload),
+        memory=memory,
+        ddp_bucket_bytes=ddp_bucket_bytes(memory, gpus, workload),
+        warnings=warnings,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _macs(spec: ViTSpec) -> dict[str, int]:
+    return formulas.mac_counts(spec)
+
+
+@lru_cache(maxsize=4096)
+def _params(spec: ViTSpec) -> dict[str, int]:
+    return formulas.param_counts(spec)
+
+
+def peak_bytes(spec: ViTSpec, workload: Workload, batch: int) -> int:
+    """Peak of one step at another batch size (per GPU)."""
+    return estimate_memory(spec, workload.model_copy(update={"batch": batch})).peak
+
+
+@lru_cache(maxsize=4096)
+def _envelope(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
+    """The live total after each allocation as ``a + m * batch``, one pair per allocation.
+
+    The replay's sequence of allocations does not depend on the batch, and on the CPU every
+    size is affine in it, so two replays fix every line exactly; on CUDA the 512-byte
+    rounding makes them nearly affine, so they are read at large batches where it is small.
+    """
+    b1, b2 = (1, 2) if workload.device == Device.cpu else (256, 512)
+    t1 = estimate_memory(spec, workload.model_copy(update={"batch": b1})).totals
+    t2 = estimate_memory(spec, workload.model_copy(update={"batch": b2})).totals
+    lines = []
+    for x1, x2 in zip(t1, t2):
+        m = (x2 - x1) // (b2 - b1)
+        lines.append((x1 - m * b1, m))
+    return tuple(lines)
+
+
+def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
+    """Largest per-GPU batch whose peak fits in ``budget_bytes`` (0 if not even one image)."""
+    if budget_bytes <= 0 or peak_bytes(spec, workload, 1) > budget_bytes:
+        return 0
+    key = workload.model_copy(update={"batch": 1})
+    best = None
+    for a, m in _envelope(spec, key):
+        if m > 0:
+            cap = (budget_bytes - a) // m
+            best = cap if best is None else min(best, cap)
+    if best is None:  # nothing grows with the batch
+        return 1 << 31
+    best = max(best, 1)
+    # exact replays settle what the envelope leaves open (the CUDA rounding)
+    for _ in range(64):
+        if peak_bytes(spec, workload, best) > budget_bytes:
+            best -= 1
+        elif peak_bytes(spec, workload, best + 1) <= budget_bytes:
+            best += 1
+        else:
+            return best
+    return _bisect(spec, workload, budget_bytes, 1, max(best, 1) * 2)
+
+
+def _bisect(spec: ViTSpec, workload: Workload, budget: int, lo: int, hi: int) -> int:
+    while peak_bytes(spec, workload, hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if peak_bytes(spec, workload, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,187 @@
+"""Rich tables from reports. No math here: every figure comes from the report.
+
+Display units only: bytes are shown in GiB/MiB (2**30, 2**20), MACs in G (1e9).
+"""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from vitcost.estimate import Report
+from vitcost.formulas import COMPONENT_ORDER
+
+DEFAULTS = "model vit-b, batch 8, mode train, precision amp-bf16, attention sdpa, optimizer adamw"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n >= 2**30:
+        return f"{sign}{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{sign}{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{sign}{n / 2**10:.1f} KiB"
+    return f"{sign}{n} B"
+
+
+def fmt_count(n: int | float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:g} {unit}".strip()
+
+
+def header(report: Report) -> Text:
+    s, w = report.spec, report.workload
+    gpu = report.gpu
+    where = f" on {gpu.requested}" + (f" -> {gpu.name}" if gpu.requested != gpu.name else "") if gpu else ""
+    text = Text()
+    text.append(f"vitcost: {s.name}", style="bold")
+    text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
+    text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}, batch {w.batch * (gpu.gpus if gpu else 1)}, "
+                f"{w.mode.value}, {w.precision.value}, {w.attention.value}")
+    if w.training:
+        text.append(f", {w.optimizer.value}, zero_grad(set_to_none={not w.keep_grads}), "
+                    f"checkpointing {w.checkpointing.value}")
+    text.append(f"{where}\n", style="bold")
+    text.append(f"defaults: {DEFAULTS}; device rules: {w.device.value}", style="dim")
+    return text
+
+
+def tokens_table(report: Report) -> Table:
+    t = report.tokens
+    a = report.attention_maps
+    table = Table(title="Tokens and attention maps", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("grid (h x w)", f"{t['grid_h']} x {t['grid_w']}")
+    table.add_row("patch tokens", f"{t['patches']:,}")
+    table.add_row("prefix tokens", f"{t['prefix']}")
+    table.add_row("tokens N", f"{t['total']:,}")
+    table.add_row("attention map per head (N^2)", f"{a['elements_per_head']:,} elements")
+    table.add_row("attention maps per layer", f"{a['elements_per_layer']:,} elements")
+    table.add_row("  bytes per layer (batch)", fmt_bytes(a["bytes_per_layer"]))
+    return table
+
+
+def compute_table(report: Report) -> Table:
+    """Parameters and MACs by component; FLOPs = 2 x MACs."""
+    table = Table(title="Parameters and compute per image (1 MAC = 1 multiply-add; FLOPs = 2 x MACs)",
+                  title_justify="left")
+    table.add_column("component")
+    table.add_column("params", justify="right")
+    table.add_column("forward MACs", justify="right")
+    table.add_column("forward FLOPs", justify="right")
+    table.add_column("train MACs", justify="right")
+    rows = [c for c in COMPONENT_ORDER if c in report.params or c in report.macs_forward]
+    train = report.workload.training
+    for path in rows:
+        fwd = report.macs_forward.get(path)
+        table.add_row(
+            path,
+            f"{report.params[path]:,}" if path in report.params else "",
+            fmt_count(fwd) if fwd is not None else "",
+            fmt_count(2 * fwd) if fwd is not None else "",
+            fmt_count(report.macs_training[path]) if train and path in report.macs_training else "",
+        )
+    table.add_row(
+        "total", f"{report.params_total:,}", fmt_count(report.macs_forward_per_image),
+        fmt_count(2 * report.macs_forward_per_image),
+        fmt_count(report.macs_training_per_image) if train else "", style="bold",
+    )
+    return table
+
+
+def memory_table(report: Report) -> Table:
+    m = report.memory
+    gpu = report.gpu
+    usable = gpu.usable_memory_bytes if gpu else None
+    title = "Memory per GPU" if gpu and gpu.gpus > 1 else "Memory"
+    table = Table(title=f"{title} ({'peak of a steady-state training step' if report.workload.training else 'peak of a no_grad forward'})",
+                  title_justify="left")
+    table.add_column("category")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    if usable:
+        table.add_column("of usable", justify="right")
+    rows = [
+        ("weights", m.weights),
+        ("gradients", m.gradients),
+        ("optimizer states", m.optimizer_states),
+        ("input batch + labels", m.inputs),
+        ("activations saved for backward", m.activations),
+        ("autocast weight copies", m.autocast_copies),
+        ("transient working set at peak", m.transient),
+    ]
+    if report.ddp_bucket_bytes:
+        rows.append(("DDP gradient buckets", report.ddp_bucket_bytes))
+    for name, value in rows:
+        cells = [name, f"{value:,}", fmt_bytes(value)]
+        if usable:
+            cells.append(f"{100 * value / usable:.1f}%")
+        table.add_row(*cells)
+    cells = ["peak", f"{report.peak_bytes:,}", fmt_bytes(report.peak_bytes)]
+    if usable:
+        cells.append(f"{100 * report.peak_bytes / usable:.1f}%")
+    table.add_row(*cells, style="bold")
+    table.caption = f"peak reached in {m.peak_phase}; not every category is at its full size at that moment"
+    return table
+
+
+def fit_text(report: Report) -> Text:
+    gpu = report.gpu
+    text = Text()
+    if gpu is None:
+        text.append("No GPU given: pass --gpu NAME (see 'vitcost gpus') to check the fit.", style="dim")
+        return text
+    verdict, style = ("FITS", "bold green") if gpu.fits else ("DOES NOT FIT", "bold red")
+    text.append(f"{verdict} ", style=style)
+    text.append(f"on {gpu.display_name}: peak {fmt_bytes(gpu.peak_bytes)} of {fmt_bytes(gpu.usable_memory_bytes)} usable "
+                f"({gpu.usable_memory_source}); headroom {fmt_bytes(gpu.headroom_bytes)}\n")
+    per = f" ({gpu.max_batch_size // gpu.gpus} per GPU x {gpu.gpus})" if gpu.gpus > 1 else ""
+    text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}\n", style="bold")
+    text.append(f"compute: {fmt_count(gpu.peak_flops_per_s, 'FLOP/s')} dense {gpu.matmul_dtype} peak x "
+                f"{gpu.matmul_efficiency:.0%} achievable -> step >= {gpu.step_seconds_lower_bound * 1e3:.1f} ms")
+    return text
+
+
+def render_plan(report: Report, console: Console) -> None:
+    parts = [header(report), tokens_table(report), compute_table(report), memory_table(report), fit_text(report)]
+    for w in report.warnings:
+        parts.append(Text(f"warning: {w}", style="yellow"))
+    console.print(Group(*parts))
+
+
+def render_compare(reports: list[Report], console: Console) -> None:
+    base = reports[0]
+    has_gpu = base.gpu is not None
+    table = Table(title="vitcost compare (ratios against the first row)", title_justify="left")
+    for col in ("image", "patch", "tokens", "attn elems/head", "GMACs/img", "activations", "peak"):
+        table.add_column(col, justify="right")
+    if has_gpu:
+        table.add_column("fits", justify="center")
+        table.add_column("max batch", justify="right")
+    for r in reports:
+        def ratio(value: float, ref: float) -> str:
+            return f" ({value / ref:.2f}x)" if ref and r is not base else ""
+        row = [
+            f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h),
+            str(r.spec.patch),
+            f"{r.spec.tokens:,}{ratio(r.spec.tokens, base.spec.tokens)}",
+            f"{r.attention_maps['elements_per_head']:,}{ratio(r.attention_maps['elements_per_head'], base.attention_maps['elements_per_head'])}",
+            f"{r.macs_forward_per_image / 1e9:.2f}{ratio(r.macs_forward_per_image, base.macs_forward_per_image)}",
+            f"{fmt_bytes(r.memory.activations)}{ratio(r.memory.activations, base.memory.activations)}",
+            f"{fmt_bytes(r.peak_bytes)}{ratio(r.peak_bytes, base.peak_bytes)}",
+        ]
+        if has_gpu:
+            row += ["yes" if r.gpu.fits else "no", f"{r.gpu.max_batch_size:,}"]
+        table.add_row(*row)
+    console.print(Group(header(base), table))
+    for r in reports:
+        for w in r.warnings:
+            console.print(Text(f"warning: {w}", style="yellow"))
