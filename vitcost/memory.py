@@ -673,7 +673,7 @@ _COMPONENT_OF = {
     **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic")},
     **{k: "blocks/mlp" for k in ("fc1", "gelu")},
     "in": "blocks/residual",
-    **{k: "norm + head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled",
+    **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled",
                                   "logp", "total_weight", "head.ic", "head_dist.ic")},
     "patches.ic": "patch_embed",
 }
@@ -691,7 +691,9 @@ def _saved_by_component(r: _Replay, depth: int) -> dict[str, int]:
             continue
         if name[0] == "b" and name[1].isdigit() and name != "b0.in":
             block, key = name.split(".", 1)
-            out[_COMPONENT_OF[key]] += nbytes * (1 + middle if block == "b0" else 1)
+            # block 0's set stands for the middle blocks too; so does the last block's input
+            repeat = block == "b0" or key == "in"
+            out[_COMPONENT_OF[key]] += nbytes * (1 + middle if repeat else 1)
         else:
             out[_COMPONENT_OF[name]] += nbytes
     return out
