@@ -42,10 +42,10 @@ from vitcost.specs import (
 
 # Replay categories: weights, gradients, optimizer states, optimizer temporaries, inputs,
 # saved for backward, forward temporaries, backward temporaries, autocast weight copies.
-W, G, O, OT, I, S, F, B, WC = "W", "G", "O", "OT", "I", "S", "F", "B", "WC"
+W, G, O, OT, I, S, F, B, WC = range(9)
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
-_REPORTED = {W: "weights", G: "gradients", O: "optimizer", OT: "optimizer", I: "activations",
-             S: "activations", F: "activations", B: "temporaries", WC: "activations"}
+_REPORTED = ("weights", "gradients", "optimizer", "optimizer", "activations",
+             "activations", "activations", "temporaries", "activations")
 
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every tensor up to this
 INDEX_BYTES = 8  # int64 class labels
@@ -75,33 +75,64 @@ class _Replay:
     __slots__ = ("live", "cat", "total", "peak", "peak_cat", "peak_where", "where", "round_to", "sampling", "totals")
 
     def __init__(self, round_to: int) -> None:
-        self.live: dict[str, tuple[int, str]] = {}
-        self.cat = dict.fromkeys((W, G, O, OT, I, S, F, B, WC), 0)
+        self.live: dict[str, tuple[int, int]] = {}
+        self.cat = [0] * 9  # live bytes by category
         self.total = 0
         self.peak = 0
-        self.peak_cat: dict[str, int] = dict(self.cat)
+        self.peak_cat = self.cat[:]
         self.peak_where = ""
         self.where = ""
         self.round_to = round_to
         self.sampling = True
         self.totals: list[int] = []
 
-    def alloc(self, name: str, nbytes: int, cat: str) -> None:
+    def alloc(self, name: str, nbytes: int, cat: int) -> None:
         if nbytes <= 0:
             return
-        r = self.round_to
-        if r > 1:
-            nbytes = -(-nbytes // r) * r
+        if self.round_to != 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
         self.live[name] = (nbytes, cat)
         self.cat[cat] += nbytes
-        self.total += nbytes
-        if not self.sampling:
-            return
-        self.totals.append(self.total)
-        if self.total > self.peak:
-            self.peak = self.total
-            self.peak_cat = dict(self.cat)
-            self.peak_where = self.where
+        total = self.total = self.total + nbytes
+        if self.sampling:
+            self.totals.append(total)
+            if total > self.peak:
+                self.peak = total
+                self.peak_cat = self.cat[:]
+                self.peak_where = self.where
+
+    def local(self) -> tuple[int, list[int], str, int, list[int], int]:
+        """Start a stretch whose own peak is wanted: returns the state to resume from."""
+        saved = (self.peak, self.peak_cat, self.peak_where, self.total, self.cat[:], len(self.totals))
+        self.peak = -1
+        return saved
+
+    def end_local(self, saved) -> "_Stretch":
+        """Close a stretch: its own peak, relative to where it started, and its net change."""
+        peak, peak_cat, peak_where, total0, cat0, mark = saved
+        stretch = _Stretch(
+            peak=self.peak - total0,
+            peak_cat=[a - b for a, b in zip(self.peak_cat, cat0)],
+            where=self.peak_where,
+            totals=[t - total0 for t in self.totals[mark:]],
+            change=[a - b for a, b in zip(self.cat, cat0)],
+        )
+        if peak >= self.peak:
+            self.peak, self.peak_cat, self.peak_where = peak, peak_cat, peak_where
+        return stretch
+
+    def replay_shifted(self, stretch: "_Stretch", where: str, after: bool = False) -> None:
+        """The same stretch again (an identical block elsewhere), from the current state, or
+        with ``after`` from the state the stretch's net change leads to the current one."""
+        total, cat = self.total, self.cat
+        if after:
+            total -= sum(stretch.change)
+            cat = [a - b for a, b in zip(cat, stretch.change)]
+        self.totals.extend(total + t for t in stretch.totals)
+        if total + stretch.peak > self.peak:
+            self.peak = total + stretch.peak
+            self.peak_cat = [a + b for a, b in zip(cat, stretch.peak_cat)]
+            self.peak_where = where
 
     def free(self, *names: str) -> None:
         for name in names:
@@ -110,7 +141,7 @@ class _Replay:
                 self.cat[entry[1]] -= entry[0]
                 self.total -= entry[0]
 
-    def retag(self, name: str, cat: str) -> None:
+    def retag(self, name: str, cat: int) -> None:
         entry = self.live.get(name)
         if entry is not None:
             self.cat[entry[1]] -= entry[0]
@@ -122,6 +153,17 @@ class _Replay:
 
     def free_matching(self, suffix: str) -> None:
         self.free(*[n for n in self.live if n.endswith(suffix)])
+
+
+@dataclass
+class _Stretch:
+    """A stretch of the replay (one block's forward or backward), relative to its start."""
+
+    peak: int
+    peak_cat: list[int]
+    where: str
+    totals: list[int]
+    change: list[int]
 
 
 @dataclass(frozen=True)
@@ -194,7 +236,7 @@ def _lse_bytes(sh: _Shapes) -> int:
 
 
 def _linear_forward(r: _Replay, sh: _Shapes, p: str, name: str, w_elems: int, b_elems: int,
-                    in_elems: int, out_elems: int, out_cat: str, grad: bool) -> None:
+                    in_elems: int, out_elems: int, out_cat: int, grad: bool) -> None:
     """A linear layer. Under autocast: bias and weight copies (cached until autocast exits),
     and a low-precision copy of an fp32 input (``in_elems`` > 0), saved for backward."""
     if sh.amp:
@@ -274,19 +316,20 @@ def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKe
 
 
 def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload, grad: bool,
-                   checkpointed: bool = False, recompute: bool = False) -> None:
+                   checkpointed: bool = False, recompute: bool = False, label: int | None = None) -> None:
     """One block's forward. ``grad``: autograd saves what backward needs. ``checkpointed``:
     the forward of a checkpointed block, which saves nothing but its input (so it frees like
     a no_grad forward). ``recompute``: that block rerun in backward, stopping, as PyTorch's
     non-reentrant checkpoint does, once the last tensor backward needs (GELU's output) exists.
     """
     p = f"b{i}."
+    phase = f"backward: blocks.{label if label is not None else i} (recompute)" if recompute else f"forward: blocks.{i}"
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     keep = S if grad else F
     sdpa = wl.attention == AttentionKernel.sdpa
     # under autocast a LayerNorm output is only an argument: its low-precision copy is saved
     ln_cat = F if (sh.amp or not grad) else S
-    r.where = f"forward: blocks.{i}.attn"
+    r.where = phase + ".attn"
     r.alloc(p + "ln1", sh.tok, ln_cat)
     r.alloc(p + "ln1.mean", sh.stats, keep)
     r.alloc(p + "ln1.rstd", sh.stats, keep)
@@ -306,7 +349,7 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
         r.free(p + "ln1")
     r.alloc(p + "x1", sh.tok, keep)
     r.free(p + "proj")
-    r.where = f"forward: blocks.{i}.mlp"
+    r.where = phase + ".mlp"
     r.alloc(p + "ln2", sh.tok, ln_cat)
     r.alloc(p + "ln2.mean", sh.stats, keep)
     r.alloc(p + "ln2.rstd", sh.stats, keep)
@@ -369,7 +412,7 @@ def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkp
     if not grad:
         r.free_matching(".bc")  # autocast exits: its cache of weight copies goes
         r.free_matching(".wc")
-        r.free("mid.wc")
+        r.free("mid.wc", "first.wc")
         return
     if not spec.classes:
         return
@@ -381,9 +424,9 @@ def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkp
     r.alloc("total_weight", sh.res, S)
     r.free("logits.32", "head")
     r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved
-    r.free("mid.bc")
+    r.free("mid.bc", "first.bc")
     if checkpointed:  # ... except in checkpointed blocks, which saved none
-        r.free(*[n for n in r.live if n[0] == "b" and n.endswith(".wc")], "mid.wc")
+        r.free(*[n for n in r.live if n[0] == "b" and n.endswith(".wc")], "mid.wc", "first.wc")
     r.alloc("seed", sh.res, F)  # ones_like(loss), the gradient backward starts from
 
 
@@ -500,17 +543,19 @@ def _attention_core_backward(r: _Replay, sh: _Shapes, p: str, gproj: str, kernel
     r.free(p + "g.q", p + "g.kT", p + "g.v")
 
 
-def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViTSpec, wl: Workload, gr: _Grads) -> None:
+def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViTSpec, wl: Workload, gr: _Grads,
+                    label: int | None = None) -> None:
+    """One block's backward on block ``i``'s tensors; ``label`` names the block in ``where``."""
     p = f"b{i}."
+    label = i if label is None else label
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     amp = sh.amp
     ck = wl.checkpointing == Checkpointing.full
     if ck:
         if amp:  # the residual add casts the gradient down before fc2's node asks for recompute
             r.alloc(p + "fc2.gc", sh.tok_lo, B)
-        r.where = f"backward: blocks.{i} (recompute)"
-        _block_forward(r, i, "", sh, spec, wl, True, recompute=True)
-    r.where = f"backward: blocks.{i}.mlp"
+        _block_forward(r, i, "", sh, spec, wl, True, recompute=True, label=label)
+    r.where = f"backward: blocks.{label}.mlp"
     gfc2 = _linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",), early=ck)
     r.alloc(p + "g.gelu", sh.hid, B)
     r.free(gfc2, p + "fc1")
@@ -520,7 +565,7 @@ def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViT
     r.alloc(p + "g.x1", sh.tok, B)  # residual: the incoming gradient plus the MLP branch's
     r.free(p + "g.ln2in", g)
     gr.accumulate(p + "ln2.w", p + "ln2.b")
-    r.where = f"backward: blocks.{i}.attn"
+    r.where = f"backward: blocks.{label}.attn"
     sdpa = wl.attention == AttentionKernel.sdpa
     gproj = _linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
                              () if sdpa else (p + "attn",))
@@ -682,42 +727,58 @@ _COMPONENT_OF = {
 def _saved_by_component(r: _Replay, depth: int) -> dict[str, int]:
     """Saved activations at the end of the forward pass, by component, summed over depth.
 
-    The replay holds blocks 0 and depth-1 by name; the blocks between them repeat block 0.
+    Block 0's tensors stand for every block's (the others are held as lumps of the same
+    sizes); its input stands for the patch embedding's output and, once per later block,
+    for the residual stream.
     """
     out = dict.fromkeys(dict.fromkeys(_COMPONENT_OF.values()), 0)
-    middle = max(depth - 2, 0)
     for name, (nbytes, cat) in r.live.items():
-        if cat != S or name == "mid.saved":
+        if cat != S or name.startswith(("mid.", "first.")):
             continue
-        if name[0] == "b" and name[1].isdigit() and name != "b0.in":
-            block, key = name.split(".", 1)
-            # block 0's set stands for the middle blocks too; so does the last block's input
-            repeat = block == "b0" or key == "in"
-            out[_COMPONENT_OF[key]] += nbytes * (1 + middle if repeat else 1)
+        if name == "b0.in":
+            out["patch_embed"] += nbytes
+            out["blocks/residual"] += (depth - 1) * nbytes
+        elif name.startswith("b0."):
+            out[_COMPONENT_OF[name[3:]]] += depth * nbytes
         else:
             out[_COMPONENT_OF[name]] += nbytes
     return out
 
 
-def _skip_forward(r: _Replay, depth: int, grad: bool) -> None:
-    """Blocks 1 .. depth-2 forward: each leaves what block 0 left (under autocast, with
-    its weight copies); totals only grow here, so the last block's forward peaks higher."""
-    per_block = {S: 0, "wc": 0, "bc": 0}
+def _extend_forward(r: _Replay, depth: int) -> None:
+    """The state after the last block's forward, without replaying blocks 1 .. depth-1.
+
+    Every block leaves what block 0 left: its saved tensors (with its input), under
+    autocast its weight and bias copies, and the next block's input. From here on block 0's
+    named tensors stand for the last block's, which backward reaches first; block 0's own
+    set is held as the lump ``first.*`` and the blocks between as ``mid.*``.
+    """
+    per_block = [0, 0, 0]  # saved for backward, weight copies, bias copies
     for name, (nbytes, cat) in r.live.items():
-        if name.startswith("b0.") and name != "b0.in":
-            if cat == WC:
-                per_block[name[-2:]] += nbytes
-            elif cat == S:
-                per_block[S] += nbytes
-    inp = r.live["b1.in"]
+        if name.startswith("b0."):
+            if cat == S:
+                per_block[0] += nbytes
+            elif cat == WC:
+                per_block[1 if name.endswith(".wc") else 2] += nbytes
     r.sampling = False
-    r.free("b1.in")
-    m = depth - 2
-    r.alloc("mid.saved", m * (per_block[S] + (inp[0] if grad else 0)), S)
-    r.alloc("mid.wc", m * per_block["wc"], WC)
-    r.alloc("mid.bc", m * per_block["bc"], WC)
-    r.alloc(f"b{depth - 1}.in", inp[0], inp[1])
+    r.rename("b1.in", "norm.in")
+    for lump, count in (("first", 1), ("mid", depth - 2)):
+        r.alloc(lump + ".saved", count * per_block[0], S)
+        r.alloc(lump + ".wc", count * per_block[1], WC)
+        r.alloc(lump + ".bc", count * per_block[2], WC)
     r.sampling = True
+
+
+def _finish_block_backward(r: _Replay, g: str, change: list[int]) -> str:
+    """Block 0's backward, after its totals were replayed: its saved tensors and weight
+    copies go, its gradients come, and the gradient of its input replaces the one it was
+    given (the same size)."""
+    r.sampling = False
+    r.free("first.saved", "first.wc")
+    r.alloc("first.grads", change[G], G)
+    r.rename(g, "g.b0.in")
+    r.sampling = True
+    return "g.b0.in"
 
 
 def _skip_backward(r: _Replay, spec: ViTSpec, depth: int, g: str, sh: _Shapes, wl: Workload) -> str:
@@ -755,11 +816,12 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     depth = spec.depth
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full
-    for i in _ends(depth):
-        nxt = f"b{i + 1}.in" if i < depth - 1 else "norm.in"
-        _block_forward(r, i, nxt, sh, spec, wl, train and not ck, checkpointed=ck)
-        if i == 0 and depth > 2:
-            _skip_forward(r, depth, train)
+    state = r.local()
+    _block_forward(r, 0, "b1.in" if depth > 1 else "norm.in", sh, spec, wl, train and not ck, checkpointed=ck)
+    block = r.end_local(state)
+    if depth > 1:
+        _extend_forward(r, depth)
+        r.replay_shifted(block, block.where.replace("blocks.0", f"blocks.{depth - 1}"), after=True)
     _epilogue_forward(r, spec, sh, train, checkpointed=ck)
     saved = r.cat[S]
     copies = r.cat[WC]
@@ -767,16 +829,20 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     if train and spec.classes:
         gr = _Grads(r, sh, wl.keep_grads)
         g = _epilogue_backward(r, spec, sh, gr)
-        for i in reversed(_ends(depth)):
-            out = f"g.b{i}.in"
-            _block_backward(r, i, g, out, sh, spec, wl, gr)
-            g = out
-            if i == depth - 1 and depth > 2:
-                g = _skip_backward(r, spec, depth, g, sh, wl)
+        last = depth - 1
+        state = r.local()
+        _block_backward(r, 0, g, f"g.b{last}.in", sh, spec, wl, gr, label=last)
+        block = r.end_local(state)
+        g = f"g.b{last}.in"
+        if depth > 2:
+            g = _skip_backward(r, spec, depth, g, sh, wl)
+        if depth > 1:
+            r.replay_shifted(block, block.where.replace(f"blocks.{last}", "blocks.0"))
+            g = _finish_block_backward(r, g, block.change)
         _prologue_backward(r, spec, sh, g, gr, image_elems)
         _optimizer_step(r, spec, wl, sh)
     at_peak = dict.fromkeys(CATEGORIES, 0)
-    for cat, nbytes in r.peak_cat.items():
+    for cat, nbytes in enumerate(r.peak_cat):
         at_peak[_REPORTED[cat]] += nbytes
     return MemoryResult(
         weights=weights,
@@ -792,8 +858,3 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
         saved_by_component=components,
         totals=tuple(r.totals),
     )
-
-
-def _ends(depth: int) -> list[int]:
-    """The blocks replayed in full: the first and the last."""
-    return [0] if depth == 1 else [0, depth - 1]
