@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, Optional
 
 from vitcost import formulas
-from vitcost.memory import MemoryResult, estimate_memory
+from vitcost.memory import CUDA_BLOCK_BYTES, MemoryResult, estimate_memory
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
 
 SCHEMA_VERSION = 1
@@ -240,35 +240,56 @@ def _envelope(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
     b1, b2 = (1, 2) if workload.device == Device.cpu else (256, 512)
     t1 = estimate_memory(spec, workload.model_copy(update={"batch": b1})).totals
     t2 = estimate_memory(spec, workload.model_copy(update={"batch": b2})).totals
-    lines = []
-    for x1, x2 in zip(t1, t2):
-        m = (x2 - x1) // (b2 - b1)
-        lines.append((x1 - m * b1, m))
-    return tuple(lines)
+    lines = sorted(((x1 - (x2 - x1) // (b2 - b1) * b1, (x2 - x1) // (b2 - b1)) for x1, x2 in zip(t1, t2)),
+                   reverse=True)
+    # a line below another in both intercept and slope is never the peak: keep the rest
+    front: list[tuple[int, int]] = []
+    for a, m in lines:
+        if not front or m > front[-1][1]:
+            front.append((a, m))
+    return tuple(front)
+
+
+def _cuda_margin(batch: int) -> int:
+    """How far the CUDA lines may be from an exact replay at ``batch``.
+
+    Lines are read at batch 256 and 512; rounding each of the (at most a few hundred) live
+    tensors up to a 512-byte block moves a total by less than 512 bytes per tensor, and the
+    line through two such totals extrapolates that error by at most 2 + batch / 128.
+    """
+    return CUDA_BLOCK_BYTES * 512 * (3 + batch // 128)
 
 
 def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
     """Largest per-GPU batch whose peak fits in ``budget_bytes`` (0 if not even one image)."""
-    if budget_bytes <= 0 or peak_bytes(spec, workload, 1) > budget_bytes:
+    lines = _envelope(spec, workload.model_copy(update={"batch": 1}))
+    exact = workload.device == Device.cpu
+
+    def line_peak(batch: int) -> int:
+        return max(a + m * batch for a, m in lines)
+
+    if budget_bytes <= 0:
         return 0
-    key = workload.model_copy(update={"batch": 1})
-    best = None
-    for a, m in _envelope(spec, key):
-        if m > 0:
-            cap = (budget_bytes - a) // m
-            best = cap if best is None else min(best, cap)
+    best = min(((budget_bytes - a) // m for a, m in lines if m > 0), default=None)
     if best is None:  # nothing grows with the batch
-        return 1 << 31
+        return 1 << 31 if line_peak(1) <= budget_bytes else 0
+    best = max(best, 0)
+    if exact:
+        return best
+    margin = _cuda_margin(best + 1)
+    if line_peak(best) <= budget_bytes - margin and line_peak(best + 1) > budget_bytes + margin:
+        return best
     best = max(best, 1)
-    # exact replays settle what the envelope leaves open (the CUDA rounding)
-    for _ in range(64):
+    for _ in range(64):  # exact replays settle what the rounding leaves open
         if peak_bytes(spec, workload, best) > budget_bytes:
+            if best == 1:
+                return 0
             best -= 1
         elif peak_bytes(spec, workload, best + 1) <= budget_bytes:
             best += 1
         else:
             return best
-    return _bisect(spec, workload, budget_bytes, 1, max(best, 1) * 2)
+    return _bisect(spec, workload, budget_bytes, 1, best * 2)
 
 
 def _bisect(spec: ViTSpec, workload: Workload, budget: int, lo: int, hi: int) -> int:
