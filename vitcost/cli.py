@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from vitcost.errors import VitcostError
+from vitcost.errors import BudgetFileError, VitcostError
 from vitcost.specs import AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -36,6 +36,8 @@ class _OneLineErrors(TyperGroup):
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                               standalone_mode=False, **extra)
+        except BudgetFileError as exc:  # the file is wrong, not the configuration: a usage error
+            _fail(str(exc), 2)
         except VitcostError as exc:
             _fail(str(exc), 1)
         except typer.Exit as exc:
@@ -124,7 +126,8 @@ def print_json(data: Any) -> None:
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    # piped output is read whole: don't wrap tables at a terminal's default 80 columns
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -207,6 +210,125 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
         )
     _console().print(table)
 
+
+# --- CI budgets: export and check -------------------------------------------------------------
+
+BudgetArg = Annotated[str, typer.Argument(metavar="BUDGETS", help="Budget file (YAML or JSON; see docs/ci.md).", show_default=False)]
+
+
+@app.command()
+def export(
+    budget_file: BudgetArg,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="FILE", help="Write the JSON here instead of stdout.")] = None,
+) -> None:
+    """Evaluate every entry of a budget file and write the figures: a baseline for 'check --baseline'."""
+    from vitcost.budgets import export as run_export
+
+    data = run_export(budget_file)
+    if out is None:
+        print_json(data)
+        return
+    try:
+        with open(out, "w") as fh:
+            fh.write(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        _fail(f"--out {out}: cannot be written ({exc.strerror})", 1)
+    _err.print(f"wrote {len(data['entries'])} entries to {out}", markup=False)
+
+
+def _regression(text: Optional[str]) -> Optional[float]:
+    from vitcost.budgets import parse_fraction
+
+    if text is None:
+        return None
+    try:
+        return parse_fraction(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command()
+def check(
+    budget_file: BudgetArg,
+    baseline: Annotated[Optional[str], typer.Option(metavar="FILE", help="A committed 'vitcost export' JSON: also fail when a figure grew past --max-regression.")] = None,
+    max_regression: Annotated[Optional[str], typer.Option(metavar="PCT", callback=_regression, help="Allowed growth against --baseline: 5% or 0.05 (default 0: any growth fails).")] = None,
+    measured: Annotated[Optional[str], typer.Option(metavar="FILE", help="Measured peaks ('vitcost calibrate --out' JSON), held to the same memory limits.")] = None,
+    junit: Annotated[Optional[str], typer.Option(metavar="FILE", help="Also write a JUnit XML report here: a test case per entry.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Exit 1 when an entry of a budget file breaks a limit (or regresses); 2 when the file is malformed."""
+    from vitcost.budgets import check as run_check
+    from vitcost.budgets import junit_xml
+
+    if max_regression is not None and baseline is None:
+        raise typer.BadParameter("needs --baseline", param_hint="--max-regression")
+    result = run_check(budget_file, baseline=baseline, max_regression=max_regression or 0.0, measured=measured)
+    if junit:
+        try:
+            with open(junit, "w") as fh:
+                fh.write(junit_xml(result))
+        except OSError as exc:
+            _fail(f"--junit {junit}: cannot be written ({exc.strerror})", 1)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        _render_check(result, _console())
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _render_check(result: Any, console: Console) -> None:
+    from vitcost.render import fmt_bytes
+
+    measured = result.measured is not None
+    table = Table(title=f"Budgets: {result.budget_file}", title_justify="left")
+    table.add_column("entry", overflow="fold")
+    for col in ("peak", "limit", *(["measured"] if measured else []), "fits", "GMACs", "max\nbatch"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("status")
+    for e in result.entries:
+        r = e.evaluated.report
+        table.add_row(
+            e.name, fmt_bytes(r["memory_bytes"]["peak"]), fmt_bytes(e.peak_limit_bytes),
+            *([fmt_bytes(e.measured_peak_bytes)] if measured else []),
+            "-" if r["fits"] is None else ("yes" if r["fits"] else "NO"),
+            f"{r['macs']['forward_per_image'] / 1e9:.2f}",
+            "-" if r["max_batch_size"] is None else str(r["max_batch_size"]),
+            "[green]pass[/]" if e.passed else "[bold red]FAIL[/]",
+        )
+    console.print(table)
+    if result.violations:
+        vt = Table(title="Violations", title_justify="left")
+        vt.add_column("entry", overflow="fold")
+        vt.add_column("figure", overflow="fold")
+        for col in ("actual", "limit", "by"):
+            vt.add_column(col, justify="right", no_wrap=True)
+        for v in result.violations:
+            vt.add_row(v.entry, v.figure, *(_figure_text(x, v.unit, fmt_bytes) for x in (v.actual, v.limit, v.excess)))
+        console.print(vt)
+        for v in result.violations:
+            console.print(f"{v.entry}: {v.message}", markup=False, highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", style="dim", markup=False)
+    failed = sum(not e.passed for e in result.entries)
+    if failed:
+        console.print(f"FAILED: {len(result.violations)} violation(s) in {failed} of {len(result.entries)} entries",
+                      style="bold red", markup=False)
+    else:
+        n = len(result.entries)
+        console.print(f"passed: {n} {'entry' if n == 1 else 'entries'} within their limits", style="green", markup=False)
+
+
+def _figure_text(value: float, unit: str, fmt_bytes: Callable[[int], str]) -> str:
+    if unit == "bytes":
+        return fmt_bytes(round(value))
+    if unit == "MACs":
+        return f"{value / 1e9:.2f} GMACs"
+    if unit == "images":
+        return f"{value:g}"
+    if unit == "%":
+        return f"{value:.1f}%"
+    return f"{value:.2f} {unit}"
 
 def main() -> None:  # pragma: no cover - the console script
     app(prog_name="vitcost")

@@ -168,7 +168,7 @@ def render_compare(reports: list[Report], console: Console) -> None:
         table.add_column("max batch", justify="right")
     for r in reports:
         def ratio(value: float, ref: float) -> str:
-            return f" ({value / ref:.2f}x)" if ref and r is not base else ""
+            return f" ({value / ref:.3g}x)" if ref and r is not base else ""
         row = [
             f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h),
             str(r.spec.patch),
