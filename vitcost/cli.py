@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import sys
+from enum import Enum
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -47,7 +48,10 @@ class _OneLineErrors(TyperGroup):
         except Exception as exc:
             # click's usage and parameter errors (exit 2), whichever click typer ships
             if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-                _fail(" ".join(exc.format_message().split()), exc.exit_code)
+                message = " ".join(exc.format_message().split())
+                if not message:  # no arguments: the help was printed, nothing went wrong
+                    sys.exit(0)
+                _fail(message, exc.exit_code)
             raise
         sys.exit(rv if isinstance(rv, int) else 0)
 
@@ -95,7 +99,7 @@ SHARED: list[tuple[str, Any, Any]] = [
 
 def shared_options(func: Callable) -> Callable:
     """Add the shared options to a command's signature; the command gets them as ``opts``."""
-    own = inspect.signature(func)
+    own = inspect.signature(func, eval_str=True)  # typer reads the annotations, not strings
     params = [p for p in own.parameters.values() if p.name != "opts"]
     names = {p.name for p in params}
     extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
@@ -211,6 +215,203 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
     _console().print(table)
 
 
+# --- calibrate: prediction against a real torch step ----------------------------------------
+
+
+class MeasureOn(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _evaluated_annotations(func: Callable) -> Callable:
+    """Resolve a command's own string annotations (``from __future__ import annotations``) so
+    that typer sees their ``typer.Option`` help once :func:`shared_options` rewrites the signature."""
+    import typing
+
+    func.__annotations__ = typing.get_type_hints(func, include_extras=True)
+    return func
+
+
+@app.command()
+@shared_options
+@_evaluated_annotations
+def calibrate(
+    image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated (each may be HxW): every combination is run.", rich_help_panel="Model")] = None,
+    patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,16,32.", rich_help_panel="Model")] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated: 1,8.", rich_help_panel="Workload")] = "8",
+    device: Annotated[MeasureOn, typer.Option(help="Where the step runs (and whose rules predict it): auto = CUDA when torch sees a GPU.", rich_help_panel="Calibrate")] = MeasureOn.auto,
+    steps: Annotated[Optional[int], typer.Option(min=0, help="Warm-up steps before the measured one [default: 1 on the CPU, 2 on CUDA].", rich_help_panel="Calibrate", show_default=False)] = None,
+    tolerance: Annotated[float, typer.Option(min=0, help="Largest error allowed on any figure, in percent; exit 1 beyond it.", rich_help_panel="Calibrate")] = 2.0,
+    meta: Annotated[bool, typer.Option("--meta", help="Trace on fake tensors instead of running: no memory, any size; traced, not measured.", rich_help_panel="Calibrate")] = False,
+    model_factory: Annotated[Optional[str], typer.Option("--model-factory", metavar="MODULE:CALLABLE", help="Build your model instead of the reference ViT (timm:create_model, mypkg.models:make_vit).", rich_help_panel="Calibrate")] = None,
+    factory_kwargs: Annotated[Optional[str], typer.Option("--factory-kwargs", metavar="JSON", help="Keyword arguments for the factory, a JSON object: '{\"model_name\": \"vit_base_patch16_224\"}'.", rich_help_panel="Calibrate")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="FILE", help="Also write every row as JSON to FILE.", rich_help_panel="Calibrate")] = None,
+    save: Annotated[bool, typer.Option("--save", help="Keep what the GPU told (CUDA context, reserved/allocated) for --gpu PROFILE: plan and compare then use it.", rich_help_panel="Calibrate")] = False,
+    opts: Any = None,
+) -> None:
+    """Run the configuration in torch and set every predicted figure beside the measured one."""
+    from vitcost.calibrate import calibrate as run_calibrate
+
+    if save and not opts.get("gpu"):
+        raise typer.BadParameter("keys the calibration by GPU profile: add --gpu PROFILE (see 'vitcost gpus')",
+                                 param_hint="--save")
+    images = [s.strip() for s in image.split(",") if s.strip()] if image else None
+    kw = plan_kwargs(opts)
+    with _calibrate_progress() as bar:
+        task = bar.add_task("calibrating", total=None)
+
+        def progress(done: int, total: int, doing: str) -> None:
+            bar.update(task, completed=done, total=total, description=doing)
+
+        run = run_calibrate(image=images, patch=_int_list(patch, "--patch"), batch=_int_list(batch, "--batch"),
+                            device=device.value, steps=steps, meta=meta, model_factory=model_factory,
+                            factory_kwargs=factory_kwargs, tolerance=tolerance / 100, save=save,
+                            progress=progress, **kw)
+    data = run.to_dict() if (opts["json_out"] or out) else None
+    if opts["json_out"]:
+        print_json(data)
+    else:
+        _render_calibration(run, _console())
+    if out:
+        try:
+            with open(out, "w") as fh:
+                fh.write(json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            _fail(f"--out {out}: cannot be written ({exc.strerror})", 1)
+        _err.print(f"wrote {len(run.results)} row(s) to {out}", markup=False)
+    if run.saved_to:
+        _err.print(f"saved the GPU calibration for {opts['gpu']} to {run.saved_to}: plan and compare now use it "
+                   "(marked calibrated)", markup=False)
+    if not run.ok:
+        bad = sum(len(r.failures) for r in run.results)
+        cal, fig = run.worst
+        _fail(f"{bad} figure(s) off by more than {tolerance:g}%: worst {fig.name} {_pct(fig.error)} "
+              f"({cal.label})", 1)
+
+
+def _calibrate_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+
+
+def _pct(error: Optional[float]) -> str:
+    return "n/a (measured 0)" if error is None else f"{100 * error:+.2f}%"
+
+
+def _render_calibration(run: Any, console: Console) -> None:
+    from rich.text import Text
+
+    from vitcost.render import fmt_bytes, header
+
+    first = run.results[0]
+    console.print(header(first.report))
+    if first.method == "traced":
+        console.print(Text("TRACED, not measured: the step ran on fake CPU tensors (FakeTensorMode + MemTracker); "
+                           "nothing was allocated or computed. Prediction under the CPU rules.", style="bold yellow"))
+    elif first.device == "cuda":
+        console.print(Text("measured on CUDA: caching allocator counters after warm-up; MACs by FlopCounterMode "
+                           "(meta device)", style="dim"))
+    else:
+        console.print(Text("measured on the CPU: PyTorch's MemTracker over one steady-state step after warm-up "
+                           "(the CPU allocator does not round: exact); MACs by FlopCounterMode (meta device)",
+                           style="dim"))
+    if first.model_source != "reference":
+        console.print(Text(f"model from {first.model_source.removeprefix('factory ')}: how far the analytic "
+                           "figures (reference ViT) are from this implementation", style="bold"))
+    tol = f"±{100 * run.tolerance:g}%"
+    if len(run.results) == 1:
+        _calibration_table(first, console, tol, fmt_bytes)
+    else:
+        _calibration_summary(run, console, tol, fmt_bytes)
+    for note in dict.fromkeys(w for r in run.results for w in r.warnings):
+        console.print(Text(f"note: {note}", style="yellow"))
+    worst = run.worst
+    summary = f"{len(run.results)} configuration(s) in {run.seconds:.1f} s"
+    unrun = [r for r in run.results if r.status not in ("ok", "off")]
+    if unrun:
+        summary += f"; {len(unrun)} without a {'trace' if first.method == 'traced' else 'measurement'} of memory"
+    if worst and worst[1].error == 0:
+        summary += "; every figure torch gave matches the prediction exactly"
+    elif worst:
+        summary += f"; worst: {worst[1].name} {_pct(worst[1].error)} ({worst[0].label})"
+    console.print(Text(summary, style="bold green" if run.ok else "bold red"))
+
+
+def _value(n: Optional[int], unit: str, fmt_bytes: Callable[[int], str]) -> str:
+    if n is None:
+        return "-"
+    if unit == "bytes":
+        return f"{n:,} ({fmt_bytes(n)})"
+    return f"{n:,}"
+
+
+def _status(cal: Any) -> str:
+    if cal.status == "ok":
+        return "[green]ok[/]"
+    if cal.status == "off":
+        return "[bold red]OFF[/]"
+    return f"[yellow]{cal.message}[/]"
+
+
+def _calibration_table(cal: Any, console: Console, tol: str, fmt_bytes: Callable[[int], str]) -> None:
+    from rich.text import Text
+
+    what = "traced" if cal.method == "traced" else "measured"
+    table = Table(title=f"Predicted against {what} ({cal.label}, {cal.device})", title_justify="left")
+    table.add_column("figure")
+    table.add_column("predicted", justify="right")
+    table.add_column(what, justify="right")
+    table.add_column("difference", justify="right")
+    table.add_column("error", justify="right")
+    table.add_column(tol, justify="center")
+    for f in cal.figures:
+        diff = f.difference
+        table.add_row(
+            f.name, _value(f.predicted, f.unit, fmt_bytes), _value(f.measured, f.unit, fmt_bytes),
+            "-" if diff is None else f"{diff:+,}",
+            "-" if f.measured is None else _pct(f.error),
+            "-" if f.measured is None else ("[green]ok[/]" if f.within(cal.tolerance) else "[bold red]OFF[/]"),
+        )
+    if cal.status in ("ok", "off"):
+        table.caption = ("bytes at the peak by MemTracker category; 'end of forward' is what is live before backward"
+                         if cal.device == "cpu" else "CUDA: tensors rounded to 512-byte blocks, as the allocator does")
+    console.print(table)
+    if cal.status not in ("ok", "off"):
+        console.print(Text(cal.message, style="bold yellow"))
+    if cal.cuda:
+        c = cal.cuda
+        console.print(Text(f"{c['device_name']}: reserved peak {fmt_bytes(c['max_memory_reserved_bytes'])} "
+                           f"({c['reserved_over_allocated']:.3f}x allocated); outside the allocator (CUDA context, "
+                           f"workspaces, other processes) {fmt_bytes(c['non_allocator_bytes'])} of "
+                           f"{fmt_bytes(c['total_bytes'])}"))
+
+
+def _calibration_summary(run: Any, console: Console, tol: str, fmt_bytes: Callable[[int], str]) -> None:
+    first = run.results[0]
+    what = "traced" if first.method == "traced" else "measured"
+    table = Table(title=f"Predicted against {what}, every combination ({first.device}; tolerance {tol})",
+                  title_justify="left")
+    for col in ("image", "patch", "batch", "tokens", "predicted peak", f"{what} peak", "peak error", "worst figure", "status"):
+        table.add_column(col, justify="left" if col in ("worst figure", "status") else "right")
+    for r in run.results:
+        s = r.report.spec
+        peak = next((f for f in r.figures if f.key == "peak_bytes"), None)
+        worst = r.worst
+        table.add_row(
+            str(s.image_h) if s.image_h == s.image_w else f"{s.image_h}x{s.image_w}", str(s.patch),
+            str(r.report.workload.batch), f"{s.tokens:,}",
+            fmt_bytes(r.report.memory.peak), fmt_bytes(peak.measured) if peak and peak.measured is not None else "-",
+            _pct(peak.error) if peak and peak.measured is not None else "-",
+            "-" if not worst else ("all exact" if worst.error == 0 else f"{worst.name} {_pct(worst.error)}"),
+            _status(r),
+        )
+    console.print(table)
+
+
 # --- CI budgets: export and check -------------------------------------------------------------
 
 BudgetArg = Annotated[str, typer.Argument(metavar="BUDGETS", help="Budget file (YAML or JSON; see docs/ci.md).", show_default=False)]
@@ -319,7 +520,9 @@ def _render_check(result: Any, console: Console) -> None:
         console.print(f"passed: {n} {'entry' if n == 1 else 'entries'} within their limits", style="green", markup=False)
 
 
-def _figure_text(value: float, unit: str, fmt_bytes: Callable[[int], str]) -> str:
+def _figure_text(value: Optional[float], unit: str, fmt_bytes: Callable[[int], str]) -> str:
+    if value is None:
+        return "-"
     if unit == "bytes":
         return fmt_bytes(round(value))
     if unit == "MACs":

@@ -233,11 +233,12 @@ def peak_bytes(spec: ViTSpec, workload: Workload, batch: int) -> int:
 def _envelope(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
     """The live total after each allocation as ``a + m * batch``, one pair per allocation.
 
-    The replay's sequence of allocations does not depend on the batch, and on the CPU every
-    size is affine in it, so two replays fix every line exactly; on CUDA the 512-byte
+    From batch 2 on, the replay's sequence of allocations does not depend on the batch, and
+    on the CPU every size is affine in it, so two replays fix every line exactly; on CUDA the 512-byte
     rounding makes them nearly affine, so they are read at large batches where it is small.
     """
-    b1, b2 = (1, 2) if workload.device == Device.cpu else (256, 512)
+    # batch 1 is left out: there the prefix tokens' gradients are views (see memory.py)
+    b1, b2 = (2, 3) if workload.device == Device.cpu else (256, 512)
     t1 = estimate_memory(spec, workload.model_copy(update={"batch": b1})).totals
     t2 = estimate_memory(spec, workload.model_copy(update={"batch": b2})).totals
     lines = sorted(((x1 - (x2 - x1) // (b2 - b1) * b1, (x2 - x1) // (b2 - b1)) for x1, x2 in zip(t1, t2)),
@@ -273,7 +274,8 @@ def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
     best = min(((budget_bytes - a) // m for a, m in lines if m > 0), default=None)
     if best is None:  # nothing grows with the batch
         return 1 << 31 if line_peak(1) <= budget_bytes else 0
-    best = max(best, 0)
+    if best < 2:  # the lines start at batch 2
+        return 1 if peak_bytes(spec, workload, 1) <= budget_bytes else 0
     if exact:
         return best
     margin = _cuda_margin(best + 1)

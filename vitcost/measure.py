@@ -3,13 +3,22 @@
 This module (with :mod:`vitcost.reference_vit`) is the only place vitcost imports torch.
 On the CPU the peak comes from PyTorch's ``MemTracker`` (every live tensor storage, by
 category, sampled after each operator: the CPU allocator does not round, so the result is
-exact and repeatable). On CUDA it comes from the caching allocator's counters.
+exact and repeatable). The same harness runs on fake CPU tensors (``FakeTensorMode``):
+shapes, dtypes and storages without memory or arithmetic, so the step of a configuration
+far too large for this machine is *traced* in seconds, by the same rules. On CUDA the peak
+comes from the caching allocator's counters. MACs come from ``FlopCounterMode`` on the
+meta device (FLOPs / 2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+# torch without numpy warns so at import (and again when fake tensors load): not our concern
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 try:
     import torch
@@ -36,7 +45,12 @@ _AUTOCAST = {Precision.amp_bf16: torch.bfloat16, Precision.amp_fp16: torch.float
 
 @dataclass(frozen=True)
 class MeasuredMemory:
-    """Bytes live at the peak of one steady-state step, by MemTracker category."""
+    """Bytes live at the peak of one steady-state step, by MemTracker category.
+
+    ``saved_after_forward_bytes`` is MemTracker's activations at the end of the forward pass
+    (input batch, tensors saved for backward, autocast's weight copies, and the forward's
+    output: the loss, or the logits under ``no_grad``); ``output_bytes`` is that output.
+    """
 
     device: str
     peak_bytes: int
@@ -46,7 +60,18 @@ class MeasuredMemory:
     activations_bytes: int = 0
     temporaries_bytes: int = 0
     saved_after_forward_bytes: int = 0
+    output_bytes: int = 0
+    traced: bool = False  # fake tensors: what the step would allocate, not what it did
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TracedCounts:
+    """Parameters and MACs per image of a model, counted by torch on the meta device."""
+
+    params: int
+    forward_macs: int
+    training_macs: int  # forward + backward; 0 when not asked for
 
 
 def param_dtype(workload: Workload) -> "torch.dtype":
@@ -80,10 +105,29 @@ def _autocast(workload: Workload, device: str):
     return contextlib.nullcontext()
 
 
+def logits(out) -> "torch.Tensor":
+    """The logits of a model's output: a tensor, or Hugging Face's ``ModelOutput.logits``,
+    or the first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    value = getattr(out, "logits", None)
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise MeasurementError(
+        f"the model returned {type(out).__name__}: vitcost needs logits (a tensor, or an output with .logits)"
+    )
+
+
 def _loss(out: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
     if out.dim() == 2:
         return F.cross_entropy(out, y)
     return out.float().pow(2).mean()  # headless model: a scalar to backpropagate
+
+
+def _storage_bytes(t: "torch.Tensor") -> int:
+    return t.untyped_storage().nbytes()
 
 
 class Runner:
@@ -98,6 +142,7 @@ class Runner:
         if not workload.training:
             model.eval()
         self.saved_after_forward: int | None = None
+        self.output_bytes = 0  # the loss (training) or the logits (no_grad) at the probe
 
     def step(self, probe=None) -> None:
         """One step. ``probe()`` is called between forward and backward (train) or after forward."""
@@ -105,13 +150,15 @@ class Runner:
         x, y = make_batch(self.spec, wl, self.device)
         if not wl.training:
             with torch.no_grad(), _autocast(wl, self.device):
-                out = self.model(x)
+                out = logits(self.model(x))
+            self.output_bytes = _storage_bytes(out)
             if probe:
                 probe()
             del out
             return
         with _autocast(wl, self.device):
-            loss = _loss(self.model(x), y)
+            loss = _loss(logits(self.model(x)), y)
+        self.output_bytes = _storage_bytes(loss)
         if probe:
             probe()
         loss.backward()
@@ -134,7 +181,26 @@ def _mem_tracker():
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError as exc:  # pragma: no cover - depends on the torch build
         raise MeasurementError(f"this torch build has no MemTracker ({exc})") from None
-    return MemTracker
+
+    needed = ("_update_peak_stats", "_curr_mem_snap", "_peak_mem", "_peak_mem_snap")
+    probe = MemTracker()
+    if not all(hasattr(probe, name) for name in needed):  # pragma: no cover - another torch
+        return MemTracker
+
+    class GlobalPeakTracker(MemTracker):
+        """MemTracker without its per-module peaks: after every operator it walks every
+        module it has seen (quadratic in depth; a ViT-H step took 11 s of bookkeeping for
+        2 s of work). Only the global peak and its categories are kept, as MemTracker
+        computes them."""
+
+        def _update_peak_stats(self, peak_state) -> None:  # noqa: ARG002 - MemTracker's signature
+            for dev, snap in self._curr_mem_snap.items():
+                total = snap["Total"]
+                if self._peak_mem.get(dev, 0) < total:
+                    self._peak_mem[dev] = total
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return GlobalPeakTracker
 
 
 def _category_bytes(snapshot: dict, device: "torch.device") -> dict[str, int]:
@@ -142,11 +208,58 @@ def _category_bytes(snapshot: dict, device: "torch.device") -> dict[str, int]:
     return {str(getattr(k, "name", k)): v for k, v in snap.items()}
 
 
-def measure_cpu(spec: ViTSpec, workload: Workload, warmup: int = 1, model=None) -> MeasuredMemory:
-    """Peak bytes of one steady-state step on the CPU, by category (MemTracker)."""
-    runner = build_runner(spec, workload, "cpu", model=model)
-    for _ in range(warmup):
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower() or "can't allocate" in text)
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def build_meta(spec: ViTSpec, workload: Optional[Workload] = None) -> "torch.nn.Module":
+    """The reference model on the meta device: shapes only, nothing allocated."""
+    from vitcost.reference_vit import build
+
+    attention = workload.attention.value if workload else "sdpa"
+    checkpointing = workload.checkpointing.value if workload else "none"
+    with torch.device("meta"):
+        return build(spec, attention=attention, checkpointing=checkpointing)
+
+
+def measure_cpu(spec: ViTSpec, workload: Workload, warmup: int = 1, model=None, fake: bool = False) -> MeasuredMemory:
+    """Peak bytes of one steady-state step on the CPU, by category (MemTracker).
+
+    With ``fake`` the step runs on fake CPU tensors (``FakeTensorMode``): nothing is
+    allocated and nothing computed, and MemTracker follows the storages the real step would
+    make. ``model`` must then be on the meta device (or None: the reference model).
+    """
+    if not fake:
+        return _track_cpu(spec, workload, warmup, model)
+    if model is None:
+        model = build_meta(spec, workload)
+    model = model.to(dtype=param_dtype(workload))  # on meta: converting fake tensors fails
+    with _fake_mode():
+        model = model.to_empty(device="cpu")
+        return _track_cpu(spec, workload, warmup, model, traced=True)
+
+
+def _track_cpu(spec: ViTSpec, workload: Workload, warmup: int, model, traced: bool = False) -> MeasuredMemory:
+    if traced:
+        torch.manual_seed(0)
+        runner = Runner(model, spec, workload, "cpu")
+    else:
+        runner = build_runner(spec, workload, "cpu", model=model)
+    if traced:  # the optimizer's states do not depend on the batch: warm up on one image
+        runner.workload = workload.model_copy(update={"batch": 1})
+    for _ in range(max(warmup, 1 if workload.training else 0)):  # optimizer states come in step 1
         runner.step()
+    runner.workload = workload
     tracker = _mem_tracker()()
     tracker.track_external(runner.model, *([runner.optimizer] if runner.optimizer else []))
     dev = torch.device("cpu")
@@ -167,21 +280,33 @@ def measure_cpu(spec: ViTSpec, workload: Workload, warmup: int = 1, model=None) 
         activations_bytes=peak.get("ACT", 0),
         temporaries_bytes=peak.get("TEMP", 0) + peak.get("OTH", 0),
         saved_after_forward_bytes=after_forward.get("ACT", 0),
+        output_bytes=runner.output_bytes,
+        traced=traced,
         extra={"peak_snapshot": peak, "after_forward": after_forward},
     )
 
 
 def measure_cuda(spec: ViTSpec, workload: Workload, warmup: int = 2, model=None) -> MeasuredMemory:
-    """Peak allocated bytes of one steady-state step on the current CUDA device."""
+    """Peak allocated bytes of one steady-state step on the current CUDA device.
+
+    ``weights_bytes`` is what the allocator holds once the model is built; ``extra`` has the
+    allocator's reserved peak, what it holds between steps, and the device's memory that no
+    allocator counter sees (the CUDA context, library workspaces, other processes).
+    """
     if not torch.cuda.is_available():
         raise MeasurementError("--device cuda was asked for, but torch sees no CUDA device")
+    torch.cuda.init()
     free_before, total = torch.cuda.mem_get_info()
+    torch.cuda.empty_cache()
+    start = torch.cuda.memory_allocated()
     runner = build_runner(spec, workload, "cuda", model=model)
-    for _ in range(warmup):  # optimizer states and cuBLAS workspaces are created lazily
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated() - start
+    for _ in range(max(warmup, 1)):  # optimizer states and cuBLAS workspaces are created lazily
         runner.step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = torch.cuda.memory_allocated() - start
     runner.step()
     torch.cuda.synchronize()
     free_after, _ = torch.cuda.mem_get_info()
@@ -189,9 +314,11 @@ def measure_cuda(spec: ViTSpec, workload: Workload, warmup: int = 2, model=None)
     allocated = torch.cuda.max_memory_allocated()
     return MeasuredMemory(
         device="cuda",
-        peak_bytes=allocated,
+        peak_bytes=allocated - start,
+        weights_bytes=weights,
         extra={
             "max_memory_reserved": reserved,
+            "max_memory_allocated": allocated,
             "allocated_at_step_start": base,
             "device_name": torch.cuda.get_device_name(),
             "total_bytes": total,
@@ -199,6 +326,34 @@ def measure_cuda(spec: ViTSpec, workload: Workload, warmup: int = 2, model=None)
             "free_before_bytes": free_before,
         },
     )
+
+
+def count_macs(model: "torch.nn.Module", spec: ViTSpec, training: bool = True) -> TracedCounts:
+    """Parameters, and forward (and forward + backward) MACs per image of ``model``.
+
+    ``model`` must be on the meta device: FlopCounterMode counts there with no memory (and,
+    unlike the CPU flash kernel, gives SDPA its matmul FLOPs). Batch 1; MACs = FLOPs / 2.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    with torch.device("meta"):
+        x = torch.randn(1, spec.channels, spec.image_h, spec.image_w)
+        y = torch.zeros(1, dtype=torch.long)
+    model = model.to(dtype=torch.float32)
+    counter = FlopCounterMode(display=False)
+    model.eval()
+    with torch.device("meta"), counter, torch.no_grad():  # tensors the forward makes: on meta too
+        logits(model(x))
+    forward = counter.get_total_flops() // 2
+    train = 0
+    if training:
+        model.train()
+        counter = FlopCounterMode(display=False)
+        with torch.device("meta"), counter:
+            _loss(logits(model(x)), y).backward()
+        train = counter.get_total_flops() // 2
+    return TracedCounts(params=params, forward_macs=forward, training_macs=train)
 
 
 def count_forward_macs(spec: ViTSpec, attention: str = "eager", device: str = "meta") -> int:
@@ -227,3 +382,17 @@ def count_params(spec: ViTSpec) -> int:
     with torch.device("meta"):
         model = build(spec)
     return sum(p.numel() for p in model.parameters())
+
+
+def on_meta(make: Callable[[], "torch.nn.Module"]) -> "torch.nn.Module":
+    """Call ``make()`` with the meta device as default: its parameters take no memory."""
+    with torch.device("meta"):
+        return make()
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def torch_version() -> str:
+    return torch.__version__

@@ -632,31 +632,68 @@ def _epilogue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, gr: _Grads) -> st
 
 
 def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grads, image_elems: int) -> None:
+    """Position embedding, prefix tokens and patch embedding; ``g`` is the gradient of the
+    first block's input.
+
+    A gradient summed over the batch is a new tensor, except at batch 1, where the sum is a
+    no-op: a prefix token's gradient is then a slice of ``g``, and AccumulateGrad keeps that
+    view as ``.grad``, so all of ``g`` stays alive as a gradient until ``zero_grad``.
+    """
     d = sh.d
     r.where = "backward: patch embedding"
+    views = _prefix_grads_are_views(spec, sh) and not gr.keep
     if spec.pos_embed == PosEmbed.learned:
-        gr.make_param("pos_embed", pos_embed_tokens(spec) * d)  # summed over the batch
-        gr.accumulate("pos_embed")
+        if views and sh.amp and not spec.pos_embed_prefix:
+            # added to the patches only, its gradient is a slice of ``g`` too; under autocast
+            # the patch branch takes a cast copy, leaving the slice to AccumulateGrad alone
+            r.retag(g, G)
+        else:
+            gr.make_param("pos_embed", pos_embed_tokens(spec) * d)  # summed over the batch
+            gr.accumulate("pos_embed")
     patch_elems = sh.b * spec.patch_tokens * d
     if sh.amp:
         r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
     for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)),
                      ("reg_token", spec.registers)):
         if n:
+            if views:
+                r.retag(g, G)
+                continue
             gr.make_param(token, n * d)
             gr.accumulate(token)
-    if sh.amp:
+    if sh.amp and not views:
         r.free(g)
     conv_w = d * spec.channels * spec.patch * spec.patch
     gr.make("patch.w", conv_w)
     gr.make("patch.b", d)
-    r.free(g, "g.patches.c", "patches.wc", "patches.ic")
+    r.free("g.patches.c", "patches.wc", "patches.ic")
+    if not views:
+        r.free(g)
     if sh.amp:
         gr.finish("patch.w", conv_w)
         gr.finish("patch.b", d)
     else:
         gr.accumulate("patch.w", "patch.b")
     r.free("total_weight")
+
+
+def _prefix_grads_are_views(spec: ViTSpec, sh: _Shapes) -> bool:
+    return sh.b == 1 and spec.prefix_tokens > 0
+
+
+def _kept_grad_bytes(spec: ViTSpec, sh: _Shapes, grads_total: int, round_to: int) -> int:
+    """Gradients held between steps under ``zero_grad(set_to_none=False)``.
+
+    They were made by the first step; at batch 1 the prefix tokens' ``.grad`` is then a
+    view of the first block's whole input gradient (see ``_prologue_backward``), and that
+    storage is what stays.
+    """
+    if not _prefix_grads_are_views(spec, sh):
+        return grads_total
+    storage = sh.b * sh.n * sh.d * sh.res
+    rounded = (lambda n: -(-n // round_to) * round_to) if round_to > 1 else (lambda n: n)
+    per_token = [int(spec.class_token) * sh.d, int(spec.dist_token) * sh.d, spec.registers * sh.d]
+    return grads_total - sum(rounded(n * sh.par) for n in per_token if n) + rounded(storage)
 
 
 # --- optimizer ------------------------------------------------------------------------------
@@ -807,7 +844,7 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     states = _optimizer_state_bytes(spec, wl, sh, r.round_to) if train else 0
     r.alloc("opt.states", states, O)
     if train and wl.keep_grads:
-        r.alloc("grads.kept", grads_total, G)
+        r.alloc("grads.kept", _kept_grad_bytes(spec, sh, grads_total, r.round_to), G)
     image_elems = sh.b * spec.channels * spec.image_h * spec.image_w
     r.where = "forward: input batch"
     r.alloc("x", image_elems * sh.res, I)  # images arrive in fp32 under autocast

@@ -1,0 +1,227 @@
+"""Accuracy of vitcost against real PyTorch steps on the CPU, written to docs/accuracy.md.
+
+A grid of configurations of the reference ViT (vit-ti/s/b; patch 8/16/32; image 224/384;
+batch 1-16; eager/sdpa attention; fp32/bf16/amp-bf16; training and inference; both
+``zero_grad`` modes), each run for real through ``vitcost.calibrate`` on the CPU: a warm-up
+step, then one steady-state step measured by PyTorch's MemTracker, and parameters and MACs
+by FlopCounterMode on the meta device. Every figure of every row is held against the
+prediction under the CPU rules; the script exits 1 when one is off by more than 2%.
+
+The grid is chosen for a small machine (2 cores, no GPU): every value of every axis is
+covered, but no row's predicted peak is above 6 GiB, and the large-token rows (patch 8 at
+384 px: N = 2,305) run at batch 1 or under inference. Rows over the memory limit are
+refused before anything runs.
+
+Run: python benchmarks/accuracy.py [--out docs/accuracy.md] [--json rows.json] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ROW_LIMIT_BYTES = 6 * 2**30
+TOLERANCE = 0.02
+
+# (model, image, patch, batch, mode, precision, attention, keep_grads)
+GRID = [
+    # training, zero_grad(set_to_none=True)
+    ("vit-ti", 224, 16, 16, "train", "fp32", "sdpa", False),
+    ("vit-ti", 224, 8, 4, "train", "bf16", "eager", False),
+    ("vit-ti", 384, 16, 4, "train", "amp-bf16", "eager", False),
+    ("vit-s", 224, 16, 8, "train", "amp-bf16", "sdpa", False),
+    ("vit-s", 384, 16, 2, "train", "bf16", "eager", False),
+    ("vit-s", 384, 32, 16, "train", "fp32", "eager", False),
+    ("vit-b", 224, 16, 2, "train", "fp32", "sdpa", False),
+    ("vit-b", 224, 32, 4, "train", "bf16", "eager", False),
+    ("vit-b", 384, 16, 1, "train", "bf16", "sdpa", False),
+    # training, zero_grad(set_to_none=False): gradients stay allocated between steps
+    ("vit-ti", 224, 16, 16, "train", "fp32", "eager", True),
+    ("vit-ti", 384, 32, 8, "train", "amp-bf16", "sdpa", True),
+    ("vit-ti", 384, 8, 1, "train", "bf16", "sdpa", True),
+    ("vit-s", 224, 32, 16, "train", "fp32", "eager", True),
+    ("vit-s", 224, 8, 2, "train", "fp32", "sdpa", True),
+    ("vit-b", 224, 16, 1, "train", "amp-bf16", "eager", True),
+    ("vit-b", 384, 32, 4, "train", "amp-bf16", "sdpa", True),
+    # inference under no_grad
+    ("vit-ti", 224, 16, 16, "infer", "fp32", "sdpa", False),
+    ("vit-ti", 224, 32, 8, "infer", "bf16", "eager", False),
+    ("vit-ti", 384, 8, 1, "infer", "fp32", "eager", False),
+    ("vit-s", 224, 16, 4, "infer", "amp-bf16", "eager", False),
+    ("vit-s", 384, 16, 8, "infer", "bf16", "sdpa", False),
+    ("vit-s", 384, 8, 1, "infer", "amp-bf16", "sdpa", False),
+    ("vit-b", 224, 8, 1, "infer", "bf16", "sdpa", False),
+    ("vit-b", 224, 32, 16, "infer", "fp32", "sdpa", False),
+    ("vit-b", 384, 16, 2, "infer", "fp32", "eager", False),
+    ("vit-b", 384, 32, 8, "infer", "amp-bf16", "eager", False),
+    ("vit-b", 384, 8, 1, "infer", "amp-bf16", "sdpa", False),
+]
+
+AXES = {
+    "model": {"vit-ti", "vit-s", "vit-b"},
+    "patch": {8, 16, 32},
+    "image": {224, 384},
+    "precision": {"fp32", "bf16", "amp-bf16"},
+    "attention": {"eager", "sdpa"},
+    "mode": {"train", "infer"},
+}
+
+
+def covered() -> None:
+    """Every listed value of every axis appears in the grid (and batch spans 1 to 16)."""
+    seen = {axis: set() for axis in AXES}
+    for model, image, patch, batch, mode, precision, attention, keep in GRID:
+        for axis, value in zip(("model", "image", "patch", "mode", "precision", "attention"),
+                               (model, image, patch, mode, precision, attention)):
+            seen[axis].add(value)
+    for axis, values in AXES.items():
+        missing = values - seen[axis]
+        if missing:
+            raise SystemExit(f"grid misses {axis} {sorted(missing)}")
+    batches = {row[3] for row in GRID}
+    if min(batches) != 1 or max(batches) != 16:
+        raise SystemExit("grid batches must span 1 to 16")
+    if {row[7] for row in GRID if row[4] == "train"} != {False, True}:
+        raise SystemExit("grid must train with both zero_grad modes")
+    if len(GRID) < 24:
+        raise SystemExit("grid needs at least 24 rows")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def pct(err) -> str:
+    return "n/a" if err is None else f"{100 * err:+.4f}%"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "accuracy.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write every row's figures as JSON")
+    parser.add_argument("--limit", type=int, default=None, help="run only the first N rows (a smoke test)")
+    args = parser.parse_args()
+    covered()
+
+    import torch
+
+    import vitcost
+    from vitcost.calibrate import calibrate
+
+    rows = GRID[: args.limit] if args.limit else GRID
+    for model, image, patch, batch, mode, precision, attention, keep in rows:  # refuse before running
+        peak = vitcost.plan(model, image=image, patch=patch, batch=batch, mode=mode, precision=precision,
+                            attention=attention, keep_grads=keep, device="cpu").memory.peak
+        if peak > ROW_LIMIT_BYTES:
+            raise SystemExit(f"{model} {image}/{patch} batch {batch} {mode}: predicted peak {gib(peak)} "
+                             f"is over the {gib(ROW_LIMIT_BYTES)} a row may use")
+
+    results = []
+    start = time.perf_counter()
+    for i, (model, image, patch, batch, mode, precision, attention, keep) in enumerate(rows, 1):
+        run = calibrate(model, image=image, patch=patch, batch=batch, mode=mode, precision=precision,
+                        attention=attention, keep_grads=keep, device="cpu", tolerance=TOLERANCE)
+        (cal,) = run.results
+        results.append(cal)
+        worst = cal.worst
+        print(f"[{i:2}/{len(rows)}] {cal.label} {mode} {precision} {attention} keep_grads={keep}: {cal.status}, "
+              f"worst {worst.name} {pct(worst.error)}, {cal.seconds:.1f} s", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+
+    write_markdown(args.out, results, seconds, torch.__version__, torch.get_num_threads())
+    if args.json:
+        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    bad = [r for r in results if r.failures or r.status not in ("ok", "off")]
+    print(f"{len(results)} rows in {seconds:.0f} s; {len(bad)} outside ±{100 * TOLERANCE:g}% or not measured; "
+          f"wrote {args.out}", file=sys.stderr)
+    sys.exit(1 if bad else 0)
+
+
+def write_markdown(path: Path, results, seconds: float, torch_version: str, threads: int) -> None:
+    def row_error(cal):
+        w = cal.worst
+        return float("inf") if w is None or w.error is None else abs(w.error)
+
+    worst_cal = max(results, key=row_error)
+    worst_fig = worst_cal.worst
+    exact = sum(all(f.measured == f.predicted for f in r.figures) for r in results)
+    figures = sum(len(r.figures) for r in results)
+    lines = [
+        "# Accuracy: predicted against measured",
+        "",
+        "Written by `python benchmarks/accuracy.py` (do not edit by hand). Each row is the reference",
+        "ViT (vitcost/reference_vit.py, mirrors timm) run for real by `vitcost calibrate` on the CPU:",
+        "one warm-up step, then one steady-state step measured by PyTorch's MemTracker (bytes of",
+        "every live tensor, by category, at the peak); parameters and MACs by `numel()` and",
+        "FlopCounterMode on the meta device. The prediction is `vitcost plan --device cpu` (the CPU",
+        "rules: CPU autocast policy, no allocator rounding, single-tensor optimizer).",
+        "",
+        f"- machine: {cpu_name()}, {threads} torch threads, no GPU; torch {torch_version}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- grid: {len(results)} configurations in **{seconds:.0f} s** ({seconds / 60:.1f} min), "
+        f"{figures} figures compared, tolerance ±{100 * TOLERANCE:g}%",
+        f"- rows where every figure matches to the byte / MAC: **{exact} of {len(results)}**",
+        f"- worst row: **{worst_cal.label}, {worst_cal.report.workload.mode.value}, "
+        f"{worst_cal.report.workload.precision.value}, {worst_cal.report.workload.attention.value}**: "
+        f"{worst_fig.name} {pct(worst_fig.error)} "
+        f"(predicted {worst_fig.predicted:,}, measured {worst_fig.measured:,})",
+        "",
+        "Columns: `peak` is the largest total of live tensors during the step; `saved` is what is",
+        "live at the end of the forward pass (tensors saved for backward, the input batch and",
+        "autocast's weight copies; under `no_grad`, the input batch); `worst` is the largest error",
+        "of all ten figures of the row (parameters, forward and training MACs, weights, gradients,",
+        "optimizer states, activations and temporaries at the peak, saved, peak). Errors are",
+        "(predicted - measured) / measured. `zero_grad`: `none` is `set_to_none=True`, `keep` is",
+        "`set_to_none=False`.",
+        "",
+        "| # | model | image | patch | tokens | batch | mode | precision | attention | zero_grad "
+        "| predicted peak (bytes) | measured peak (bytes) | peak error | saved error | worst figure | s |",
+        "|--:|---|--:|--:|--:|--:|---|---|---|---|--:|--:|--:|--:|---|--:|",
+    ]
+    for i, r in enumerate(results, 1):
+        s, w = r.report.spec, r.report.workload
+        peak = r.figure("peak_bytes") if r.status in ("ok", "off") else None
+        saved = r.figure("end_of_forward_bytes") if r.status in ("ok", "off") else None
+        worst = r.worst
+        zero_grad = ("keep" if w.keep_grads else "none") if w.training else "-"
+        lines.append(
+            f"| {i} | {s.name} | {s.image_h} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
+            f"{w.precision.value} | {w.attention.value} | {zero_grad} | {r.report.memory.peak:,} | "
+            f"{peak.measured:,} | {pct(peak.error)} | {pct(saved.error)} | "
+            f"{worst.name} {pct(worst.error)} | {r.seconds:.1f} |"
+            if peak else
+            f"| {i} | {s.name} | {s.image_h} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
+            f"{w.precision.value} | {w.attention.value} | {zero_grad} | {r.report.memory.peak:,} | "
+            f"{r.message} | - | - | - | {r.seconds:.1f} |"
+        )
+    lines += [
+        "",
+        "The CPU allocator does not round, so the same configuration gives the same bytes on every",
+        "run: an error of a single byte would mean a wrong rule, not noise. CUDA figures (512-byte",
+        "blocks, the caching allocator's reserve, the CUDA context) need a GPU: `vitcost calibrate",
+        "--device cuda` there, and `--save` to keep what it finds for `plan`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
