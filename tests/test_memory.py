@@ -62,6 +62,17 @@ CASES = [
     ("one-channel-no-qkv-bias-bf16", dict(channels=1, qkv_bias=False), dict(precision="bf16"), ()),
     ("d192-depth3-amp-b4", dict(dim=192, heads=3, mlp_hidden=768, depth=3), dict(precision="amp-bf16", batch=4), ()),
     ("head-dominated", dict(depth=1, classes=20000), dict(optimizer="sgd", batch=8), ()),
+    # many tokens per width: the attention maps (B*H*N^2) outweigh the token tensors, so the
+    # peak sits in eager attention's backward, where softmax backward reads its saved output
+    ("maps-dominated-fp32-eager", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", optimizer="sgd"), ()),
+    ("maps-dominated-bf16-eager", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", precision="bf16", batch=4), ()),
+    ("maps-dominated-amp-eager", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", precision="amp-bf16"), ()),
+    # batch 1 or one head: eager attention's q, k, v reshape as views of the qkv output
+    ("eager-b1-views", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", batch=1, optimizer="sgd"), ()),
+    ("eager-b1-views-amp-keep", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", batch=1, precision="amp-bf16", keep_grads=True), ()),
+    ("eager-b1-views-infer", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", batch=1, mode="infer"), ()),
+    ("eager-one-head", dict(heads=1), dict(attention="eager", batch=3), ()),
+    ("eager-b1-checkpoint", dict(depth=3), dict(attention="eager", batch=1, checkpointing="full"), ()),
     ("amp-no-pos-no-prefix-infer", dict(pos_embed="none", class_token=False, pooling="avg"),
      dict(precision="amp-bf16", mode="infer", batch=8), (BUG_AMP_BF16_RESIDUAL,)),
     ("amp-no-pos-no-prefix-sgd-eager", dict(pos_embed="none", class_token=False, pooling="avg"),

@@ -203,6 +203,12 @@ class _Shapes:
         return self.b * self.h * self.n * self.n * self.lo
 
     @property
+    def eager_views(self) -> bool:
+        """Eager attention's 4-D matmul operands reshape to 3-D as views, not copies, when the
+        batch or the head count is 1 (q, k, v keep the (B, N, H, hd) layout of the qkv output)."""
+        return self.b == 1 or self.h == 1
+
+    @property
     def softmax_fp32(self) -> bool:
         """CUDA autocast runs softmax in fp32; CPU autocast (bf16) does not."""
         return self.amp and self.cuda
@@ -290,9 +296,12 @@ def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKe
         if not grad:
             r.free(p + "lse")
         return
-    r.alloc(p + "qs", t, F)  # q * scale keeps q's strides; lives until attention returns
-    r.alloc(p + "qs.c", t, keep)  # matmul copies its 4-D operands to contiguous 3-D ones
-    r.alloc(p + "kT.c", t, keep)
+    views = sh.eager_views
+    # q * scale keeps q's strides; it lives until attention returns, or is saved itself
+    r.alloc(p + "qs", t, keep if views else F)
+    if not views:
+        r.alloc(p + "qs.c", t, keep)  # matmul copies its 4-D operands to contiguous 3-D ones
+        r.alloc(p + "kT.c", t, keep)
     r.alloc(p + "scores", sh.amap, F)
     if not grad:
         r.free(p + "qs.c", p + "kT.c")
@@ -307,7 +316,8 @@ def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKe
     else:
         r.alloc(p + "probs", sh.amap, keep)  # softmax saves its output, not its input
         r.free(p + "scores")
-    r.alloc(p + "v.c", t, keep)
+    if not views:
+        r.alloc(p + "v.c", t, keep)
     r.alloc(p + "av", t, F)
     if not grad:
         r.free(p + "v.c")
@@ -335,16 +345,16 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
     r.alloc(p + "ln1.rstd", sh.stats, keep)
     if not grad:
         r.free(p + "ln1.mean", p + "ln1.rstd")
-    qkv_cat = S if (grad and sdpa) else F  # eager attention saves copies, not the qkv output
+    # eager attention saves copies of q, k, v, not the qkv output (unless they are views)
+    qkv_cat = S if (grad and (sdpa or sh.eager_views)) else F
     _linear_forward(r, sh, p, "qkv", 3 * d * d, 3 * d if spec.qkv_bias else 0,
                     bn * d if sh.amp else 0, 3 * bn * d, qkv_cat, grad)
     _attention_core_forward(r, sh, p, wl.attention, grad)
     _linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
-    r.free(p + "qs")
     if not grad:
-        r.free(p + "attn", p + "qkv", p + "probs", p + "ln1")
-    elif not sdpa:
-        r.free(p + "qkv")
+        r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "ln1")
+    elif not sdpa and not sh.eager_views:
+        r.free(p + "qs", p + "qkv")
     if sh.amp:
         r.free(p + "ln1")
     r.alloc(p + "x1", sh.tok, keep)
@@ -519,12 +529,14 @@ def _attention_core_backward(r: _Replay, sh: _Shapes, p: str, gproj: str, kernel
         r.alloc(p + "g.stack", 3 * t, B)  # unbind backward: stack
         r.free(p + "g.q", p + "g.k", p + "g.v")
         return
-    r.alloc(p + "g.av", t, B)  # the transposed gradient, made contiguous for bmm
-    r.free(gproj)
+    if not sh.eager_views:
+        r.alloc(p + "g.av", t, B)  # the transposed gradient, made contiguous for bmm
+        r.free(gproj)
     r.alloc(p + "g.v", t, B)
     r.alloc(p + "g.probs", sh.amap, B)
-    r.free(p + "g.av", p + "v.c", p + "probs")
+    r.free(p + "g.av", p + "v.c", gproj)
     if sh.softmax_fp32:
+        r.free(p + "probs")  # the low-precision copy, saved by the matmul only
         r.alloc(p + "g.probs.32", 2 * sh.amap, B)
         r.free(p + "g.probs")
         r.alloc(p + "g.scores.32", 2 * sh.amap, B)
@@ -532,11 +544,13 @@ def _attention_core_backward(r: _Replay, sh: _Shapes, p: str, gproj: str, kernel
         r.alloc(p + "g.scores", sh.amap, B)
         r.free(p + "g.scores.32")
     else:
-        r.alloc(p + "g.scores", sh.amap, B)
-        r.free(p + "g.probs")
+        r.alloc(p + "g.scores", sh.amap, B)  # softmax backward reads its saved output
+        r.free(p + "g.probs", p + "probs")
     r.alloc(p + "g.qs", t, B)
     r.alloc(p + "g.kT", t, B)
     r.free(p + "g.scores", p + "qs.c", p + "kT.c")
+    if sh.eager_views:
+        r.free(p + "qkv", p + "qs")
     r.alloc(p + "g.q", t, B)  # times the scale
     r.free(p + "g.qs")
     r.alloc(p + "g.stack", 3 * t, B)
@@ -750,7 +764,7 @@ def _optimizer_step(r: _Replay, spec: ViTSpec, wl: Workload, sh: _Shapes) -> Non
 _COMPONENT_OF = {
     "b0.in": "patch_embed",
     **{k: "blocks/norm1" for k in ("ln1", "ln1.mean", "ln1.rstd", "qkv.ic")},
-    **{k: "blocks/attn/qkv" for k in ("qkv", "qs.c", "kT.c", "v.c")},
+    **{k: "blocks/attn/qkv" for k in ("qkv", "qs", "qs.c", "kT.c", "v.c")},
     **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
     **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic")},
     **{k: "blocks/mlp" for k in ("fc1", "gelu")},
