@@ -43,6 +43,9 @@ GRID = [
     ("vit-b", 224, 16, 2, "train", "fp32", "sdpa", False),
     ("vit-b", 224, 32, 4, "train", "bf16", "eager", False),
     ("vit-b", 384, 16, 1, "train", "bf16", "sdpa", False),
+    ("vit-b", 224, 16, 8, "train", "amp-bf16", "sdpa", False),
+    ("vit-b", 384, 16, 4, "train", "amp-bf16", "eager", False),
+    ("vit-ti", 384, 8, 1, "train", "fp32", "eager", False),
     # training, zero_grad(set_to_none=False): gradients stay allocated between steps
     ("vit-ti", 224, 16, 16, "train", "fp32", "eager", True),
     ("vit-ti", 384, 32, 8, "train", "amp-bf16", "sdpa", True),
@@ -51,6 +54,8 @@ GRID = [
     ("vit-s", 224, 8, 2, "train", "fp32", "sdpa", True),
     ("vit-b", 224, 16, 1, "train", "amp-bf16", "eager", True),
     ("vit-b", 384, 32, 4, "train", "amp-bf16", "sdpa", True),
+    ("vit-s", 224, 16, 16, "train", "bf16", "sdpa", True),
+    ("vit-s", 384, 8, 1, "train", "amp-bf16", "eager", True),
     # inference under no_grad
     ("vit-ti", 224, 16, 16, "infer", "fp32", "sdpa", False),
     ("vit-ti", 224, 32, 8, "infer", "bf16", "eager", False),
@@ -60,6 +65,7 @@ GRID = [
     ("vit-s", 384, 8, 1, "infer", "amp-bf16", "sdpa", False),
     ("vit-b", 224, 8, 1, "infer", "bf16", "sdpa", False),
     ("vit-b", 224, 32, 16, "infer", "fp32", "sdpa", False),
+    ("vit-b", 224, 16, 16, "infer", "bf16", "eager", False),
     ("vit-b", 384, 16, 2, "infer", "fp32", "eager", False),
     ("vit-b", 384, 32, 8, "infer", "amp-bf16", "eager", False),
     ("vit-b", 384, 8, 1, "infer", "amp-bf16", "sdpa", False),
@@ -162,6 +168,9 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
 
     worst_cal = max(results, key=row_error)
     worst_fig = worst_cal.worst
+    measured = [r for r in results if r.status in ("ok", "off")]
+    peak_cal = max(measured, key=lambda r: abs(r.figure("peak_bytes").error or 0.0))
+    peak_fig = peak_cal.figure("peak_bytes")
     exact = sum(all(f.measured == f.predicted for f in r.figures) for r in results)
     figures = sum(len(r.figures) for r in results)
     lines = [
@@ -178,11 +187,21 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- grid: {len(results)} configurations in **{seconds:.0f} s** ({seconds / 60:.1f} min), "
         f"{figures} figures compared, tolerance ±{100 * TOLERANCE:g}%",
-        f"- rows where every figure matches to the byte / MAC: **{exact} of {len(results)}**",
-        f"- worst row: **{worst_cal.label}, {worst_cal.report.workload.mode.value}, "
-        f"{worst_cal.report.workload.precision.value}, {worst_cal.report.workload.attention.value}**: "
-        f"{worst_fig.name} {pct(worst_fig.error)} "
-        f"(predicted {worst_fig.predicted:,}, measured {worst_fig.measured:,})",
+        f"- rows where every figure matches to the byte / MAC: **{exact} of {len(results)}**; "
+        f"rows with a figure outside ±{100 * TOLERANCE:g}%: **{sum(bool(r.failures) for r in results)}**",
+        ("- worst figure: none, every figure of every row is exact" if worst_fig.error == 0 else
+         f"- worst figure: **{worst_cal.label}, {worst_cal.report.workload.mode.value}, "
+         f"{worst_cal.report.workload.precision.value}, {worst_cal.report.workload.attention.value}**: "
+         f"{worst_fig.name} {pct(worst_fig.error)} "
+         f"(predicted {worst_fig.predicted:,}, measured {worst_fig.measured:,})"),
+        f"- worst peak: **{peak_cal.label}, {peak_cal.report.workload.mode.value}, "
+        f"{peak_cal.report.workload.precision.value}, {peak_cal.report.workload.attention.value}**: "
+        f"{pct(peak_fig.error)} (predicted {peak_fig.predicted:,}, measured {peak_fig.measured:,}); "
+        f"training peaks within ±{100 * TOLERANCE:g}%: "
+        f"{sum(r.figure('peak_bytes').within(TOLERANCE) for r in measured if r.report.workload.training)} of "
+        f"{sum(r.report.workload.training for r in measured)}, inference peaks: "
+        f"{sum(r.figure('peak_bytes').within(TOLERANCE) for r in measured if not r.report.workload.training)} of "
+        f"{sum(not r.report.workload.training for r in measured)}",
         "",
         "Columns: `peak` is the largest total of live tensors during the step; `saved` is what is",
         "live at the end of the forward pass (tensors saved for backward, the input batch and",
@@ -206,12 +225,32 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
             f"| {i} | {s.name} | {s.image_h} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
             f"{w.precision.value} | {w.attention.value} | {zero_grad} | {r.report.memory.peak:,} | "
             f"{peak.measured:,} | {pct(peak.error)} | {pct(saved.error)} | "
-            f"{worst.name} {pct(worst.error)} | {r.seconds:.1f} |"
+            f"{'exact' if worst.error == 0 else f'{worst.name} {pct(worst.error)}'} | {r.seconds:.1f} |"
             if peak else
             f"| {i} | {s.name} | {s.image_h} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
             f"{w.precision.value} | {w.attention.value} | {zero_grad} | {r.report.memory.peak:,} | "
             f"{r.message} | - | - | - | {r.seconds:.1f} |"
         )
+    inexact = [(i, r) for i, r in enumerate(results, 1) if any(f.measured != f.predicted for f in r.figures)]
+    if inexact:
+        lines += [
+            "",
+            "## Every figure that differs",
+            "",
+            f"{len(inexact)} row(s) have a figure that is not exact; "
+            f"{sum(bool(r.failures) for _, r in inexact)} of them are outside ±{100 * TOLERANCE:g}% (marked **off**).",
+            "",
+            "| # | row | figure | predicted | measured | difference | error |",
+            "|--:|---|---|--:|--:|--:|--:|",
+        ]
+        for i, r in inexact:
+            w = r.report.workload
+            what = f"{r.label} {w.mode.value} {w.precision.value} {w.attention.value}"
+            for f in r.figures:
+                if f.measured != f.predicted:
+                    mark = "" if f.within(TOLERANCE) else " **off**"
+                    lines.append(f"| {i} | {what} | {f.name} | {f.predicted:,} | {f.measured:,} | "
+                                 f"{f.difference:+,} | {pct(f.error)}{mark} |")
     lines += [
         "",
         "The CPU allocator does not round, so the same configuration gives the same bytes on every",

@@ -131,6 +131,20 @@ def test_checkpointing_and_model_variants_exact():
         assert_exact(cal)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "amp-bf16"])
+def test_eager_attention_backward_as_the_peak_exact(precision, batch):
+    """Softmax backward reads its saved output: the attention maps are live three at a time.
+    Invisible while the MLP backward is the peak (small N); here N = 257 and the maps are the
+    peak. At batch 1 matmul reshapes q, k, v as views: the qkv output is saved, not copies."""
+    # N = (128/8)^2 + 1 = 257 tokens; one layer's maps: 2 * 2 * 257^2 * 4 = 1,056,784 bytes in fp32
+    # at batch 2, against an MLP hidden of 2 * 257 * 64 * 4 = 131,584 bytes: the attention backward peaks
+    (cal,) = calibrate(None, image=128, patch=8, batch=batch, device="cpu", precision=precision,
+                       attention="eager", dim=32, depth=2, heads=2, mlp_hidden=64, classes=10).results
+    assert cal.report.memory.peak_phase == "backward: blocks.1.attn"
+    assert_exact(cal)
+
+
 def test_a_wrong_prediction_is_caught():
     """The same harness on a model the formulas do not describe: timm's layer-scale adds a
     saved tensor per residual branch, and calibrate says so."""

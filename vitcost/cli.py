@@ -22,7 +22,7 @@ from typer.core import TyperGroup
 from vitcost.errors import BudgetFileError, VitcostError
 from vitcost.specs import AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _fail(message: str, code: int) -> None:
@@ -224,18 +224,8 @@ class MeasureOn(str, Enum):
     cuda = "cuda"
 
 
-def _evaluated_annotations(func: Callable) -> Callable:
-    """Resolve a command's own string annotations (``from __future__ import annotations``) so
-    that typer sees their ``typer.Option`` help once :func:`shared_options` rewrites the signature."""
-    import typing
-
-    func.__annotations__ = typing.get_type_hints(func, include_extras=True)
-    return func
-
-
 @app.command()
 @shared_options
-@_evaluated_annotations
 def calibrate(
     image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated (each may be HxW): every combination is run.", rich_help_panel="Model")] = None,
     patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,16,32.", rich_help_panel="Model")] = None,
