@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +21,11 @@ FILE_VERSION = 1
 
 
 def calibration_path() -> Path:
-    env = os.environ.get("VITCOST_CALIBRATION")
+    return _path_for(os.environ.get("VITCOST_CALIBRATION"))
+
+
+@lru_cache(maxsize=8)
+def _path_for(env: Optional[str]) -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".config" / "vitcost" / "calibration.json"
@@ -51,15 +56,23 @@ def usable_from(entry: dict[str, Any]) -> int:
 def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Optional[tuple[int, str]]:
     """``(usable bytes, "calibrated: <file>")`` for a profile, or None when none is saved."""
     path = path or calibration_path()
-    if not path.is_file():
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
         return None
-    entry = load_calibrations(path).get(profile)
+    entry = _load_cached(str(path), stamp).get(profile)
     if not entry:
         return None
     try:
         return usable_from(entry), f"calibrated: {path}"
     except (KeyError, TypeError, ValueError) as exc:
         raise ProfileError(f"calibration file {path}: entry {profile!r} is incomplete ({exc})") from None
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, stamp: int) -> dict[str, dict[str, Any]]:
+    """The file's calibrations, read again only when it changes (``stamp`` is its mtime)."""
+    return load_calibrations(Path(path))
 
 
 def save_calibration(profile: str, entry: dict[str, Any], path: Optional[Path] = None) -> Path:

@@ -251,14 +251,15 @@ def _envelope(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
     return tuple(front)
 
 
-def _cuda_margin(batch: int) -> int:
+def _cuda_margin(batch: int, depth: int) -> int:
     """How far the CUDA lines may be from an exact replay at ``batch``.
 
-    Lines are read at batch 256 and 512; rounding each of the (at most a few hundred) live
-    tensors up to a 512-byte block moves a total by less than 512 bytes per tensor, and the
-    line through two such totals extrapolates that error by at most 2 + batch / 128.
+    Lines are read at batch 256 and 512; rounding a tensor up to a 512-byte block moves a
+    total by less than 512 bytes, and at most a few dozen tensors per block (saved ones and
+    gradients) plus a few dozen others are live at once; the line through two such totals
+    extrapolates that error by at most 2 + batch / 128.
     """
-    return CUDA_BLOCK_BYTES * 512 * (3 + batch // 128)
+    return CUDA_BLOCK_BYTES * (64 + 32 * depth) * (3 + batch // 128)
 
 
 def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
@@ -278,7 +279,7 @@ def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
         return 1 if peak_bytes(spec, workload, 1) <= budget_bytes else 0
     if exact:
         return best
-    margin = _cuda_margin(best + 1)
+    margin = _cuda_margin(best + 1, spec.depth)
     if line_peak(best) <= budget_bytes - margin and line_peak(best + 1) > budget_bytes + margin:
         return best
     best = max(best, 1)
