@@ -47,3 +47,19 @@ def run_python(code: str) -> subprocess.CompletedProcess:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+# A complete, valid GPU profile, made up for tests (figures chosen to be easy to check).
+TEST_PROFILE = {
+    "display_name": "Test GPU",
+    "aliases": ["tg"],
+    "gpus": 1,
+    "memory_mib": 1024,
+    "cuda_context_mib": 24,
+    "allocator_reserve_fraction": 0.1,
+    "memory_bandwidth_gb_per_s": 100,
+    "dense_tflops": {"fp32": 1, "tf32": 2, "bf16": 4, "fp16": 4},
+    "matmul_efficiency": 0.5,
+    "interconnect": {"name": "PCIe 4.0 x16", "gb_per_s_per_direction": 31.5},
+    "source": "made up for a test",
+}

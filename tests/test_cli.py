@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import vitcost
 from vitcost.cli import app
 
-from conftest import REPO, run_python
+from conftest import TEST_PROFILE, REPO, run_python
 
 runner = CliRunner()
 
@@ -47,19 +47,7 @@ def words(text: str) -> str:
     return " ".join(text.split())
 
 
-VALID_PROFILE = {
-    "display_name": "Test GPU",
-    "aliases": ["tg"],
-    "gpus": 1,
-    "memory_mib": 1024,
-    "cuda_context_mib": 24,
-    "allocator_reserve_fraction": 0.1,
-    "memory_bandwidth_gb_per_s": 100,
-    "dense_tflops": {"fp32": 1.0, "tf32": 2.0, "bf16": 4.0, "fp16": 4.0},
-    "matmul_efficiency": 0.5,
-    "interconnect": {"name": "PCIe 4.0 x16", "gb_per_s_per_direction": 31.5},
-    "source": "made up for a test",
-}
+VALID_PROFILE = TEST_PROFILE
 
 
 # --- plan ---------------------------------------------------------------------------------

@@ -13,19 +13,9 @@ from vitcost.profiles import GPUProfile, ResolvedProfile, list_profiles, load_pr
 SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "rtx3090", "rtx4090"]
 
 # A small valid profile, written to tmp_path and then broken one key at a time.
-VALID = {
-    "display_name": "Test GPU",
-    "aliases": ["tg"],
-    "gpus": 1,
-    "memory_mib": 1024,
-    "cuda_context_mib": 24,
-    "allocator_reserve_fraction": 0.1,
-    "memory_bandwidth_gb_per_s": 100,
-    "dense_tflops": {"fp32": 1, "tf32": 2, "bf16": 4, "fp16": 4},
-    "matmul_efficiency": 0.5,
-    "interconnect": {"name": "PCIe 4.0 x16", "gb_per_s_per_direction": 31.5},
-    "source": "made up for a test",
-}
+from conftest import TEST_PROFILE  # noqa: E402
+
+VALID = TEST_PROFILE
 
 
 def write(tmp_path: Path, data, name: str = "foo.yaml") -> Path:

@@ -325,6 +325,15 @@ def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKe
     r.free(p + "av")
 
 
+def _layernorm_forward(r: _Replay, sh: _Shapes, name: str, out_cat: int, stats_cat: int, grad: bool) -> None:
+    """A LayerNorm's output and its (B, N) mean and rstd, which only backward keeps."""
+    r.alloc(name, sh.tok, out_cat)
+    r.alloc(name + ".mean", sh.stats, stats_cat)
+    r.alloc(name + ".rstd", sh.stats, stats_cat)
+    if not grad:
+        r.free(name + ".mean", name + ".rstd")
+
+
 def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload, grad: bool,
                    checkpointed: bool = False, recompute: bool = False, label: int | None = None) -> None:
     """One block's forward. ``grad``: autograd saves what backward needs. ``checkpointed``:
@@ -340,11 +349,7 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
     # under autocast a LayerNorm output is only an argument: its low-precision copy is saved
     ln_cat = F if (sh.amp or not grad) else S
     r.where = phase + ".attn"
-    r.alloc(p + "ln1", sh.tok, ln_cat)
-    r.alloc(p + "ln1.mean", sh.stats, keep)
-    r.alloc(p + "ln1.rstd", sh.stats, keep)
-    if not grad:
-        r.free(p + "ln1.mean", p + "ln1.rstd")
+    _layernorm_forward(r, sh, p + "ln1", ln_cat, keep, grad)
     # eager attention saves copies of q, k, v, not the qkv output (unless they are views)
     qkv_cat = S if (grad and (sdpa or sh.eager_views)) else F
     _linear_forward(r, sh, p, "qkv", 3 * d * d, 3 * d if spec.qkv_bias else 0,
@@ -360,11 +365,7 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
     r.alloc(p + "x1", sh.tok, keep)
     r.free(p + "proj")
     r.where = phase + ".mlp"
-    r.alloc(p + "ln2", sh.tok, ln_cat)
-    r.alloc(p + "ln2.mean", sh.stats, keep)
-    r.alloc(p + "ln2.rstd", sh.stats, keep)
-    if not grad:
-        r.free(p + "ln2.mean", p + "ln2.rstd")
+    _layernorm_forward(r, sh, p + "ln2", ln_cat, keep, grad)
     _linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
     r.alloc(p + "gelu", sh.hid, keep)
     if recompute:
