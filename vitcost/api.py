@@ -112,7 +112,8 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     per_gpu = math.ceil(batch / gpus)
     wl = make_workload(batch=per_gpu, device=device or "cuda", **workload)
     if wl.training and not spec.classes:
-        raise ConfigError("training needs a classification head: this model has none, pass --classes N")
+        raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
+                          "pass --classes N, or use --mode infer")
     if gpus > 1 and batch % gpus:
         warnings = warnings + (f"batch {batch} does not split evenly over {gpus} GPUs: "
                                f"each runs {per_gpu} (the largest share)",)
