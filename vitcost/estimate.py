@@ -264,7 +264,13 @@ def _cuda_margin(batch: int, depth: int) -> int:
 
 def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
     """Largest per-GPU batch whose peak fits in ``budget_bytes`` (0 if not even one image)."""
-    lines = _envelope(spec, workload.model_copy(update={"batch": 1}))
+    return _max_batch_size(spec, workload.model_copy(update={"batch": 1}), budget_bytes)
+
+
+@lru_cache(maxsize=4096)
+def _max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
+    """The answer does not depend on the batch asked about: one per configuration without it."""
+    lines = _envelope(spec, workload)
     exact = workload.device == Device.cpu
 
     def line_peak(batch: int) -> int:
