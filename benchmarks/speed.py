@@ -94,7 +94,7 @@ def main() -> None:
         "The grid: presets vit-ti ... vit-h x 8 image sizes x patches 8/14/16/32 x batches 1..256 x "
         "amp-bf16/bf16/fp32 x sdpa/eager, in that order, the first "
         f"{n:,} combinations. Each call builds a new report; nothing is cached across calls but "
-        "the lines the largest-batch solver reads (per configuration without its batch) and the "
+        "the largest batch that fits and the lines it is solved from (both per configuration without its batch) and the "
         "calibration file.",
         "",
         "## Where the time goes",
