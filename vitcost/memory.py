@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from vitcost.formulas import block_param_tensors, param_tensors, pos_embed_tokens
+from vitcost.formulas import param_tensors, pos_embed_tokens
 from vitcost.specs import (
     AttentionKernel,
     Checkpointing,
@@ -90,7 +90,7 @@ class _Replay:
         if nbytes <= 0:
             return
         if self.round_to != 1:
-            nbytes = -(-nbytes // self.round_to) * self.round_to
+            nbytes = _round_up(nbytes, self.round_to)
         self.live[name] = (nbytes, cat)
         self.cat[cat] += nbytes
         total = self.total = self.total + nbytes
@@ -153,6 +153,10 @@ class _Replay:
 
     def free_matching(self, suffix: str) -> None:
         self.free(*[n for n in self.live if n.endswith(suffix)])
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
 
 
 @dataclass
@@ -234,7 +238,7 @@ def _lse_bytes(sh: _Shapes) -> int:
     """
     n = sh.n
     if sh.cuda and sh.lo == 4:
-        n = -(-n // 32) * 32
+        n = _round_up(n, 32)
     return sh.b * sh.h * n * 4
 
 
@@ -602,10 +606,10 @@ def _cuda_sdpa_backward_workspace(r: _Replay, p: str, sh: _Shapes) -> None:
     and ``softmax_d`` fp32 (B, H, N rounded to 128). Memory-efficient (fp32): ``delta``
     fp32 (B, H, N). Taken from the kernels' sources; not measured (no GPU here).
     """
-    n128 = -(-sh.n // 128) * 128
+    n128 = _round_up(sh.n, 128)
     hd = sh.d // sh.h
     if sh.lo == 2:
-        r.alloc(p + "ws.dq", sh.b * n128 * sh.h * (-(-hd // 32) * 32) * 4, B)
+        r.alloc(p + "ws.dq", sh.b * n128 * sh.h * _round_up(hd, 32) * 4, B)
         r.alloc(p + "ws.d", sh.b * sh.h * n128 * 4, B)
     else:
         r.alloc(p + "ws.d", sh.b * sh.h * sh.n * 4, B)
@@ -706,9 +710,8 @@ def _kept_grad_bytes(spec: ViTSpec, sh: _Shapes, grads_total: int, round_to: int
     if not _prefix_grads_are_views(spec, sh):
         return grads_total
     storage = sh.b * sh.n * sh.d * sh.res
-    rounded = (lambda n: -(-n // round_to) * round_to) if round_to > 1 else (lambda n: n)
     per_token = [int(spec.class_token) * sh.d, int(spec.dist_token) * sh.d, spec.registers * sh.d]
-    return grads_total - sum(rounded(n * sh.par) for n in per_token if n) + rounded(storage)
+    return grads_total - sum(_round_up(n * sh.par, round_to) for n in per_token if n) + _round_up(storage, round_to)
 
 
 # --- optimizer ------------------------------------------------------------------------------
@@ -717,12 +720,7 @@ def _kept_grad_bytes(spec: ViTSpec, sh: _Shapes, grads_total: int, round_to: int
 @lru_cache(maxsize=4096)
 def _param_bytes(spec: ViTSpec, pb: int, round_to: int) -> tuple[int, ...]:
     """Bytes of each parameter tensor as allocated, in ``parameters()`` order."""
-    return tuple(-(-n * pb // round_to) * round_to for _, n in param_tensors(spec))
-
-
-@lru_cache(maxsize=4096)
-def _block_param_bytes(spec: ViTSpec, pb: int, round_to: int) -> int:
-    return sum(-(-n * pb // round_to) * round_to for _, n in block_param_tensors(spec))
+    return tuple(_round_up(n * pb, round_to) for _, n in param_tensors(spec))
 
 
 def _optimizer_state_bytes(spec: ViTSpec, wl: Workload, sh: _Shapes, round_to: int) -> int:
@@ -833,15 +831,13 @@ def _finish_block_backward(r: _Replay, g: str, change: list[int]) -> str:
     return "g.b0.in"
 
 
-def _skip_backward(r: _Replay, spec: ViTSpec, depth: int, g: str, sh: _Shapes, wl: Workload) -> str:
-    """Blocks depth-2 .. 1 backward: their saved tensors and weight copies go, their gradients come."""
+def _skip_backward(r: _Replay, depth: int, change: list[int]) -> None:
+    """Blocks depth-2 .. 1 backward: their saved tensors and weight copies go, and their
+    gradients come (each block's: what the replayed block's backward left, ``change``)."""
     r.sampling = False
     r.free("mid.saved", "mid.wc")
-    if not wl.keep_grads:
-        r.alloc("mid.grads", (depth - 2) * _block_param_bytes(spec, sh.par, r.round_to), G)
+    r.alloc("mid.grads", (depth - 2) * change[G], G)
     r.sampling = True
-    r.rename(g, "g.b0.out")
-    return "g.b0.out"
 
 
 def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
@@ -887,7 +883,7 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
         block = r.end_local(state)
         g = f"g.b{last}.in"
         if depth > 2:
-            g = _skip_backward(r, spec, depth, g, sh, wl)
+            _skip_backward(r, depth, block.change)
         if depth > 1:
             r.replay_shifted(block, block.where.replace(f"blocks.{last}", "blocks.0"))
             g = _finish_block_backward(r, g, block.change)
