@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import vitcost
 from vitcost.errors import ConfigError, UnknownNameError
 from vitcost.estimate import max_batch_size, peak_bytes
-from vitcost.memory import estimate_memory
+from vitcost.program import estimate_memory
 from vitcost.profiles import load_profile
 
 from conftest import cpu_workload, run_python, tiny

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from vitcost import formulas
-from vitcost.memory import CUDA_BLOCK_BYTES, MemoryResult, estimate_memory
+from vitcost.memory import MemoryResult
+from vitcost.program import candidate_totals, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
 
 SCHEMA_VERSION = 1
@@ -195,11 +196,17 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
     return report_memory.gradients
 
 
-def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = ()) -> Report:
-    """Counts and memory for one configuration; ``workload.batch`` is per GPU."""
+def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
+                 fit: Optional[Callable[[int, int, int], GPUFit]] = None) -> Report:
+    """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
+    the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
     train = formulas.training_macs(fwd, recompute_blocks=workload.checkpointing == Checkpointing.full)
     memory = estimate_memory(spec, workload)
+    ddp = ddp_bucket_bytes(memory, gpus, workload)
+    gpu = None
+    if fit is not None:
+        gpu = fit(memory.peak + ddp, ddp, sum((train if workload.training else fwd).values()))
     return Report(
         spec=spec,
         workload=workload,
@@ -209,7 +216,8 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         macs_training=train,
         attention_maps=attention_maps_of(spec, workload),
         memory=memory,
-        ddp_bucket_bytes=ddp_bucket_bytes(memory, gpus, workload),
+        ddp_bucket_bytes=ddp,
+        gpu=gpu,
         warnings=warnings,
     )
 
@@ -226,87 +234,71 @@ def _params(spec: ViTSpec) -> dict[str, int]:
 
 def peak_bytes(spec: ViTSpec, workload: Workload, batch: int) -> int:
     """Peak of one step at another batch size (per GPU)."""
-    return estimate_memory(spec, workload.model_copy(update={"batch": batch})).peak
+    return peak_at(spec, workload, batch)
 
 
-@lru_cache(maxsize=4096)
-def _envelope(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
-    """The live total after each allocation as ``a + m * batch``, one pair per allocation.
+def _lines(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
+    """The totals that can be the peak, each as ``a + m * batch``, read at two batches.
 
-    From batch 2 on, the replay's sequence of allocations does not depend on the batch, and
-    on the CPU every size is affine in it, so two replays fix every line exactly; on CUDA the 512-byte
-    rounding makes them nearly affine, so they are read at large batches where it is small.
+    From batch 2 on a configuration's program is the same at every batch; on the CPU its
+    totals are affine in the batch, so the lines are exact; on CUDA the 512-byte rounding
+    makes them nearly so, and they are read at large batches where it matters least. Either
+    way they only give the first guess: exact peaks decide.
     """
-    # batch 1 is left out: there the prefix tokens' gradients are views (see memory.py)
     b1, b2 = (2, 3) if workload.device == Device.cpu else (256, 512)
-    t1 = estimate_memory(spec, workload.model_copy(update={"batch": b1})).totals
-    t2 = estimate_memory(spec, workload.model_copy(update={"batch": b2})).totals
-    lines = sorted(((x1 - (x2 - x1) // (b2 - b1) * b1, (x2 - x1) // (b2 - b1)) for x1, x2 in zip(t1, t2)),
-                   reverse=True)
-    # a line below another in both intercept and slope is never the peak: keep the rest
-    front: list[tuple[int, int]] = []
-    for a, m in lines:
-        if not front or m > front[-1][1]:
-            front.append((a, m))
-    return tuple(front)
+    t1 = candidate_totals(spec, workload, b1)
+    t2 = candidate_totals(spec, workload, b2)
+    return tuple((x1 - (x2 - x1) // (b2 - b1) * b1, (x2 - x1) // (b2 - b1)) for x1, x2 in zip(t1, t2))
 
 
-def _cuda_margin(batch: int, depth: int) -> int:
-    """How far the CUDA lines may be from an exact replay at ``batch``.
-
-    Lines are read at batch 256 and 512; rounding a tensor up to a 512-byte block moves a
-    total by less than 512 bytes, and at most a few dozen tensors per block (saved ones and
-    gradients) plus a few dozen others are live at once; the line through two such totals
-    extrapolates that error by at most 2 + batch / 128.
-    """
-    return CUDA_BLOCK_BYTES * (64 + 32 * depth) * (3 + batch // 128)
+_MAX_BATCH: dict[tuple, int] = {}
+_MAX_BATCH_ENTRIES = 1 << 16
+_UNBOUNDED = 1 << 31  # the answer when nothing grows with the batch
 
 
 def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
-    """Largest per-GPU batch whose peak fits in ``budget_bytes`` (0 if not even one image)."""
-    return _max_batch_size(spec, workload.model_copy(update={"batch": 1}), budget_bytes)
+    """Largest per-GPU batch whose peak fits in ``budget_bytes`` (0 if not even one image).
+
+    The answer does not depend on the batch asked about: it is worked out once per
+    configuration without its batch (and budget), and kept.
+    """
+    w = workload
+    key = (spec, w.mode, w.precision, w.attention, w.optimizer, w.keep_grads, w.checkpointing, w.device,
+           budget_bytes)
+    found = _MAX_BATCH.get(key)
+    if found is None:
+        if len(_MAX_BATCH) >= _MAX_BATCH_ENTRIES:
+            _MAX_BATCH.clear()
+        found = _MAX_BATCH[key] = _max_batch_size(spec, workload, budget_bytes)
+    return found
 
 
-@lru_cache(maxsize=4096)
 def _max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
-    """The answer does not depend on the batch asked about: one per configuration without it."""
-    lines = _envelope(spec, workload)
-    exact = workload.device == Device.cpu
+    def fits(batch: int) -> bool:
+        return peak_at(spec, workload, batch) <= budget_bytes
 
-    def line_peak(batch: int) -> int:
-        return max(a + m * batch for a, m in lines)
-
-    if budget_bytes <= 0:
+    if budget_bytes <= 0 or not fits(1):
         return 0
-    best = min(((budget_bytes - a) // m for a, m in lines if m > 0), default=None)
-    if best is None:  # nothing grows with the batch
-        return 1 << 31 if line_peak(1) <= budget_bytes else 0
-    if best < 2:  # the lines start at batch 2
-        return 1 if peak_bytes(spec, workload, 1) <= budget_bytes else 0
-    if exact:
-        return best
-    margin = _cuda_margin(best + 1, spec.depth)
-    if line_peak(best) <= budget_bytes - margin and line_peak(best + 1) > budget_bytes + margin:
-        return best
-    best = max(best, 1)
-    for _ in range(64):  # exact replays settle what the rounding leaves open
-        if peak_bytes(spec, workload, best) > budget_bytes:
-            if best == 1:
-                return 0
-            best -= 1
-        elif peak_bytes(spec, workload, best + 1) <= budget_bytes:
-            best += 1
-        else:
-            return best
-    return _bisect(spec, workload, budget_bytes, 1, best * 2)
+    lines = _lines(spec, workload)
+    guess = min(((budget_bytes - a) // m for a, m in lines if m > 0), default=None)
+    if guess is None:
+        return _UNBOUNDED if fits(2) else 1
+    best = min(max(guess, 1), _UNBOUNDED)
+    if not fits(best):  # the guess overshot: the answer is below it
+        return _bisect(fits, 1, best)
+    if fits(best + 1):  # it fell short: gallop up
+        lo, hi = best + 1, best * 2 + 2
+        while hi < _UNBOUNDED and fits(hi):
+            lo, hi = hi, hi * 2
+        return _bisect(fits, lo, hi) if hi < _UNBOUNDED else lo
+    return best
 
 
-def _bisect(spec: ViTSpec, workload: Workload, budget: int, lo: int, hi: int) -> int:
-    while peak_bytes(spec, workload, hi) <= budget:
-        lo, hi = hi, hi * 2
+def _bisect(fits, lo: int, hi: int) -> int:
+    """The largest batch in [lo, hi) that fits, given that ``lo`` fits and ``hi`` does not."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if peak_bytes(spec, workload, mid) <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid

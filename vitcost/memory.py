@@ -66,10 +66,9 @@ class MemoryResult:
     peak_phase: str
     at_peak: dict[str, int]  # MemTracker's categories live at the peak
     saved_by_component: dict[str, int]  # activations saved for backward, by component
-    totals: tuple[int, ...]  # the live total after each allocation, in replay order
 
 
-class _Replay:
+class Replay:
     """Live tensors by name, totals by category, and the peak."""
 
     __slots__ = ("live", "cat", "total", "peak", "peak_cat", "peak_where", "where", "round_to", "sampling", "totals")
@@ -121,9 +120,10 @@ class _Replay:
             self.peak, self.peak_cat, self.peak_where = peak, peak_cat, peak_where
         return stretch
 
-    def replay_shifted(self, stretch: "_Stretch", where: str, after: bool = False) -> None:
-        """The same stretch again (an identical block elsewhere), from the current state, or
-        with ``after`` from the state the stretch's net change leads to the current one."""
+    def replay_shifted(self, stretch: "_Stretch", old: str, new: str, after: bool = False) -> None:
+        """The same stretch again (an identical block elsewhere, its phase named with ``new``
+        for ``old``), from the current state, or with ``after`` from the state the
+        stretch's net change leads to the current one."""
         total, cat = self.total, self.cat
         if after:
             total -= sum(stretch.change)
@@ -132,7 +132,7 @@ class _Replay:
         if total + stretch.peak > self.peak:
             self.peak = total + stretch.peak
             self.peak_cat = [a + b for a, b in zip(cat, stretch.peak_cat)]
-            self.peak_where = where
+            self.peak_where = stretch.where.replace(old, new)
 
     def free(self, *names: str) -> None:
         for name in names:
@@ -171,7 +171,7 @@ class _Stretch:
 
 
 @dataclass(frozen=True)
-class _Shapes:
+class Shapes:
     """Element sizes and shapes of one step, for one spec and workload."""
 
     b: int
@@ -179,6 +179,21 @@ class _Shapes:
     d: int
     f: int
     h: int
+    patches: int  # patch tokens
+    image: int  # elements of one input image, C * H * W
+    conv_w: int  # patch embedding weight elements, D * C * P * P
+    pos: int  # learned position embedding tokens
+    classes: int
+    registers: int
+    lse_n: int  # rows of a fused attention kernel's softmax statistics
+    n128: int  # tokens rounded up to 128 (CUDA flash backward workspaces)
+    hd32: int  # head width rounded up to 32 (CUDA flash backward workspaces)
+    params: int  # bytes of every parameter tensor as allocated
+    states: int  # bytes of the optimizer states
+    kept: int  # bytes of gradients kept between steps (zero_grad(set_to_none=False))
+    opt_tmp: int  # bytes of the optimizer step's temporaries at their most
+    one: bool  # batch 1
+    one_head: bool
     res: int  # residual stream and LayerNorm output element bytes (fp32 under autocast)
     lo: int  # matmul output element bytes (the low precision under autocast)
     par: int  # parameter and gradient element bytes
@@ -210,7 +225,7 @@ class _Shapes:
     def eager_views(self) -> bool:
         """Eager attention's 4-D matmul operands reshape to 3-D as views, not copies, when the
         batch or the head count is 1 (q, k, v keep the (B, N, H, hd) layout of the qkv output)."""
-        return self.b == 1 or self.h == 1
+        return self.one or self.one_head
 
     @property
     def softmax_fp32(self) -> bool:
@@ -218,34 +233,49 @@ class _Shapes:
         return self.amp and self.cuda
 
 
-def _shapes(spec: ViTSpec, wl: Workload) -> _Shapes:
+def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
+    """Every number the replay sizes a tensor from; the spec and workload otherwise only
+    decide which tensors there are."""
     amp = wl.precision in (Precision.amp_bf16, Precision.amp_fp16)
     e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
+    lo = 2 if amp else e
     cuda = wl.device == Device.cuda
-    return _Shapes(
-        b=wl.batch, n=spec.tokens, d=spec.dim, f=spec.mlp_hidden, h=spec.heads,
-        res=e, lo=2 if amp else e, par=e,
+    round_to = CUDA_BLOCK_BYTES if cuda else 1
+    b, n, d = wl.batch, spec.tokens, spec.dim
+    sizes = _param_bytes(spec, e, round_to)
+    params = sum(sizes)
+    train = wl.training
+    adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
+    return Shapes(
+        b=b, n=n, d=d, f=spec.mlp_hidden, h=spec.heads,
+        patches=spec.patch_tokens, image=spec.channels * spec.image_h * spec.image_w,
+        conv_w=d * spec.channels * spec.patch * spec.patch, pos=pos_embed_tokens(spec),
+        classes=spec.classes, registers=spec.registers,
+        # CPU flash and CUDA flash keep (B, H, N) statistics; CUDA memory-efficient (fp32
+        # inputs) pads N to 32
+        lse_n=_round_up(n, 32) if cuda and lo == 4 else n,
+        n128=_round_up(n, 128), hd32=_round_up(d // spec.heads, 32),
+        params=params,
+        states=_optimizer_state_bytes(wl, sizes, cuda) if train else 0,
+        kept=_kept_grad_bytes(spec, b, e, params, round_to) if train and wl.keep_grads else 0,
+        opt_tmp=_optimizer_temporary_bytes(sizes, cuda) if train and adam else 0,
+        one=b == 1, one_head=spec.heads == 1,
+        res=e, lo=lo, par=e,
         # LayerNorm keeps its statistics in the input dtype on the CPU, fp32 on CUDA
         stat=4 if cuda else e,
         amp=amp, cuda=cuda,
     )
 
 
-def _lse_bytes(sh: _Shapes) -> int:
-    """Per-row softmax statistics a fused attention kernel saves (fp32).
-
-    CPU flash and CUDA flash: (B, H, N); CUDA memory-efficient (fp32 inputs): N padded to 32.
-    """
-    n = sh.n
-    if sh.cuda and sh.lo == 4:
-        n = _round_up(n, 32)
-    return sh.b * sh.h * n * 4
+def _lse_bytes(sh: Shapes) -> int:
+    """Per-row softmax statistics a fused attention kernel saves (fp32)."""
+    return sh.b * sh.h * sh.lse_n * 4
 
 
 # --- forward ------------------------------------------------------------------------------
 
 
-def _linear_forward(r: _Replay, sh: _Shapes, p: str, name: str, w_elems: int, b_elems: int,
+def _linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_elems: int,
                     in_elems: int, out_elems: int, out_cat: int, grad: bool) -> None:
     """A linear layer. Under autocast: bias and weight copies (cached until autocast exits),
     and a low-precision copy of an fp32 input (``in_elems`` > 0), saved for backward."""
@@ -259,13 +289,12 @@ def _linear_forward(r: _Replay, sh: _Shapes, p: str, name: str, w_elems: int, b_
         r.free(p + name + ".ic")
 
 
-def _prologue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, image_elems: int) -> None:
+def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_elems: int) -> None:
     """Patch embedding, prefix tokens, position embedding; leaves ``b0.in``."""
     saved = S if grad else F
     r.where = "forward: patch embedding"
-    patch_elems = sh.b * spec.patch_tokens * sh.d
-    conv_w = sh.d * spec.channels * spec.patch * spec.patch
-    _linear_forward(r, sh, "", "patches", conv_w, sh.d, image_elems, patch_elems, F, grad)
+    patch_elems = sh.b * sh.patches * sh.d
+    _linear_forward(r, sh, "", "patches", sh.conv_w, sh.d, image_elems, patch_elems, F, grad)
     cur = "patches"
     has_pos = spec.pos_embed != PosEmbed.none
     pos_after_cat = spec.pos_embed == PosEmbed.learned and spec.pos_embed_prefix
@@ -289,7 +318,7 @@ def _prologue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, image_
         r.retag("b0.in", saved)
 
 
-def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKernel, grad: bool) -> None:
+def _attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool) -> None:
     t = sh.tok_lo
     keep = S if grad else F
     if kernel == AttentionKernel.sdpa:
@@ -329,7 +358,7 @@ def _attention_core_forward(r: _Replay, sh: _Shapes, p: str, kernel: AttentionKe
     r.free(p + "av")
 
 
-def _layernorm_forward(r: _Replay, sh: _Shapes, name: str, out_cat: int, stats_cat: int, grad: bool) -> None:
+def _layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool) -> None:
     """A LayerNorm's output and its (B, N) mean and rstd, which only backward keeps."""
     r.alloc(name, sh.tok, out_cat)
     r.alloc(name + ".mean", sh.stats, stats_cat)
@@ -338,7 +367,7 @@ def _layernorm_forward(r: _Replay, sh: _Shapes, name: str, out_cat: int, stats_c
         r.free(name + ".mean", name + ".rstd")
 
 
-def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl: Workload, grad: bool,
+def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
                    checkpointed: bool = False, recompute: bool = False, label: int | None = None) -> None:
     """One block's forward. ``grad``: autograd saves what backward needs. ``checkpointed``:
     the forward of a checkpointed block, which saves nothing but its input (so it frees like
@@ -394,7 +423,7 @@ def _block_forward(r: _Replay, i: int, nxt: str, sh: _Shapes, spec: ViTSpec, wl:
             r.free(p + "in")
 
 
-def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkpointed: bool = False) -> None:
+def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpointed: bool = False) -> None:
     """Final norm, pooling, head(s), and (training) the cross-entropy loss."""
     keep = S if grad else F
     r.where = "forward: norm + head"
@@ -411,9 +440,9 @@ def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkp
             r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.amp) else F)
         heads = ["head"] + (["head_dist"] if spec.dist_token else [])
         for head in heads:
-            _linear_forward(r, sh, "", head, spec.classes * sh.d, spec.classes,
-                            pooled_elems if sh.amp else 0, sh.b * spec.classes, F, grad)
-        logits = sh.b * spec.classes * sh.lo
+            _linear_forward(r, sh, "", head, sh.classes * sh.d, sh.classes,
+                            pooled_elems if sh.amp else 0, sh.b * sh.classes, F, grad)
+        logits = sh.b * sh.classes * sh.lo
         if spec.dist_token:
             r.alloc("logits_sum", logits, F)
             r.free("head", "head_dist")
@@ -431,7 +460,7 @@ def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkp
         return
     if not spec.classes:
         return
-    logits_hi = sh.b * spec.classes * sh.res
+    logits_hi = sh.b * sh.classes * sh.res
     if sh.amp:
         r.alloc("logits.32", logits_hi, F)  # cross-entropy runs in fp32 under autocast
     r.alloc("logp", logits_hi, S)  # log_softmax saves its output
@@ -451,7 +480,7 @@ def _epilogue_forward(r: _Replay, spec: ViTSpec, sh: _Shapes, grad: bool, checkp
 class _Grads:
     """Weight gradients: made by backward as temporaries, then kept as ``.grad``."""
 
-    def __init__(self, r: _Replay, sh: _Shapes, keep: bool) -> None:
+    def __init__(self, r: Replay, sh: Shapes, keep: bool) -> None:
         self.r = r
         self.sh = sh
         self.keep = keep  # zero_grad(set_to_none=False): .grad exists, the new one is added in
@@ -480,7 +509,7 @@ class _Grads:
         self.accumulate(name)
 
 
-def _linear_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, out_elems: int,
+def _linear_backward(r: Replay, gr: _Grads, sh: Shapes, p: str, name: str, out_elems: int,
                      in_elems: int, w_elems: int, b_elems: int, cast_grad: bool, input_cast: bool,
                      frees: tuple[str, ...], free_first: tuple[str, ...] = (), early: bool = False) -> str:
     """Backward of a linear layer; returns the name of the gradient of its input.
@@ -513,7 +542,7 @@ def _linear_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, out
     return gin
 
 
-def _layernorm_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, g_in: str, x: str) -> None:
+def _layernorm_backward(r: Replay, gr: _Grads, sh: Shapes, p: str, name: str, g_in: str, x: str) -> None:
     """LayerNorm backward: the input gradient and the two parameter gradients; then the
     gradient it was given, its saved input and its statistics go."""
     r.alloc(f"{p}g.{name}in", sh.tok, B)
@@ -522,7 +551,7 @@ def _layernorm_backward(r: _Replay, gr: _Grads, sh: _Shapes, p: str, name: str, 
     r.free(g_in, x, f"{p}{name}.mean", f"{p}{name}.rstd")
 
 
-def _attention_core_backward(r: _Replay, sh: _Shapes, p: str, gproj: str, kernel: AttentionKernel) -> None:
+def _attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel) -> None:
     t = sh.tok_lo
     if kernel == AttentionKernel.sdpa:
         r.alloc(p + "g.q", t, B)
@@ -562,7 +591,7 @@ def _attention_core_backward(r: _Replay, sh: _Shapes, p: str, gproj: str, kernel
     r.free(p + "g.q", p + "g.kT", p + "g.v")
 
 
-def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViTSpec, wl: Workload, gr: _Grads,
+def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpec, wl: Workload, gr: _Grads,
                     label: int | None = None) -> None:
     """One block's backward on block ``i``'s tensors; ``label`` names the block in ``where``."""
     p = f"b{i}."
@@ -599,25 +628,23 @@ def _block_backward(r: _Replay, i: int, g: str, out: str, sh: _Shapes, spec: ViT
     gr.accumulate(p + "ln1.w", p + "ln1.b")
 
 
-def _cuda_sdpa_backward_workspace(r: _Replay, p: str, sh: _Shapes) -> None:
+def _cuda_sdpa_backward_workspace(r: Replay, p: str, sh: Shapes) -> None:
     """Buffers the CUDA attention backward allocates inside the kernel call.
 
     Flash (bf16/fp16): ``dq_accum`` fp32 (B, N rounded to 128, H, head_dim rounded to 32)
     and ``softmax_d`` fp32 (B, H, N rounded to 128). Memory-efficient (fp32): ``delta``
     fp32 (B, H, N). Taken from the kernels' sources; not measured (no GPU here).
     """
-    n128 = _round_up(sh.n, 128)
-    hd = sh.d // sh.h
     if sh.lo == 2:
-        r.alloc(p + "ws.dq", sh.b * n128 * sh.h * _round_up(hd, 32) * 4, B)
-        r.alloc(p + "ws.d", sh.b * sh.h * n128 * 4, B)
+        r.alloc(p + "ws.dq", sh.b * sh.n128 * sh.h * sh.hd32 * 4, B)
+        r.alloc(p + "ws.d", sh.b * sh.h * sh.n128 * 4, B)
     else:
         r.alloc(p + "ws.d", sh.b * sh.h * sh.n * 4, B)
     r.free(p + "ws.dq", p + "ws.d")
 
 
-def _epilogue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, gr: _Grads) -> str:
-    logits_hi = sh.b * spec.classes * sh.res
+def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: _Grads) -> str:
+    logits_hi = sh.b * sh.classes * sh.res
     r.where = "backward: loss + head"
     r.alloc("g.nll", logits_hi, B)
     r.free("seed")
@@ -626,15 +653,15 @@ def _epilogue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, gr: _Grads) -> st
     heads = ["head"] + (["head_dist"] if spec.dist_token else [])
     if spec.dist_token:
         # (a + b) / 2: DivBackward makes a new tensor, AddBackward hands it to both heads
-        r.alloc("g.logits_avg", sh.b * spec.classes * sh.lo, B)
+        r.alloc("g.logits_avg", sh.b * sh.classes * sh.lo, B)
         r.free("g.logits")
         r.rename("g.logits_avg", "g.logits")
     pooled = sh.b * sh.d
     for k, head in enumerate(heads):
         last = k == len(heads) - 1
         frees = ("g.logits", "norm.out", "pooled") if last else ()
-        gin = _linear_backward(r, gr, sh, "", head, sh.b * spec.classes, pooled,
-                               spec.classes * sh.d, spec.classes, sh.amp and k == 0,
+        gin = _linear_backward(r, gr, sh, "", head, sh.b * sh.classes, pooled,
+                               sh.classes * sh.d, sh.classes, sh.amp and k == 0,
                                sh.amp, frees, free_first=("g.logits",))
         # select_backward (or mean backward): a (B, N, D) tensor per head, summed after
         r.alloc(f"g.sel{k}", sh.tok, B)
@@ -650,7 +677,7 @@ def _epilogue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, gr: _Grads) -> st
     return "g.normin"
 
 
-def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grads, image_elems: int) -> None:
+def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: _Grads, image_elems: int) -> None:
     """Position embedding, prefix tokens and patch embedding; ``g`` is the gradient of the
     first block's input.
 
@@ -667,13 +694,13 @@ def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grad
             # the patch branch takes a cast copy, leaving the slice to AccumulateGrad alone
             r.retag(g, G)
         else:
-            gr.make_param("pos_embed", pos_embed_tokens(spec) * d)  # summed over the batch
+            gr.make_param("pos_embed", sh.pos * d)  # summed over the batch
             gr.accumulate("pos_embed")
-    patch_elems = sh.b * spec.patch_tokens * d
+    patch_elems = sh.b * sh.patches * d
     if sh.amp:
         r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
     for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)),
-                     ("reg_token", spec.registers)):
+                     ("reg_token", sh.registers)):
         if n:
             if views:
                 r.retag(g, G)
@@ -682,7 +709,7 @@ def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grad
             gr.accumulate(token)
     if sh.amp and not views:
         r.free(g)
-    conv_w = d * spec.channels * spec.patch * spec.patch
+    conv_w = sh.conv_w
     gr.make("patch.w", conv_w)
     gr.make("patch.b", d)
     r.free("g.patches.c", "patches.wc", "patches.ic")
@@ -696,22 +723,23 @@ def _prologue_backward(r: _Replay, spec: ViTSpec, sh: _Shapes, g: str, gr: _Grad
     r.free("total_weight")
 
 
-def _prefix_grads_are_views(spec: ViTSpec, sh: _Shapes) -> bool:
-    return sh.b == 1 and spec.prefix_tokens > 0
+def _prefix_grads_are_views(spec: ViTSpec, sh: Shapes) -> bool:
+    return sh.one and spec.prefix_tokens > 0
 
 
-def _kept_grad_bytes(spec: ViTSpec, sh: _Shapes, grads_total: int, round_to: int) -> int:
-    """Gradients held between steps under ``zero_grad(set_to_none=False)``.
+def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_to: int) -> int:
+    """Gradients held between steps under ``zero_grad(set_to_none=False)``, ``e``-byte elements.
 
     They were made by the first step; at batch 1 the prefix tokens' ``.grad`` is then a
     view of the first block's whole input gradient (see ``_prologue_backward``), and that
     storage is what stays.
     """
-    if not _prefix_grads_are_views(spec, sh):
+    if batch != 1 or not spec.prefix_tokens:
         return grads_total
-    storage = sh.b * sh.n * sh.d * sh.res
-    per_token = [int(spec.class_token) * sh.d, int(spec.dist_token) * sh.d, spec.registers * sh.d]
-    return grads_total - sum(_round_up(n * sh.par, round_to) for n in per_token if n) + _round_up(storage, round_to)
+    d = spec.dim
+    storage = batch * spec.tokens * d * e
+    per_token = [int(spec.class_token) * d, int(spec.dist_token) * d, spec.registers * d]
+    return grads_total - sum(_round_up(n * e, round_to) for n in per_token if n) + _round_up(storage, round_to)
 
 
 # --- optimizer ------------------------------------------------------------------------------
@@ -723,20 +751,19 @@ def _param_bytes(spec: ViTSpec, pb: int, round_to: int) -> tuple[int, ...]:
     return tuple(_round_up(n * pb, round_to) for _, n in param_tensors(spec))
 
 
-def _optimizer_state_bytes(spec: ViTSpec, wl: Workload, sh: _Shapes, round_to: int) -> int:
-    sizes = _param_bytes(spec, sh.par, round_to)
+def _optimizer_state_bytes(wl: Workload, sizes: tuple[int, ...], cuda: bool) -> int:
     total = sum(sizes)
     if wl.optimizer in (Optimizer.adamw, Optimizer.adam):
         # exp_avg and exp_avg_sq, plus a fp32 ``step`` per tensor that PyTorch keeps on the
         # CPU unless the optimizer is capturable or fused: none of it on a GPU
-        return 2 * total + (0 if sh.cuda else 4 * len(sizes))
+        return 2 * total + (0 if cuda else 4 * len(sizes))
     if wl.optimizer == Optimizer.sgd_momentum:
         return total
     return 0
 
 
-def _optimizer_step(r: _Replay, spec: ViTSpec, wl: Workload, sh: _Shapes) -> None:
-    """Temporaries of ``optimizer.step()``: only Adam-type optimizers make any.
+def _optimizer_temporary_bytes(sizes: tuple[int, ...], cuda: bool) -> int:
+    """The most ``optimizer.step()`` of an Adam-type optimizer holds in temporaries.
 
     Single-tensor Adam (PyTorch's default on the CPU) computes, per parameter ``k``,
     ``denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``: two tensors of the
@@ -745,15 +772,15 @@ def _optimizer_step(r: _Replay, spec: ViTSpec, wl: Workload, sh: _Shapes) -> Non
     The foreach implementation (PyTorch's default on CUDA) makes ``exp_avg_sq.sqrt()`` for
     every parameter at once.
     """
+    if cuda:
+        return sum(sizes)
+    return max(2 * s + prev for s, prev in zip(sizes, (0,) + sizes[:-1]))
+
+
+def _optimizer_step(r: Replay, sh: Shapes) -> None:
+    """Temporaries of ``optimizer.step()``: only Adam-type optimizers make any."""
     r.where = "optimizer step"
-    if wl.optimizer not in (Optimizer.adamw, Optimizer.adam):
-        return
-    sizes = _param_bytes(spec, sh.par, r.round_to)
-    if sh.cuda:
-        extra = sum(sizes)
-    else:
-        extra = max(2 * s + prev for s, prev in zip(sizes, (0,) + sizes[:-1]))
-    r.alloc("opt.temporaries", extra, OT)
+    r.alloc("opt.temporaries", sh.opt_tmp, OT)
     r.free("opt.temporaries")
 
 
@@ -774,7 +801,7 @@ _COMPONENT_OF = {
 }
 
 
-def _saved_by_component(r: _Replay, depth: int) -> dict[str, int]:
+def _saved_by_component(r: Replay, depth: int) -> dict[str, int]:
     """Saved activations at the end of the forward pass, by component, summed over depth.
 
     Block 0's tensors stand for every block's (the others are held as lumps of the same
@@ -795,7 +822,7 @@ def _saved_by_component(r: _Replay, depth: int) -> dict[str, int]:
     return out
 
 
-def _extend_forward(r: _Replay, depth: int) -> None:
+def _extend_forward(r: Replay, depth: int) -> None:
     """The state after the last block's forward, without replaying blocks 1 .. depth-1.
 
     Every block leaves what block 0 left: its saved tensors (with its input), under
@@ -819,7 +846,7 @@ def _extend_forward(r: _Replay, depth: int) -> None:
     r.sampling = True
 
 
-def _finish_block_backward(r: _Replay, g: str, change: list[int]) -> str:
+def _finish_block_backward(r: Replay, g: str, change: list[int]) -> str:
     """Block 0's backward, after its totals were replayed: its saved tensors and weight
     copies go, its gradients come, and the gradient of its input replaces the one it was
     given (the same size)."""
@@ -831,7 +858,7 @@ def _finish_block_backward(r: _Replay, g: str, change: list[int]) -> str:
     return "g.b0.in"
 
 
-def _skip_backward(r: _Replay, depth: int, change: list[int]) -> None:
+def _skip_backward(r: Replay, depth: int, change: list[int]) -> None:
     """Blocks depth-2 .. 1 backward: their saved tensors and weight copies go, and their
     gradients come (each block's: what the replayed block's backward left, ``change``)."""
     r.sampling = False
@@ -840,23 +867,22 @@ def _skip_backward(r: _Replay, depth: int, change: list[int]) -> None:
     r.sampling = True
 
 
-def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
-    """Replay one steady-state training step (or one no_grad forward) and return its memory."""
-    sh = _shapes(spec, wl)
-    r = _Replay(CUDA_BLOCK_BYTES if sh.cuda else 1)
+def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
+    """Replay one steady-state training step (or one no_grad forward) into ``r``.
+
+    Returns what the step's result reads besides the peak: weights, gradients, optimizer
+    states, inputs, saved activations and autocast copies at the end of the forward pass,
+    and the saved activations by component.
+    """
     train = wl.training
-    sizes = _param_bytes(spec, sh.par, r.round_to)
-    grads_total = sum(sizes)
     r.where = "weights"
-    r.alloc("weights", grads_total, W)
+    r.alloc("weights", sh.params, W)
     if spec.pos_embed == PosEmbed.sincos:
-        r.alloc("sincos", spec.patch_tokens * sh.d * sh.par, W)  # a buffer, moved with the model
+        r.alloc("sincos", sh.patches * sh.d * sh.par, W)  # a buffer, moved with the model
     weights = r.cat[W]
-    states = _optimizer_state_bytes(spec, wl, sh, r.round_to) if train else 0
-    r.alloc("opt.states", states, O)
-    if train and wl.keep_grads:
-        r.alloc("grads.kept", _kept_grad_bytes(spec, sh, grads_total, r.round_to), G)
-    image_elems = sh.b * spec.channels * spec.image_h * spec.image_w
+    r.alloc("opt.states", sh.states, O)
+    r.alloc("grads.kept", sh.kept, G)
+    image_elems = sh.b * sh.image
     r.where = "forward: input batch"
     r.alloc("x", image_elems * sh.res, I)  # images arrive in fp32 under autocast
     r.alloc("y", sh.b * INDEX_BYTES if train else 0, I)
@@ -869,7 +895,7 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     block = r.end_local(state)
     if depth > 1:
         _extend_forward(r, depth)
-        r.replay_shifted(block, block.where.replace("blocks.0", f"blocks.{depth - 1}"), after=True)
+        r.replay_shifted(block, "blocks.0", f"blocks.{depth - 1}", after=True)
     _epilogue_forward(r, spec, sh, train, checkpointed=ck)
     saved = r.cat[S]
     copies = r.cat[WC]
@@ -885,24 +911,38 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
         if depth > 2:
             _skip_backward(r, depth, block.change)
         if depth > 1:
-            r.replay_shifted(block, block.where.replace(f"blocks.{last}", "blocks.0"))
+            r.replay_shifted(block, f"blocks.{last}", "blocks.0")
             g = _finish_block_backward(r, g, block.change)
         _prologue_backward(r, spec, sh, g, gr, image_elems)
-        _optimizer_step(r, spec, wl, sh)
+        _optimizer_step(r, sh)
+    return (weights, sh.params if train else 0, sh.states, inputs, saved, copies), components
+
+
+def replay_memory(spec: ViTSpec, wl: Workload) -> tuple[MemoryResult, tuple[int, ...]]:
+    """The replay itself: the step's memory, and the live total after each allocation in
+    replay order. ``estimate_memory`` gives the same result without replaying."""
+    sh = shapes_of(spec, wl)
+    r = Replay(CUDA_BLOCK_BYTES if sh.cuda else 1)
+    figures, components = replay_step(r, spec, wl, sh)
+    return memory_result(figures, r.peak, r.peak_cat, r.peak_where, components), tuple(r.totals)
+
+
+def memory_result(figures, peak: int, peak_cat, peak_where: str, components: dict[str, int]) -> MemoryResult:
+    weights, gradients, states, inputs, saved, copies = figures
     at_peak = dict.fromkeys(CATEGORIES, 0)
-    for cat, nbytes in enumerate(r.peak_cat):
+    for cat, nbytes in enumerate(peak_cat):
         at_peak[_REPORTED[cat]] += nbytes
     return MemoryResult(
         weights=weights,
-        gradients=grads_total if train else 0,
+        gradients=gradients,
         optimizer_states=states,
         inputs=inputs,
         activations=saved,
         autocast_copies=copies,
-        peak=r.peak,
-        transient=r.peak_cat[F] + r.peak_cat[B] + r.peak_cat[OT],
-        peak_phase=r.peak_where,
+        peak=peak,
+        transient=peak_cat[F] + peak_cat[B] + peak_cat[OT],
+        peak_phase=peak_where,
         at_peak=at_peak,
         saved_by_component=components,
-        totals=tuple(r.totals),
     )
+
