@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
+from functools import lru_cache, partial
 from typing import Any, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError
@@ -45,7 +45,27 @@ def parse_image(image: ImageSize) -> Optional[tuple[int, int]]:
 
 def make_model_spec(model: Optional[str] = "vit-b", *, image: ImageSize = None, patch: Optional[int] = None,
                     strict: bool = False, **arch: Any) -> tuple[ViTSpec, tuple[str, ...]]:
-    """The architecture from a preset or timm-style name plus explicit overrides."""
+    """The architecture from a preset or timm-style name plus explicit overrides.
+
+    A spec is immutable and a pure function of these arguments, so the same arguments give
+    the same (validated once) spec.
+    """
+    key = (model, image, patch, strict, tuple(sorted(arch.items())))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable argument (a list for an image, say): build it anew
+        return _make_model_spec(model, image, patch, strict, arch)
+    return _cached_model_spec(key)
+
+
+@lru_cache(maxsize=1024)
+def _cached_model_spec(key: tuple) -> tuple[ViTSpec, tuple[str, ...]]:
+    model, image, patch, strict, arch = key
+    return _make_model_spec(model, image, patch, strict, dict(arch))
+
+
+def _make_model_spec(model: Optional[str], image: ImageSize, patch: Optional[int], strict: bool,
+                     arch: dict[str, Any]) -> tuple[ViTSpec, tuple[str, ...]]:
     unknown = set(arch) - set(_ARCH_KEYS)
     if unknown:
         raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
@@ -110,17 +130,28 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if batch is not None and batch <= 0:
         raise ConfigError(f"--batch {batch}: the batch size must be at least 1")
     per_gpu = math.ceil(batch / gpus)
-    wl = make_workload(batch=per_gpu, device=device or "cuda", **workload)
+    values = (per_gpu, device or "cuda", *(workload[k] for k in _WORKLOAD_KEYS))
+    try:
+        wl = _workload(*values)
+    except TypeError:  # an unhashable argument: validation says what is wrong with it
+        wl = _workload.__wrapped__(*values)
     if wl.training and not spec.classes:
         raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
                           "pass --classes N, or use --mode infer")
     if gpus > 1 and batch % gpus:
         warnings = warnings + (f"batch {batch} does not split evenly over {gpus} GPUs: "
                                f"each runs {per_gpu} (the largest share)",)
-    report = build_report(spec, wl, gpus=gpus, warnings=warnings)
-    if resolved is None:
-        return report
-    return replace(report, gpu=_fit(report, resolved, batch))
+    fit = None if resolved is None else partial(_fit, spec, wl, resolved)
+    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit)
+
+
+_WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing")
+
+
+@lru_cache(maxsize=1024)
+def _workload(batch: int, device: str, *values: Any) -> Workload:
+    """A validated workload; like a spec, the same arguments give the same one."""
+    return make_workload(batch=batch, device=device, **dict(zip(_WORKLOAD_KEYS, values)))
 
 
 def _load_gpu(gpu: str):
@@ -139,16 +170,13 @@ def usable_memory(resolved) -> tuple[int, str]:
     return resolved.profile.usable_memory_bytes, "profile"
 
 
-def _fit(report: Report, resolved, global_batch: int) -> GPUFit:
+def _fit(spec: ViTSpec, wl: Workload, resolved, peak: int, ddp: int, macs_per_image: int) -> GPUFit:
     profile = resolved.profile
     usable, source = usable_memory(resolved)
-    peak = report.peak_bytes
-    budget = usable - report.ddp_bucket_bytes
-    per_gpu_max = max_batch_size(report.spec, report.workload, budget)
-    dtype = _MATMUL_DTYPE[report.workload.precision]
+    per_gpu_max = max_batch_size(spec, wl, usable - ddp)
+    dtype = _MATMUL_DTYPE[wl.precision]
     flops = profile.peak_flops_per_s(dtype)
-    per_image = report.macs_training_per_image if report.workload.training else report.macs_forward_per_image
-    step_flops = 2 * per_image * report.workload.batch
+    step_flops = 2 * macs_per_image * wl.batch
     return GPUFit(
         name=resolved.canonical,
         requested=resolved.requested,
@@ -156,8 +184,8 @@ def _fit(report: Report, resolved, global_batch: int) -> GPUFit:
         gpus=profile.gpus,
         usable_memory_bytes=usable,
         usable_memory_source=source,
-        per_gpu_batch=report.workload.batch,
-        ddp_bucket_bytes=report.ddp_bucket_bytes,
+        per_gpu_batch=wl.batch,
+        ddp_bucket_bytes=ddp,
         peak_bytes=peak,
         fits=peak <= usable,
         headroom_bytes=usable - peak,
