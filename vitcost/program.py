@@ -1,9 +1,9 @@
 """The memory replay, compiled once per model structure.
 
 Which tensors a step allocates and frees, and in what order, depends on a configuration's
-*structure* (prefix tokens, pooling, precision, kernel, optimizer, checkpointing, depth,
-batch 1 or more); its *sizes* (batch, tokens, width, heads, MLP width, classes, image and
-patch) only scale the tensors. So the replay (``vitcost.memory``) is run once per structure
+*structure* (prefix tokens, pooling, precision, kernel, optimizer, checkpointing, depth
+1, 2 or more, batch 1 or more); its *sizes* (batch, tokens, width, heads, MLP width,
+classes, image, patch, depth) only scale the tensors. So the replay (``vitcost.memory``) is run once per structure
 with every size a symbol: a tensor's byte count is then a product of named sizes
 (``_Poly``), and every live total a sum of those tensors, each rounded as the allocator
 rounds it (``_Vec``). A total that is no larger than another one in every term can never
@@ -41,6 +41,8 @@ class _Terms:
         if isinstance(value, cls):
             return value
         if isinstance(value, int):
+            if value and cls.ONE is None:
+                raise TypeError(f"{cls.__name__} has no plain-number term")
             return cls({cls.ONE: value} if value else {})
         return NotImplemented
 
@@ -110,7 +112,7 @@ class _Poly(_Terms):
 class _Vec(_Terms):
     """Bytes as a sum of tensors, each rounded as allocated: ``{tensor index: count}``."""
 
-    ONE = -1  # never used: a plain number is never added to a sum of tensors but as 0
+    ONE = None  # a sum of tensors takes no plain number but 0
 
     def __mul__(self, other):
         if not isinstance(other, int):
