@@ -687,7 +687,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: _Grads,
     """
     d = sh.d
     r.where = "backward: patch embedding"
-    views = _prefix_grads_are_views(spec, sh) and not gr.keep
+    views = _prefix_grads_are_views(spec, sh.one) and not gr.keep
     if spec.pos_embed == PosEmbed.learned:
         if views and sh.amp and not spec.pos_embed_prefix:
             # added to the patches only, its gradient is a slice of ``g`` too; under autocast
@@ -723,8 +723,8 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: _Grads,
     r.free("total_weight")
 
 
-def _prefix_grads_are_views(spec: ViTSpec, sh: Shapes) -> bool:
-    return sh.one and spec.prefix_tokens > 0
+def _prefix_grads_are_views(spec: ViTSpec, batch_one: bool) -> bool:
+    return batch_one and spec.prefix_tokens > 0
 
 
 def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_to: int) -> int:
@@ -734,7 +734,7 @@ def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_
     view of the first block's whole input gradient (see ``_prologue_backward``), and that
     storage is what stays.
     """
-    if batch != 1 or not spec.prefix_tokens:
+    if not _prefix_grads_are_views(spec, batch == 1):
         return grads_total
     d = spec.dim
     storage = batch * spec.tokens * d * e

@@ -127,7 +127,7 @@ class _Vec(_Terms):
 
 
 @dataclass
-class _Stretch:
+class _RecordedStretch:
     """Events of a stretch of the replay, the state it started from, and its net change."""
 
     events: list
@@ -173,11 +173,11 @@ class _Recorder(memory.Replay):
     def local(self):
         return len(self.events), self.total, tuple(self.cat)
 
-    def end_local(self, saved) -> _Stretch:
+    def end_local(self, saved) -> _RecordedStretch:
         mark, total0, cat0 = saved
-        return _Stretch(self.events[mark:], total0, cat0, [c - c0 for c, c0 in zip(self.cat, cat0)])
+        return _RecordedStretch(self.events[mark:], total0, cat0, [c - c0 for c, c0 in zip(self.cat, cat0)])
 
-    def replay_shifted(self, stretch: _Stretch, old: str, new: str, after: bool = False) -> None:
+    def replay_shifted(self, stretch: _RecordedStretch, old: str, new: str, after: bool = False) -> None:
         total, cat = self.total, tuple(self.cat)
         if after:
             total = total - sum(stretch.change, _Vec({}))
