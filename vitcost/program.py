@@ -416,14 +416,13 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
                                 dict(zip(program.components, components)))
 
 
-def peak_at(spec: ViTSpec, wl: Workload, batch: int) -> int:
-    """The peak at another batch size (``wl.batch`` is not read)."""
-    program, sizes = _prepared(spec, wl, batch == 1)
-    totals = program.run(batch, *sizes)[0]
-    return max(totals)
-
-
 def candidate_totals(spec: ViTSpec, wl: Workload, batch: int) -> list[int]:
-    """The totals that can be the peak at ``batch``, the same ones at every batch from 2."""
+    """The totals that can be the peak at ``batch`` (``wl.batch`` is not read), the same ones
+    at every batch from 2."""
     program, sizes = _prepared(spec, wl, batch == 1)
     return program.run(batch, *sizes)[0]
+
+
+def peak_at(spec: ViTSpec, wl: Workload, batch: int) -> int:
+    """The peak at another batch size (``wl.batch`` is not read)."""
+    return max(candidate_totals(spec, wl, batch))
