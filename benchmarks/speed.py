@@ -96,6 +96,7 @@ def main() -> None:
     api_gpu, n, programs = api_time(args.configs, "a100")
     api_nogpu, _, _ = api_time(args.configs, None)
     compile_time = compile_ms()
+    from vitcost.program import COMPILE_AFTER
 
     lines = [
         "# Speed",
@@ -127,7 +128,8 @@ def main() -> None:
         "The memory replay (~95-200 tensor allocations, ~150 µs in CPython) runs once per model "
         "structure, with the sizes as symbols, and is compiled into one function over the totals "
         f"that can be the peak (docs/memory-model.md); the grid has {programs} structures, each compiled "
-        f"in ~{compile_time:.0f} ms. A report is then one call of that function (~15 µs) plus counting, "
+        f"in ~{compile_time:.0f} ms. A structure is replayed for its first {COMPILE_AFTER - 1} evaluations "
+        f"and compiled at the {COMPILE_AFTER}th, so one `vitcost plan` compiles nothing. A report is then one call of that function (~15 µs) plus counting, "
         "validation and the report itself. The fit against a GPU adds the largest batch that "
         "fits, solved once per configuration without its batch (the grid's nine batches share "
         "it) from the candidate totals read as lines in the batch and confirmed by exact peaks.",

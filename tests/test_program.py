@@ -18,6 +18,12 @@ from vitcost.specs import make_spec, make_workload
 
 from conftest import cpu_workload, tiny
 
+@pytest.fixture(autouse=True)
+def _compile_at_once(monkeypatch):
+    """Every evaluation here goes through a compiled program, none through the replay."""
+    monkeypatch.setattr(program, "COMPILE_AFTER", 1)
+
+
 _SPEC_VARIANTS = [
     {}, dict(dist_token=True), dict(registers=4, pos_embed_prefix=False), dict(registers=1),
     dict(pooling="avg", class_token=False), dict(pooling="avg"), dict(pos_embed="sincos"),
@@ -110,3 +116,32 @@ def test_symbolic_sizes_multiply_out():
     assert size.source() == "2*b*d*n"
     assert (size - size) == _Poly({}) and not (size - size)
     assert (3 * (b * n)).source() == "3*b*n"
+
+
+def _forget_programs():
+    for cache in (program._PROGRAMS, program._USES, program._PREPARED):
+        cache.clear()
+
+
+def test_a_structure_is_replayed_until_it_is_used_often(monkeypatch):
+    monkeypatch.setattr(program, "COMPILE_AFTER", 3)
+    _forget_programs()
+    spec, wl = tiny(depth=5), cpu_workload(attention="eager")
+    for uses in (1, 2, 3, 4):
+        batch = 2 + uses
+        w = wl.model_copy(update={"batch": batch})
+        assert estimate_memory(spec, w) == replay_memory(spec, w)[0]
+        assert len(program._PROGRAMS) == (uses >= 3)
+
+
+def test_one_plan_compiles_nothing(monkeypatch):
+    """A single ``vitcost plan`` makes a handful of evaluations: replays are cheaper then."""
+    import vitcost
+    from vitcost import estimate
+
+    monkeypatch.setattr(program, "COMPILE_AFTER", 16)
+    _forget_programs()
+    estimate._MAX_BATCH.clear()
+    report = vitcost.plan(image=384, patch=16, gpu="a100")
+    assert program._PROGRAMS == {}
+    assert report.gpu.max_batch_size > report.workload.batch

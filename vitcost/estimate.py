@@ -240,14 +240,13 @@ def peak_bytes(spec: ViTSpec, workload: Workload, batch: int) -> int:
 def _lines(spec: ViTSpec, workload: Workload) -> tuple[tuple[int, int], ...]:
     """The totals that can be the peak, each as ``a + m * batch``, read at two batches.
 
-    From batch 2 on a configuration's program is the same at every batch; on the CPU its
+    From batch 2 on a configuration's tensors are the same at every batch; on the CPU its
     totals are affine in the batch, so the lines are exact; on CUDA the 512-byte rounding
     makes them nearly so, and they are read at large batches where it matters least. Either
     way they only give the first guess: exact peaks decide.
     """
     b1, b2 = (2, 3) if workload.device == Device.cpu else (256, 512)
-    t1 = candidate_totals(spec, workload, b1)
-    t2 = candidate_totals(spec, workload, b2)
+    t1, t2 = candidate_totals(spec, workload, b1, b2)
     return tuple((x1 - (x2 - x1) // (b2 - b1) * b1, (x2 - x1) // (b2 - b1)) for x1, x2 in zip(t1, t2))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Callable
+from typing import Callable, Optional
 
 from vitcost import memory
 from vitcost.memory import CUDA_BLOCK_BYTES, MemoryResult, Shapes
@@ -372,57 +372,74 @@ def _source(x, name: Callable[[int], str]) -> str:
 # --- evaluating -------------------------------------------------------------------------------
 
 _PROGRAMS: dict[tuple, Program] = {}
+_USES: dict[tuple, int] = {}  # evaluations of a structure not yet compiled
 _PREPARED: dict[tuple, tuple[Program, tuple[int, ...]]] = {}
 _PREPARED_MAX = 1 << 16
 
+# A structure is replayed until it has been evaluated this many times, then compiled: a
+# compile costs ~8 ms, about fifty replays, so one `vitcost plan` (a handful of evaluations)
+# never pays it and a sweep pays it once per structure.
+COMPILE_AFTER = 16
 
-def structure_key(spec: ViTSpec, wl: Workload) -> tuple:
-    """What decides which tensors a step makes: configurations that agree on it share a program."""
+
+def structure_key(spec: ViTSpec, wl: Workload, one: Optional[bool] = None) -> tuple:
+    """What decides which tensors a step makes: configurations that agree on it share a
+    program. ``one``: at batch 1 (else ``wl.batch`` says)."""
     return (min(spec.depth, 3), spec.class_token, spec.dist_token, spec.registers > 0, spec.pos_embed,
             spec.pos_embed_prefix, spec.pooling, spec.classes > 0, spec.qkv_bias, spec.heads == 1,
             wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device,
-            wl.batch == 1)
+            wl.batch == 1 if one is None else one)
 
 
-def _prepare(spec: ViTSpec, wl: Workload) -> tuple[Program, tuple[int, ...]]:
-    key = structure_key(spec, wl)
-    program = _PROGRAMS.get(key)
-    if program is None:
-        program = _PROGRAMS[key] = compile_program(spec, wl, wl.batch == 1)
-    sh = memory.shapes_of(spec, wl)
-    return program, tuple(getattr(sh, name) for name in SHAPE_SIZES[1:]) + (spec.depth,)
-
-
-def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> tuple[Program, tuple[int, ...]]:
-    """The program and the sizes but the batch, per configuration without its batch."""
+def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> Optional[tuple[Program, tuple[int, ...]]]:
+    """The structure's program and the sizes but the batch, per configuration without its
+    batch; None while the structure is still replayed (see ``COMPILE_AFTER``)."""
     key = (spec, wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing,
            wl.device, one)
     prepared = _PREPARED.get(key)
-    if prepared is None:
-        if len(_PREPARED) >= _PREPARED_MAX:
-            _PREPARED.clear()
-        prepared = _PREPARED[key] = _prepare(spec, wl if (wl.batch == 1) == one else
-                                             wl.model_copy(update={"batch": 1 if one else 2}))
+    if prepared is not None:
+        return prepared
+    structure = structure_key(spec, wl, one)
+    program = _PROGRAMS.get(structure)
+    if program is None:
+        uses = _USES[structure] = _USES.get(structure, 0) + 1
+        if uses < COMPILE_AFTER:
+            return None
+        program = _PROGRAMS[structure] = compile_program(spec, wl, one)
+    if len(_PREPARED) >= _PREPARED_MAX:
+        _PREPARED.clear()
+    sh = memory.shapes_of(spec, wl if (wl.batch == 1) == one else wl.model_copy(update={"batch": 1 if one else 2}))
+    prepared = _PREPARED[key] = program, tuple(getattr(sh, name) for name in SHAPE_SIZES[1:]) + (spec.depth,)
     return prepared
 
 
 def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     """The memory of one step of ``spec``/``wl``: what ``memory.replay_memory`` finds, from
-    the structure's compiled program."""
-    program, sizes = _prepared(spec, wl, wl.batch == 1)
+    the structure's compiled program once there is one."""
+    prepared = _prepared(spec, wl, wl.batch == 1)
+    if prepared is None:
+        return memory.replay_memory(spec, wl)[0]
+    program, sizes = prepared
     totals, k, atoms, figures, components = program.run(wl.batch, *sizes)
     depth = spec.depth
     return memory.memory_result(figures, totals[k], program.categories_at(k, atoms, depth), program.where(k, depth),
                                 dict(zip(program.components, components)))
 
 
-def candidate_totals(spec: ViTSpec, wl: Workload, batch: int) -> list[int]:
-    """The totals that can be the peak at ``batch`` (``wl.batch`` is not read), the same ones
-    at every batch from 2."""
-    program, sizes = _prepared(spec, wl, batch == 1)
-    return program.run(batch, *sizes)[0]
+def candidate_totals(spec: ViTSpec, wl: Workload, *batches: int) -> list[list[int]]:
+    """For each batch (``wl.batch`` is not read), totals whose largest is the peak; for
+    batches that are all 1 or all above 1 they are the same totals, index for index: the
+    program's candidates, or every total of the replay while there is no program."""
+    one = batches[0] == 1
+    if any((b == 1) != one for b in batches):
+        raise ValueError("candidate_totals: batch 1 and larger batches have different totals")
+    prepared = _prepared(spec, wl, one)
+    if prepared is None:
+        return [list(memory.replay_memory(spec, wl.model_copy(update={"batch": b}))[1]) for b in batches]
+    program, sizes = prepared
+    return [program.run(b, *sizes)[0] for b in batches]
 
 
 def peak_at(spec: ViTSpec, wl: Workload, batch: int) -> int:
     """The peak at another batch size (``wl.batch`` is not read)."""
-    return max(candidate_totals(spec, wl, batch))
+    return max(candidate_totals(spec, wl, batch)[0])
