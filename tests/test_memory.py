@@ -73,6 +73,12 @@ CASES = [
     ("eager-b1-views-amp-keep", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", batch=1, precision="amp-bf16", keep_grads=True), ()),
     ("eager-b1-views-infer", dict(image_h=128, image_w=128, patch=8), dict(attention="eager", batch=1, mode="infer"), ()),
     ("eager-one-head", dict(heads=1), dict(attention="eager", batch=3), ()),
+    # (q @ k^T) * scale: the scores themselves are scaled (timm before 0.9, HF ViT)
+    ("postscale-fp32", {}, dict(attention="eager-postscale"), ()),
+    ("postscale-amp-maps", dict(image_h=128, image_w=128, patch=8), dict(attention="eager-postscale", precision="amp-bf16"), ()),
+    ("postscale-bf16-b1-views", dict(image_h=128, image_w=128, patch=8), dict(attention="eager-postscale", precision="bf16", batch=1), ()),
+    ("postscale-infer-amp", dict(image_h=128, image_w=128, patch=8), dict(attention="eager-postscale", precision="amp-bf16", mode="infer", batch=4), ()),
+    ("postscale-checkpoint-one-head", dict(depth=3, heads=1), dict(attention="eager-postscale", checkpointing="full"), ()),
     ("eager-b1-checkpoint", dict(depth=3), dict(attention="eager", batch=1, checkpointing="full"), ()),
     ("amp-no-pos-no-prefix-infer", dict(pos_embed="none", class_token=False, pooling="avg"),
      dict(precision="amp-bf16", mode="infer", batch=8), (BUG_AMP_BF16_RESIDUAL,)),

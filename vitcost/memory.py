@@ -85,6 +85,13 @@ class Replay:
         self.sampling = True
         self.totals: list[int] = []
 
+    FULL = False  # replay every block (a trace for the allocator), not the first and last only
+
+    def alloc_parts(self, name: str, nbytes: int, parts: tuple[int, ...], cat: int) -> None:
+        """Tensors that the replay only ever adds up (every parameter's weight, state or
+        gradient): one entry of ``nbytes``; a trace keeps the ``parts`` apart."""
+        self.alloc(name, nbytes, cat)
+
     def alloc(self, name: str, nbytes: int, cat: int) -> None:
         if nbytes <= 0:
             return
@@ -200,6 +207,12 @@ class Shapes:
     stat: int  # LayerNorm mean / rstd element bytes
     amp: bool
     cuda: bool
+    # each tensor of ``params``, ``states``, ``kept`` and ``opt_tmp`` (allocator traces only)
+    param_parts: tuple[int, ...] = ()
+    state_parts: tuple[int, ...] = ()
+    kept_parts: tuple[int, ...] = ()
+    opt_tmp_parts: tuple[int, ...] = ()
+    first_state_parts: tuple[int, ...] = ()  # states a first step creates (allocator traces only)
 
     @property
     def tok(self) -> int:  # (B, N, D) in the residual dtype
@@ -330,22 +343,29 @@ def _attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKern
             r.free(p + "lse")
         return
     views = sh.eager_views
-    # q * scale keeps q's strides; it lives until attention returns, or is saved itself
-    r.alloc(p + "qs", t, keep if views else F)
+    post = kernel == AttentionKernel.eager_postscale
+    if not post:
+        # q * scale keeps q's strides; it lives until attention returns, or is saved itself
+        r.alloc(p + "qs", t, keep if views else F)
     if not views:
-        r.alloc(p + "qs.c", t, keep)  # matmul copies its 4-D operands to contiguous 3-D ones
+        # matmul copies its 4-D operands (q * scale, or q itself) to contiguous 3-D ones
+        r.alloc(p + "qs.c", t, keep)
         r.alloc(p + "kT.c", t, keep)
     r.alloc(p + "scores", sh.amap, F)
     if not grad:
         r.free(p + "qs.c", p + "kT.c")
-    if sh.softmax_fp32:
-        r.alloc(p + "scores.32", sh.amap * 2, F)
+    if post:
+        # (q @ k^T) * scale: the product is a temporary; multiplying by a number saves nothing
+        r.alloc(p + "scaled", sh.amap, F)
         r.free(p + "scores")
-        r.alloc(p + "probs.32", sh.amap * 2, keep)  # softmax saves its output
-        r.free(p + "scores.32")
+        r.rename(p + "scaled", p + "scores")
+    if sh.softmax_fp32:
+        # autocast casts the scores up; softmax saves its fp32 output; the scores themselves
+        # stay referenced by the caller until softmax returns
+        r.alloc(p + "scores.32", sh.amap * 2, F)
+        r.alloc(p + "probs.32", sh.amap * 2, keep)
+        r.free(p + "scores.32", p + "scores")
         r.alloc(p + "probs", sh.amap, keep)  # the matmul's low-precision copy
-        if not grad:
-            r.free(p + "probs.32")
     else:
         r.alloc(p + "probs", sh.amap, keep)  # softmax saves its output, not its input
         r.free(p + "scores")
@@ -354,6 +374,8 @@ def _attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKern
     r.alloc(p + "av", t, F)
     if not grad:
         r.free(p + "v.c")
+        if sh.softmax_fp32:
+            r.free(p + "probs")  # the cast copy dies with the matmul; the fp32 maps live on
     r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
     r.free(p + "av")
 
@@ -390,7 +412,7 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
     _attention_core_forward(r, sh, p, wl.attention, grad)
     _linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
     if not grad:
-        r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "ln1")
+        r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "probs.32", p + "ln1")
     elif not sdpa and not sh.eager_views:
         r.free(p + "qs", p + "qkv")
     if sh.amp:
@@ -580,13 +602,22 @@ def _attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: 
     else:
         r.alloc(p + "g.scores", sh.amap, B)  # softmax backward reads its saved output
         r.free(p + "g.probs", p + "probs")
-    r.alloc(p + "g.qs", t, B)
-    r.alloc(p + "g.kT", t, B)
-    r.free(p + "g.scores", p + "qs.c", p + "kT.c")
-    if sh.eager_views:
-        r.free(p + "qkv", p + "qs")
-    r.alloc(p + "g.q", t, B)  # times the scale
-    r.free(p + "g.qs")
+    if kernel == AttentionKernel.eager_postscale:
+        r.alloc(p + "g.raw", sh.amap, B)  # the scale's backward: a new map
+        r.free(p + "g.scores")
+        r.alloc(p + "g.q", t, B)
+        r.alloc(p + "g.kT", t, B)
+        r.free(p + "g.raw", p + "qs.c", p + "kT.c")
+        if sh.eager_views:
+            r.free(p + "qkv")
+    else:
+        r.alloc(p + "g.qs", t, B)
+        r.alloc(p + "g.kT", t, B)
+        r.free(p + "g.scores", p + "qs.c", p + "kT.c")
+        if sh.eager_views:
+            r.free(p + "qkv", p + "qs")
+        r.alloc(p + "g.q", t, B)  # times the scale
+        r.free(p + "g.qs")
     r.alloc(p + "g.stack", 3 * t, B)
     r.free(p + "g.q", p + "g.kT", p + "g.v")
 
@@ -780,7 +811,9 @@ def _optimizer_temporary_bytes(sizes: tuple[int, ...], cuda: bool) -> int:
 def _optimizer_step(r: Replay, sh: Shapes) -> None:
     """Temporaries of ``optimizer.step()``: only Adam-type optimizers make any."""
     r.where = "optimizer step"
-    r.alloc("opt.temporaries", sh.opt_tmp, OT)
+    if sh.first_state_parts:  # a first step creates the states
+        r.alloc_parts("opt.states", sum(sh.first_state_parts), sh.first_state_parts, O)
+    r.alloc_parts("opt.temporaries", sh.opt_tmp, sh.opt_tmp_parts, OT)
     r.free("opt.temporaries")
 
 
@@ -876,12 +909,12 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     """
     train = wl.training
     r.where = "weights"
-    r.alloc("weights", sh.params, W)
+    r.alloc_parts("weights", sh.params, sh.param_parts, W)
     if spec.pos_embed == PosEmbed.sincos:
         r.alloc("sincos", sh.patches * sh.d * sh.par, W)  # a buffer, moved with the model
     weights = r.cat[W]
-    r.alloc("opt.states", sh.states, O)
-    r.alloc("grads.kept", sh.kept, G)
+    r.alloc_parts("opt.states", sh.states, sh.state_parts, O)
+    r.alloc_parts("grads.kept", sh.kept, sh.kept_parts, G)
     image_elems = sh.b * sh.image
     r.where = "forward: input batch"
     r.alloc("x", image_elems * sh.res, I)  # images arrive in fp32 under autocast
@@ -890,19 +923,31 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     depth = spec.depth
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full
-    state = r.local()
-    _block_forward(r, 0, "b1.in" if depth > 1 else "norm.in", sh, spec, wl, train and not ck, checkpointed=ck)
-    block = r.end_local(state)
-    if depth > 1:
-        _extend_forward(r, depth)
-        r.replay_shifted(block, "blocks.0", f"blocks.{depth - 1}", after=True)
+    if r.FULL:
+        for i in range(depth):
+            _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train and not ck,
+                           checkpointed=ck)
+    else:
+        state = r.local()
+        _block_forward(r, 0, "b1.in" if depth > 1 else "norm.in", sh, spec, wl, train and not ck, checkpointed=ck)
+        block = r.end_local(state)
+        if depth > 1:
+            _extend_forward(r, depth)
+            r.replay_shifted(block, "blocks.0", f"blocks.{depth - 1}", after=True)
     _epilogue_forward(r, spec, sh, train, checkpointed=ck)
     saved = r.cat[S]
     copies = r.cat[WC]
-    components = _saved_by_component(r, depth) if train else {}
+    components = _saved_by_component(r, depth) if train and not r.FULL else {}
     if train and spec.classes:
         gr = _Grads(r, sh, wl.keep_grads)
         g = _epilogue_backward(r, spec, sh, gr)
+        if r.FULL:
+            for i in reversed(range(depth)):
+                _block_backward(r, i, g, f"g.b{i}.in", sh, spec, wl, gr)
+                g = f"g.b{i}.in"
+            _prologue_backward(r, spec, sh, g, gr, image_elems)
+            _optimizer_step(r, sh)
+            return (weights, sh.params if train else 0, sh.states, inputs, saved, copies), components
         last = depth - 1
         state = r.local()
         _block_backward(r, 0, g, f"g.b{last}.in", sh, spec, wl, gr, label=last)
@@ -946,3 +991,112 @@ def memory_result(figures, peak: int, peak_cat, peak_where: str, components: dic
         saved_by_component=components,
     )
 
+
+
+# --- a trace for the allocator ----------------------------------------------------------------
+
+# Tensors that outlive a step: made once, before or in the first step, and kept.
+PERSISTENT = frozenset(("weights", "sincos", "opt.states", "grads.kept", "x", "y"))
+
+
+class Trace(Replay):
+    """A replay of every block that writes down each allocation and free in order, as
+    ``(key, bytes)`` events (bytes 0: free ``key``), for ``vitcost.allocator``. Parameters,
+    optimizer states and kept gradients are one tensor each, as PyTorch allocates them.
+    Allocations of the ``skip`` names (tensors an earlier step made) are not written down."""
+
+    FULL = True
+    __slots__ = ("events", "keys", "parts", "counter", "skip")
+
+    def __init__(self, round_to: int, counter, skip: frozenset = frozenset()) -> None:
+        super().__init__(round_to)
+        self.events: list[tuple[int, int]] = []
+        self.keys: dict[str, int] = {}
+        self.parts: dict[str, list[str]] = {}
+        self.counter = counter
+        self.skip = skip
+
+    def alloc_parts(self, name: str, nbytes: int, parts: tuple[int, ...], cat: int) -> None:
+        if not parts:
+            self.alloc(name, nbytes, cat)
+            return
+        names = self.parts[name] = [f"{name}#{k}" for k in range(len(parts))]
+        for part_name, part in zip(names, parts):
+            self.alloc(part_name, part, cat)
+
+    def alloc(self, name: str, nbytes: int, cat: int) -> None:
+        if nbytes <= 0:
+            return
+        super().alloc(name, nbytes, cat)
+        if name.partition("#")[0] not in self.skip:
+            key = self.keys[name] = next(self.counter)
+            self.events.append((key, self.live[name][0]))
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            parts = self.parts.pop(name, None)
+            if parts:
+                self.free(*parts)
+                continue
+            key = self.keys.pop(name, None)
+            if key is not None and name in self.live:
+                self.events.append((key, 0))
+            super().free(name)
+
+    def rename(self, old: str, new: str) -> None:
+        super().rename(old, new)
+        if old in self.keys:
+            self.keys[new] = self.keys.pop(old)
+
+    def end_step(self, keep: tuple[int, ...] = ()) -> None:
+        """The step is over: every tensor but the persistent ones (and categories ``keep``) goes."""
+        for name, (_, cat) in list(self.live.items()):
+            if name.partition("#")[0] not in PERSISTENT and cat not in keep:
+                self.free(name)
+
+
+def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:
+    """``shapes_of`` with every parameter, optimizer state and kept gradient as its own tensor."""
+    from dataclasses import replace
+
+    sh = shapes_of(spec, wl)
+    sizes = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
+    if not wl.training:
+        return replace(sh, param_parts=sizes)
+    if wl.optimizer in (Optimizer.adamw, Optimizer.adam):
+        # per parameter, as the first step creates them: (a CPU ``step``), exp_avg, exp_avg_sq
+        states = tuple(x for s in sizes for x in ((s, s) if sh.cuda else (4, s, s)))
+        tmp = sizes if sh.cuda else (sh.opt_tmp,)
+    else:
+        states = sizes if wl.optimizer == Optimizer.sgd_momentum else ()
+        tmp = ()
+    kept = () if not sh.kept else (sh.kept,) if _prefix_grads_are_views(spec, sh.one) else sizes
+    return replace(sh, param_parts=sizes, state_parts=states, kept_parts=kept, opt_tmp_parts=tmp)
+
+
+def trace(spec: ViTSpec, wl: Workload, steps: int = 3, extra_bytes: int = 0) -> tuple[list[tuple[int, int]], int]:
+    """The allocations and frees of ``steps`` steps from a fresh start, and the replay's peak.
+    ``extra_bytes``: one more tensor made first and kept (DDP's gradient buckets).
+
+    The first training step differs from the rest: no optimizer state exists before its
+    ``optimizer.step()``, and no gradient before its backward (with ``--keep-grads`` the
+    gradients it makes are the ones kept). The later steps are the steady-state step the
+    replay describes, with the persistent tensors (weights, states, kept gradients, the
+    input batch) already in place, as a benchmark that feeds one batch repeatedly has them.
+    """
+    from dataclasses import replace
+    from itertools import count
+
+    sh = _trace_shapes(spec, wl)
+    block = 1  # sizes as PyTorch requests them: the allocator rounds
+    keys = count()
+    first_sh = replace(sh, states=0, state_parts=(), kept=0, kept_parts=(),
+                       first_state_parts=sh.state_parts if wl.training else ())
+    first = Trace(block, keys)
+    replay_step(first, spec, wl.model_copy(update={"keep_grads": False}) if wl.keep_grads else wl, first_sh)
+    first.end_step(keep=(G,) if wl.keep_grads else ())
+    steady = Trace(block, keys, skip=PERSISTENT)
+    replay_step(steady, spec, wl, sh)
+    steady.end_step()
+    extra = [(next(keys), extra_bytes)] if extra_bytes > 0 else []
+    return extra + first.events + steady.events * (steps - 1), steady.peak + extra_bytes

@@ -47,6 +47,10 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.kernel == "sdpa":
             x = F.scaled_dot_product_attention(q, k, v)
+        elif self.kernel == "eager-postscale":
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = attn.softmax(dim=-1)
+            x = attn @ v
         else:
             q = q * self.scale
             attn = q @ k.transpose(-2, -1)

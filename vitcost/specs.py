@@ -27,7 +27,8 @@ class Precision(str, Enum):
 
 
 class AttentionKernel(str, Enum):
-    eager = "eager"
+    eager = "eager"  # q * scale, then q @ k^T (timm today)
+    eager_postscale = "eager-postscale"  # (q @ k^T) * scale: the N x N scores scaled (timm < 0.9, HF ViT)
     sdpa = "sdpa"
 
 
@@ -59,6 +60,13 @@ class Device(str, Enum):
 
     cuda = "cuda"
     cpu = "cpu"
+
+
+class Allocator(str, Enum):
+    """The CUDA caching allocator's mode: ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` or not."""
+
+    native = "native"
+    expandable = "expandable"
 
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
