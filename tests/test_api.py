@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import vitcost
 from vitcost.errors import ConfigError, UnknownNameError
 from vitcost.estimate import max_batch_size, peak_bytes
+from vitcost.fit import allocator_stats, fits_allocator
 from vitcost.program import estimate_memory
 from vitcost.profiles import load_profile
 
@@ -19,7 +20,7 @@ from conftest import cpu_workload, run_python, tiny
 
 # A100 80GB profile: (81,920 MiB - 512 MiB context) * (1 - 0.05 allocator reserve), floored
 # = 85,362,475,008 * 0.95 = 81,094,351,257.6 -> 81,094,351,257 bytes
-A100_USABLE = 81_094_351_257
+A100_USABLE = 85_353_955_328  # (81,920 - 512 context - 8.125 cuBLAS workspace) MiB
 
 
 # --- defaults ------------------------------------------------------------------------------
@@ -180,12 +181,17 @@ def test_a100_fit(kwargs):
     assert g.name == "a100-80gb" and g.requested == "a100" and g.gpus == 1
     assert g.usable_memory_bytes == A100_USABLE
     assert g.usable_memory_source == "profile"
+    assert (g.memory_bytes, g.context_bytes, g.workspace_bytes) == (80 * 2**30, 512 * 2**20, 8_519_680)
     assert g.peak_bytes == report.peak_bytes == report.memory.peak
-    assert g.fits == (report.peak_bytes <= A100_USABLE)
-    assert g.headroom_bytes == A100_USABLE - report.peak_bytes
-    assert g.max_batch_size == max_batch_size(report.spec, report.workload, A100_USABLE)
+    assert g.allocator == "native"
+    # the reserved peak is the allocator's, at least the tensors' peak
+    assert g.peak_reserved_bytes == allocator_stats(report.spec, report.workload).peak_reserved >= g.peak_bytes
+    assert g.headroom_bytes == A100_USABLE - g.peak_reserved_bytes
     m = g.max_batch_size
-    assert peak_bytes(report.spec, report.workload, m) <= A100_USABLE < peak_bytes(report.spec, report.workload, m + 1)
+    at = lambda b: report.workload.model_copy(update={"batch": b})
+    assert fits_allocator(report.spec, at(m), A100_USABLE) and not fits_allocator(report.spec, at(m + 1), A100_USABLE)
+    # the tensors alone bound it from above
+    assert m <= max_batch_size(report.spec, report.workload, A100_USABLE)
     assert g.fits == (report.workload.batch <= m)
 
 
@@ -216,9 +222,14 @@ def test_eight_a100_data_parallel():
     # DDP keeps a flat copy of every gradient in its buckets
     assert report.ddp_bucket_bytes == g.ddp_bucket_bytes == report.memory.gradients > 0
     assert report.peak_bytes == report.memory.peak + report.memory.gradients
-    assert g.fits == (report.peak_bytes <= g.usable_memory_bytes)
-    per_gpu_max = max_batch_size(report.spec, report.workload, g.usable_memory_bytes - report.ddp_bucket_bytes)
-    assert g.max_batch_size == 8 * per_gpu_max
+    per_gpu_max = g.max_batch_size // 8
+    assert g.fits == (report.workload.batch <= per_gpu_max)
+    # the buckets are one more tensor the allocator holds from the start
+    at = lambda b: report.workload.model_copy(update={"batch": b})
+    usable, ddp = g.usable_memory_bytes, report.ddp_bucket_bytes
+    assert fits_allocator(report.spec, at(per_gpu_max), usable, extra_bytes=ddp)
+    assert not fits_allocator(report.spec, at(per_gpu_max + 1), usable, extra_bytes=ddp)
+    assert per_gpu_max <= max_batch_size(report.spec, report.workload, usable - ddp)
     # the global maximum fits; one image more puts ceil((8m + 1) / 8) = m + 1 on some GPU, and does not
     assert vitcost.plan(image=224, patch=16, batch=g.max_batch_size, gpu="8xa100").gpu.fits is True
     assert vitcost.plan(image=224, patch=16, batch=g.max_batch_size + 1, gpu="8xa100").gpu.fits is False
@@ -232,6 +243,16 @@ def test_eight_a100_per_gpu_batch_is_the_ceiling(batch, per_gpu):
     assert len(uneven) == (1 if batch % 8 else 0)
 
 
+def test_multi_gpu_json_says_the_global_batch_and_the_share_apart():
+    data = vitcost.plan(image=224, patch=16, batch=64, gpu="8xa100").to_dict()
+    assert (data["inputs"]["batch"], data["inputs"]["per_gpu_batch"], data["gpu"]["per_gpu_batch"]) == (64, 8, 8)
+    # per-step figures are for the global batch
+    assert data["macs"]["forward_per_batch"] == 64 * data["macs"]["forward_per_image"]
+    uneven = vitcost.plan(image=224, patch=16, batch=65, gpu="8xa100")
+    assert (uneven.to_dict()["inputs"]["batch"], uneven.workload.batch) == (65, 9)
+    assert any("batch 65" in w and "each runs 9" in w for w in uneven.warnings)
+
+
 def test_eight_a100_inference_has_no_ddp_buckets():
     report = vitcost.plan(image=224, patch=16, batch=64, mode="infer", gpu="8xa100")
     assert report.ddp_bucket_bytes == 0
@@ -241,14 +262,15 @@ def test_eight_a100_inference_has_no_ddp_buckets():
 def test_gpu_profile_from_a_file(tmp_path):
     path = tmp_path / "mygpu.yaml"
     path.write_text(
-        "display_name: My GPU\nmemory_mib: 24576\ncuda_context_mib: 512\nallocator_reserve_fraction: 0.1\n"
+        "display_name: My GPU\nmemory_mib: 24576\ncuda_context_mib: 512\nlibrary_workspace_mib: 8\n"
+        "overheads_source: a test\n"
         "memory_bandwidth_gb_per_s: 900\ndense_tflops: {fp32: 30.0, tf32: 60.0, bf16: 120.0, fp16: 120.0}\n"
         "matmul_efficiency: 0.7\ninterconnect: {name: PCIe 4.0 x16, gb_per_s_per_direction: 31.5}\nsource: a test\n"
     )
     g = vitcost.plan(image=224, patch=16, gpu=str(path)).gpu
     assert g.name == "mygpu"
-    # (24,576 - 512) MiB * 0.9 = 25,232,932,864 * 0.9 = 22,709,639,577.6 -> 22,709,639,577
-    assert g.usable_memory_bytes == 22_709_639_577
+    # (24,576 - 512 - 8) MiB = 24,056 MiB = 25,224,544,256 bytes
+    assert g.usable_memory_bytes == 25_224_544_256
     assert g.peak_flops_per_s == 120e12 and g.matmul_efficiency == 0.7
 
 
@@ -311,7 +333,8 @@ def test_json_paths_and_values():
     assert dig(data, "memory_bytes.peak") == report.peak_bytes
     assert data["fits"] is True
     assert data["max_batch_size"] == report.gpu.max_batch_size
-    assert data["headroom_bytes"] == A100_USABLE - report.peak_bytes
+    assert data["headroom_bytes"] == A100_USABLE - report.gpu.peak_reserved_bytes
+    assert dig(data, "memory_bytes.peak_reserved") == report.gpu.peak_reserved_bytes > report.peak_bytes
     assert sum(dig(data, "peak.at_peak_bytes").values()) == report.memory.peak
     # the component breakdowns add up to their totals
     assert sum(v for k, v in data["params"].items() if k != "total") == data["params"]["total"]

@@ -70,7 +70,9 @@ def test_documented_plan_example():
     assert "FITS on NVIDIA A100 80GB SXM4" in out
     report = vitcost.plan(image=384, patch=16, gpu="a100")
     assert f"largest batch that fits: {report.gpu.max_batch_size:,}" in out
-    assert rows["peak"][0] == f"{report.peak_bytes:,}"
+    assert rows["peak (tensors: max_memory_allocated)"][0] == f"{report.peak_bytes:,}"
+    assert rows["peak reserved (native allocator: max_memory_reserved)"][0] == f"{report.gpu.peak_reserved_bytes:,}"
+    assert "fit rests on: 80.00 GiB memory - CUDA context 512.0 MiB - library workspaces 8.1 MiB" in words(out)
 
 
 def test_plan_json_is_the_api_report():
@@ -140,7 +142,7 @@ def test_gpus_lists_every_profile():
     data = json.loads(ok("gpus", "--json").stdout)
     assert [d["name"] for d in data] == SHIPPED
     a100 = data[SHIPPED.index("a100-80gb")]
-    assert a100["usable_memory_bytes"] == 81_094_351_257  # (81,920 - 512) MiB * 0.95, floored
+    assert a100["usable_memory_bytes"] == 85_353_955_328  # (81,920 - 512 - 8.125) MiB
     assert "a100" in a100["aliases"]
 
 
@@ -150,9 +152,10 @@ def test_gpu_profile_from_a_yaml_file(tmp_path):
     data = json.loads(ok("plan", "--gpu", str(path), "--json", "--model", "vit-ti", "--image", "64", "--patch", "16").stdout)
     assert data["gpu"]["name"] == "testgpu"
     assert data["gpu"]["requested"] == str(path)
-    # (1,024 - 24) MiB * 0.9 = 1,048,576,000 * 0.9 = 943,718,400
-    assert data["gpu"]["usable_memory_bytes"] == 943_718_400
-    assert data["fits"] == (data["memory_bytes"]["peak"] <= 943_718_400)
+    # (1,024 - 24 - 8) MiB = 1,040,187,392
+    assert data["gpu"]["usable_memory_bytes"] == 1_040_187_392
+    assert data["fits"] == (data["inputs"]["per_gpu_batch"] <= data["max_batch_size"])
+    assert data["headroom_bytes"] == 1_040_187_392 - data["memory_bytes"]["peak_reserved"]
     table = ok("plan", "--gpu", str(path), "--model", "vit-ti", "--image", "64", "--patch", "16").stdout
     assert "Test GPU" in table
 

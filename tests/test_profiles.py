@@ -103,14 +103,15 @@ def test_usable_memory_of_a100_80gb():
     p = load_profile("a100-80gb").profile
     assert p.memory_bytes == 85_899_345_920  # 81920 * 2**20
     assert p.cuda_context_bytes == 536_870_912  # 512 * 2**20
-    # (81920 - 512) MiB = 81408 * 2**20 = 85_362_475_008 bytes; * (1 - 0.05) = 81_094_351_257.6
-    assert p.usable_memory_bytes == 81_094_351_257
+    assert p.workspace_bytes == 8_519_680  # cuBLAS: 4096 KiB x 2 + 16 KiB x 8 = 8.125 MiB
+    # (81920 - 512 - 8.125) MiB = 85_362_475_008 - 8_519_680 bytes
+    assert p.usable_memory_bytes == 85_353_955_328
 
 
 def test_usable_memory_of_a_small_profile(tmp_path):
     p = load_profile(str(write(tmp_path, VALID))).profile
-    # (1024 - 24) MiB = 1000 * 2**20 = 1_048_576_000 bytes; * (1 - 0.1) = 943_718_400
-    assert p.usable_memory_bytes == 943_718_400
+    # (1024 - 24 - 8) MiB = 992 * 2**20 = 1_040_187_392 bytes
+    assert p.usable_memory_bytes == 1_040_187_392
     assert isinstance(p.usable_memory_bytes, int)
 
 
@@ -200,10 +201,14 @@ def test_not_a_mapping(tmp_path):
         (with_key(dense_tflops={"fp32": 1, "tf32": 2, "bf16": 4}), "missing key 'dense_tflops.fp16'"),
         (with_key(dense_tflops={**VALID["dense_tflops"], "bf16": -4}), "dense_tflops.bf16: Input should be greater than 0"),
         (with_key(memory_mib=-1), "memory_mib: Input should be greater than 0"),
-        (with_key(allocator_reserve_fraction=1.0), "allocator_reserve_fraction: Input should be less than 1"),
+        (with_key(allocator_reserve_fraction=0.05), "key 'allocator_reserve_fraction' is no longer read"),
+        ({k: v for k, v in VALID.items() if k != "cuda_context_mib"}, "missing key 'cuda_context_mib'"),
+        ({k: v for k, v in VALID.items() if k != "library_workspace_mib"}, "missing key 'library_workspace_mib'"),
+        ({k: v for k, v in VALID.items() if k != "overheads_source"}, "missing key 'overheads_source'"),
+        (with_key(library_workspace_mib=-1), "library_workspace_mib: Input should be greater than or equal to 0"),
         (with_key(matmul_efficiency=0), "matmul_efficiency: Input should be greater than 0"),
         (with_key(gpus=True), "gpus: Input should be a valid integer"),
-        (with_key(cuda_context_mib=2048), "cuda_context_mib 2048 is not less than memory_mib 1024"),
+        (with_key(cuda_context_mib=2048), "cuda_context_mib 2048 + library_workspace_mib 8 is not less than memory_mib 1024"),
     ],
 )
 def test_bad_profile_names_file_and_key(tmp_path, data, expected):

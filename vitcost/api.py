@@ -12,7 +12,8 @@ from functools import lru_cache, partial
 from typing import Any, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError
-from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, build_report, max_batch_size
+from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, build_report
+from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
 from vitcost.specs import ViTSpec, Workload, make_workload
 
@@ -106,6 +107,7 @@ def plan(
     checkpointing: str = "none",
     gpu: Optional[str] = None,
     device: Optional[str] = None,
+    allocator: str = "native",
     strict: bool = False,
     **arch: Any,
 ) -> Report:
@@ -115,16 +117,19 @@ def plan(
     plain data parallel. ``device`` picks the replay's rules (``cuda``: autocast's CUDA
     policy and 512-byte allocator blocks; ``cpu``: what a CPU run allocates); it defaults to
     ``cuda``. With ``gpu`` (a profile name or YAML path) the report says whether the step fits
-    and the largest batch that does.
+    and the largest batch that does, on the caching allocator's rules (``allocator``:
+    ``native``, or ``expandable`` for ``expandable_segments:True``).
     """
     spec, warnings = make_model_spec(model, image=image, patch=patch, strict=strict, **arch)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing,
-                      gpu=gpu, device=device)
+                      gpu=gpu, device=device, allocator=allocator)
 
 
 def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],
-               device: Optional[str], **workload: Any) -> Report:
+               device: Optional[str], allocator: str = "native", **workload: Any) -> Report:
+    if allocator not in ALLOCATORS:
+        raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
     resolved = _load_gpu(gpu) if gpu else None
     gpus = resolved.profile.gpus if resolved else 1
     if batch is not None and batch <= 0:
@@ -141,8 +146,8 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if gpus > 1 and batch % gpus:
         warnings = warnings + (f"batch {batch} does not split evenly over {gpus} GPUs: "
                                f"each runs {per_gpu} (the largest share)",)
-    fit = None if resolved is None else partial(_fit, spec, wl, resolved)
-    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit)
+    fit = None if resolved is None else partial(_fit, spec, wl, resolved, allocator)
+    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch)
 
 
 _WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing")
@@ -170,10 +175,9 @@ def usable_memory(resolved) -> tuple[int, str]:
     return resolved.profile.usable_memory_bytes, "profile"
 
 
-def _fit(spec: ViTSpec, wl: Workload, resolved, peak: int, ddp: int, macs_per_image: int) -> GPUFit:
+def _fit(spec: ViTSpec, wl: Workload, resolved, allocator: str, peak: int, ddp: int, macs_per_image: int) -> GPUFit:
     profile = resolved.profile
     usable, source = usable_memory(resolved)
-    per_gpu_max = max_batch_size(spec, wl, usable - ddp)
     dtype = _MATMUL_DTYPE[wl.precision]
     flops = profile.peak_flops_per_s(dtype)
     step_flops = 2 * macs_per_image * wl.batch
@@ -182,18 +186,21 @@ def _fit(spec: ViTSpec, wl: Workload, resolved, peak: int, ddp: int, macs_per_im
         requested=resolved.requested,
         display_name=profile.display_name,
         gpus=profile.gpus,
+        memory_bytes=profile.memory_bytes,
+        context_bytes=profile.cuda_context_bytes,
+        workspace_bytes=profile.workspace_bytes,
         usable_memory_bytes=usable,
         usable_memory_source=source,
+        allocator=allocator,
         per_gpu_batch=wl.batch,
         ddp_bucket_bytes=ddp,
         peak_bytes=peak,
-        fits=peak <= usable,
-        headroom_bytes=usable - peak,
-        max_batch_size=per_gpu_max * profile.gpus,
         matmul_dtype=dtype,
         peak_flops_per_s=flops,
         matmul_efficiency=profile.matmul_efficiency,
         step_seconds_lower_bound=step_flops / (flops * profile.matmul_efficiency),
+        # DDP's buckets are one more tensor, made before the first step and kept
+        solver=Solver(spec, wl, usable, allocator, ddp),
     )
 
 

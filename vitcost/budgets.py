@@ -483,8 +483,10 @@ def _peak_caps(limits: Limits, usable: Optional[int]) -> list[int]:
 
 
 def memory_violations(name: str, peak: int, usable: Optional[int], limits: Limits, *,
-                      measured: bool = False) -> list[Violation]:
-    """The memory limits (peak, headroom, must_fit) against a peak in bytes, predicted or measured."""
+                      measured: bool = False, reserved: Optional[int] = None) -> list[Violation]:
+    """The memory limits (peak, headroom, must_fit) against a peak in bytes, predicted or measured.
+    ``reserved``: what the caching allocator holds at its peak, which headroom and must_fit
+    are read against when given (a predicted fit on a GPU rests on it)."""
     what = "measured peak" if measured else "peak"
     prefix = "measured " if measured else ""
     out = []
@@ -503,7 +505,8 @@ def memory_violations(name: str, peak: int, usable: Optional[int], limits: Limit
         out.append(Violation(name, prefix + "peak_memory_percent", actual, cap, actual - cap, "%",
                              f"{what} {_gib(peak)} is {actual:.1f}% of usable {_gib(usable)}, above the limit "
                              f"{cap:g}% by {actual - cap:.1f} points"))
-    headroom = usable - peak
+    held = peak if reserved is None else reserved
+    headroom = usable - held
     for key, floor, unit in (("min_headroom_bytes", limits.min_headroom_bytes, "bytes"),
                              ("min_headroom_gib", limits.min_headroom_gib, "GiB")):
         if floor is None:
@@ -514,16 +517,18 @@ def memory_violations(name: str, peak: int, usable: Optional[int], limits: Limit
                 (f"{actual:.2f} GiB", f"{floor:g} GiB", f"{floor - actual:.2f} GiB")
             out.append(Violation(name, prefix + key, actual, floor, floor - actual, unit,
                                  f"headroom at the {what} {shown[0]} is below the minimum {shown[1]} by {shown[2]}"))
-    if limits.must_fit and peak > usable:
-        out.append(Violation(name, prefix + "must_fit", peak, usable, peak - usable, "bytes",
-                             f"does not fit: {what} {_gib(peak)} exceeds usable {_gib(usable)} by {_gib(peak - usable)}"))
+    if limits.must_fit and held > usable:
+        what = what if reserved is None else "reserved peak"
+        out.append(Violation(name, prefix + "must_fit", held, usable, held - usable, "bytes",
+                             f"does not fit: {what} {_gib(held)} exceeds usable {_gib(usable)} by {_gib(held - usable)}"))
     return out
 
 
 def limit_violations(e: Evaluated) -> list[Violation]:
     """Every limit of an entry against its predicted figures."""
     report, limits = e.report, e.limits
-    out = memory_violations(e.name, report["memory_bytes"]["peak"], _usable(report), limits)
+    out = memory_violations(e.name, report["memory_bytes"]["peak"], _usable(report), limits,
+                            reserved=report["memory_bytes"].get("peak_reserved"))
     gmacs = report["macs"]["forward_per_image"] / 1e9
     cap = limits.max_gmacs_per_image
     if cap is not None and gmacs > cap:

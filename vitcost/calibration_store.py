@@ -2,8 +2,8 @@
 
 ``vitcost calibrate --save`` records, for the profile it ran against, the CUDA context's
 size, the caching allocator's reserved/allocated ratio at the peak and the device's total
-memory. ``plan`` and ``compare`` then take the usable memory from here instead of the
-profile's estimate. The file is JSON, at ``$VITCOST_CALIBRATION`` if set, else
+memory. ``plan`` and ``compare`` then take the usable memory (total less the measured
+context) from here instead of the profile's estimate. The file is JSON, at ``$VITCOST_CALIBRATION`` if set, else
 ``~/.config/vitcost/calibration.json``.
 """
 
@@ -45,12 +45,10 @@ def load_calibrations(path: Optional[Path] = None) -> dict[str, dict[str, Any]]:
 
 
 def usable_from(entry: dict[str, Any]) -> int:
-    """(total - context) / (reserved / allocated): what tensors may use once the caching
-    allocator's overhead, as measured, is paid."""
-    total = int(entry["total_bytes"])
-    context = int(entry["cuda_context_bytes"])
-    ratio = max(float(entry.get("reserved_over_allocated", 1.0)), 1.0)
-    return int((total - context) / ratio)
+    """total - context: what the caching allocator's segments may take, as measured. (The
+    measured reserved/allocated ratio is kept in the file for reference: the allocator's
+    overhead is modelled, configuration by configuration, by ``vitcost.allocator``.)"""
+    return int(entry["total_bytes"]) - int(entry["cuda_context_bytes"])
 
 
 def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Optional[tuple[int, str]]:

@@ -20,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from vitcost.errors import BudgetFileError, VitcostError
-from vitcost.specs import AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
+from vitcost.specs import Allocator, AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
@@ -77,6 +77,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("keep_grads", Annotated[bool, typer.Option("--keep-grads", help="zero_grad(set_to_none=False): gradients stay allocated between steps.", rich_help_panel="Workload")], False),
     ("checkpointing", Annotated[Checkpointing, typer.Option(help="Activation checkpointing per block.", rich_help_panel="Workload")], Checkpointing.none),
     ("gpu", Annotated[Optional[str], typer.Option(help="GPU profile name, alias or path to a YAML profile (see 'vitcost gpus').", rich_help_panel="Workload")], None),
+    ("allocator", Annotated[Allocator, typer.Option(help="CUDA caching allocator the fit is decided on: native, or expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).", rich_help_panel="Workload")], Allocator.native),
     ("device", Annotated[Device, typer.Option(help="Replay rules: cuda (autocast's CUDA policy, 512-byte blocks) or cpu.", rich_help_panel="Workload")], Device.cuda),
     ("json_out", Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema: docs/json-schema.md).")], False),
     ("strict", Annotated[bool, typer.Option("--strict", help="Error out when the image is not divisible by the patch.", rich_help_panel="Model")], False),
@@ -119,7 +120,8 @@ def plan_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     kw = dict(opts)
     kw.pop("json_out", None)
     kw["pooling"] = kw.pop("pool", None)
-    for key in ("mode", "precision", "attention", "optimizer", "checkpointing", "device", "pos_embed", "pooling"):
+    for key in ("mode", "precision", "attention", "optimizer", "checkpointing", "device", "pos_embed", "pooling",
+                "allocator"):
         if kw.get(key) is not None:
             kw[key] = kw[key].value
     return kw

@@ -7,7 +7,7 @@ Pure: no torch, typer or rich. ``Report.to_dict()`` is the JSON the CLI prints
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional
 
 from vitcost import formulas
@@ -30,24 +30,53 @@ _MATMUL_DTYPE = {
 
 @dataclass(frozen=True)
 class GPUFit:
-    """How a workload sits on a GPU profile (per GPU; ``gpus`` > 1 is plain data parallel)."""
+    """How a workload sits on a GPU profile (per GPU; ``gpus`` > 1 is plain data parallel).
+
+    The fit rests on the caching allocator (``vitcost.fit``): a batch fits when every segment
+    the allocator asks ``cudaMalloc`` for over three steps fits in ``usable_memory_bytes``
+    (the GPU's memory less the CUDA context and the library workspaces). The allocator's
+    figures (``fits``, ``max_batch_size``, ``peak_reserved_bytes``) are worked out when first
+    read, by ``solver``.
+    """
 
     name: str
     requested: str
     display_name: str
     gpus: int
+    memory_bytes: int
+    context_bytes: int
+    workspace_bytes: int
     usable_memory_bytes: int
     usable_memory_source: str
+    allocator: str
     per_gpu_batch: int
     ddp_bucket_bytes: int
     peak_bytes: int
-    fits: bool
-    headroom_bytes: int
-    max_batch_size: int  # global: per-GPU maximum times the number of GPUs
     matmul_dtype: str
     peak_flops_per_s: float
     matmul_efficiency: float
     step_seconds_lower_bound: float
+    solver: Any = field(repr=False, compare=False, default=None)
+
+    @cached_property
+    def fits(self) -> bool:
+        return self.solver.fits()
+
+    @cached_property
+    def max_batch_size(self) -> int:
+        """Global: the per-GPU maximum times the number of GPUs."""
+        return self.solver.max_batch() * self.gpus
+
+    @cached_property
+    def peak_reserved_bytes(self) -> int:
+        """``max_memory_reserved`` of the step on this GPU (where it does not fit: what the
+        allocator would reserve with memory to spare)."""
+        return self.solver.peak_reserved()
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Usable memory left at the reserved peak."""
+        return self.usable_memory_bytes - self.peak_reserved_bytes
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,12 @@ class Report:
     ddp_bucket_bytes: int = 0
     gpu: Optional[GPUFit] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    global_batch: int = 0  # the batch asked for, over every GPU (0: the workload's)
+
+    @property
+    def batch(self) -> int:
+        """The global batch: what was asked for, over every GPU."""
+        return self.global_batch or self.workload.batch
 
     @property
     def params_total(self) -> int:
@@ -84,7 +119,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         s, w, m = self.spec, self.workload, self.memory
-        batch = w.batch
+        batch = self.batch
         gpu = self.gpu
         per_image_train = self.macs_training_per_image if w.training else 0
         return {
@@ -95,6 +130,7 @@ class Report:
                 "image_w": s.image_w,
                 "patch": s.patch,
                 "batch": batch,
+                "per_gpu_batch": w.batch,
                 "mode": w.mode.value,
                 "precision": w.precision.value,
                 "attention": w.attention.value,
@@ -143,6 +179,7 @@ class Report:
                 "transient": m.transient,
                 "ddp_buckets": self.ddp_bucket_bytes,
                 "peak": self.peak_bytes,
+                "peak_reserved": gpu.peak_reserved_bytes if gpu else None,
             },
             "activations_bytes_by_component": dict(m.saved_by_component),
             "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
@@ -152,8 +189,12 @@ class Report:
                 "display_name": gpu.display_name,
                 "gpus": gpu.gpus,
                 "per_gpu_batch": gpu.per_gpu_batch,
+                "memory_bytes": gpu.memory_bytes,
+                "cuda_context_bytes": gpu.context_bytes,
+                "library_workspace_bytes": gpu.workspace_bytes,
                 "usable_memory_bytes": gpu.usable_memory_bytes,
                 "usable_memory_source": gpu.usable_memory_source,
+                "allocator": gpu.allocator,
                 "matmul_dtype": gpu.matmul_dtype,
                 "peak_flops_per_s": gpu.peak_flops_per_s,
                 "matmul_efficiency": gpu.matmul_efficiency,
@@ -197,7 +238,7 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
 
 
 def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
-                 fit: Optional[Callable[[int, int, int], GPUFit]] = None) -> Report:
+                 fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0) -> Report:
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
@@ -219,6 +260,7 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         ddp_bucket_bytes=ddp,
         gpu=gpu,
         warnings=warnings,
+        global_batch=global_batch,
     )
 
 
@@ -302,3 +344,4 @@ def _bisect(fits, lo: int, hi: int) -> int:
         else:
             hi = mid
     return lo
+

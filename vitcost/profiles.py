@@ -67,7 +67,8 @@ class GPUProfile(BaseModel):
     gpus: int = Field(default=1, gt=0, strict=True)
     memory_mib: int = Field(gt=0, strict=True)
     cuda_context_mib: int = Field(gt=0, strict=True)
-    allocator_reserve_fraction: float = Field(ge=0, lt=1, strict=True)
+    library_workspace_mib: float = Field(ge=0, strict=True)
+    overheads_source: str = Field(min_length=1)
     memory_bandwidth_gb_per_s: float = Field(gt=0, strict=True)
     dense_tflops: DenseTflops
     matmul_efficiency: float = Field(gt=0, le=1, strict=True)
@@ -78,9 +79,10 @@ class GPUProfile(BaseModel):
 
     @model_validator(mode="after")
     def _context_fits(self) -> "GPUProfile":
-        if self.cuda_context_mib >= self.memory_mib:
+        if self.cuda_context_mib + self.library_workspace_mib >= self.memory_mib:
             raise ValueError(
-                f"cuda_context_mib {self.cuda_context_mib} is not less than memory_mib {self.memory_mib}"
+                f"cuda_context_mib {self.cuda_context_mib} + library_workspace_mib {self.library_workspace_mib:g} "
+                f"is not less than memory_mib {self.memory_mib}"
             )
         return self
 
@@ -95,9 +97,15 @@ class GPUProfile(BaseModel):
         return self.cuda_context_mib * MIB
 
     @property
+    def workspace_bytes(self) -> int:
+        """cuBLAS/cuBLASLt and cuDNN workspaces the libraries keep, bytes."""
+        return int(self.library_workspace_mib * MIB)
+
+    @property
     def usable_memory_bytes(self) -> int:
-        """Bytes of one GPU left for PyTorch tensors: (memory - context) * (1 - reserve), floored."""
-        return int((self.memory_bytes - self.cuda_context_bytes) * (1 - self.allocator_reserve_fraction))
+        """Bytes of one GPU the caching allocator's segments may take: memory less the CUDA
+        context and the library workspaces."""
+        return self.memory_bytes - self.cuda_context_bytes - self.workspace_bytes
 
     @property
     def memory_bandwidth_bytes_per_s(self) -> float:
@@ -219,6 +227,9 @@ def _parse(text: bytes, *, name: str, where: str) -> GPUProfile:
         raise ProfileError(f"profile {where}: expected a mapping of keys, got {type(data).__name__}")
     if "name" in data:
         raise ProfileError(f"profile {where}: unknown key 'name' (a profile is named by its file name)")
+    if "allocator_reserve_fraction" in data:
+        raise ProfileError(f"profile {where}: key 'allocator_reserve_fraction' is no longer read: the caching "
+                           "allocator is modelled; give 'library_workspace_mib' and 'overheads_source' instead")
     try:
         return GPUProfile(name=name, **{str(k): v for k, v in data.items()})
     except ValidationError as err:

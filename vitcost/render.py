@@ -43,7 +43,8 @@ def header(report: Report) -> Text:
     text = Text()
     text.append(f"vitcost: {s.name}", style="bold")
     text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
-    text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}, batch {w.batch * (gpu.gpus if gpu else 1)}, "
+    text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}, batch {report.batch}"
+                + (f" ({w.batch} per GPU)" if gpu and gpu.gpus > 1 else "") + ", "
                 f"{w.mode.value}, {w.precision.value}, {w.attention.value}")
     if w.training:
         text.append(f", {w.optimizer.value}, zero_grad(set_to_none={not w.keep_grads}), "
@@ -125,10 +126,14 @@ def memory_table(report: Report) -> Table:
         if usable:
             cells.append(f"{100 * value / usable:.1f}%")
         table.add_row(*cells)
-    cells = ["peak", f"{report.peak_bytes:,}", fmt_bytes(report.peak_bytes)]
-    if usable:
-        cells.append(f"{100 * report.peak_bytes / usable:.1f}%")
-    table.add_row(*cells, style="bold")
+    peaks = [("peak (tensors: max_memory_allocated)", report.peak_bytes)]
+    if gpu:
+        peaks.append((f"peak reserved ({gpu.allocator} allocator: max_memory_reserved)", gpu.peak_reserved_bytes))
+    for name, value in peaks:
+        cells = [name, f"{value:,}", fmt_bytes(value)]
+        if usable:
+            cells.append(f"{100 * value / usable:.1f}%")
+        table.add_row(*cells, style="bold")
     table.caption = f"peak reached in {m.peak_phase}; not every category is at its full size at that moment"
     return table
 
@@ -141,8 +146,12 @@ def fit_text(report: Report) -> Text:
         return text
     verdict, style = ("FITS", "bold green") if gpu.fits else ("DOES NOT FIT", "bold red")
     text.append(f"{verdict} ", style=style)
-    text.append(f"on {gpu.display_name}: peak {fmt_bytes(gpu.peak_bytes)} of {fmt_bytes(gpu.usable_memory_bytes)} usable "
-                f"({gpu.usable_memory_source}); headroom {fmt_bytes(gpu.headroom_bytes)}\n")
+    text.append(f"on {gpu.display_name}: reserved peak {fmt_bytes(gpu.peak_reserved_bytes)} "
+                f"(tensors {fmt_bytes(gpu.peak_bytes)}) of {fmt_bytes(gpu.usable_memory_bytes)} usable; "
+                f"headroom {fmt_bytes(gpu.headroom_bytes)}\n")
+    text.append(f"fit rests on: {fmt_bytes(gpu.memory_bytes)} memory - CUDA context {fmt_bytes(gpu.context_bytes)} - "
+                f"library workspaces {fmt_bytes(gpu.workspace_bytes)} ({gpu.usable_memory_source}); the {gpu.allocator} "
+                "caching allocator's segments over three steps must fit\n", style="dim")
     per = f" ({gpu.max_batch_size // gpu.gpus} per GPU x {gpu.gpus})" if gpu.gpus > 1 else ""
     text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}\n", style="bold")
     text.append(f"compute: {fmt_count(gpu.peak_flops_per_s, 'FLOP/s')} dense {gpu.matmul_dtype} peak x "
