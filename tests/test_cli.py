@@ -132,7 +132,8 @@ def test_compare_json_six_objects_in_order():
 
 # --- gpus ---------------------------------------------------------------------------------
 
-SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "rtx3090", "rtx4090"]
+SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-pro-6000-maxq",
+           "rtx3090", "rtx4090", "rtx5090"]
 
 
 def test_gpus_lists_every_profile():

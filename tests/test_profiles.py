@@ -10,7 +10,8 @@ import yaml
 from vitcost.errors import ProfileError, UnknownNameError
 from vitcost.profiles import GPUProfile, ResolvedProfile, list_profiles, load_profile
 
-SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "rtx3090", "rtx4090"]
+SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-pro-6000-maxq",
+           "rtx3090", "rtx4090", "rtx5090"]
 
 # A small valid profile, written to tmp_path and then broken one key at a time.
 from conftest import TEST_PROFILE  # noqa: E402
@@ -56,6 +57,14 @@ REFERENCE = [
     ("h100-pcie", 81559, 2000, 51, 378, 756, 756, 63),
     # DGX A100: per-GPU figures of the A100 80GB; NVSwitch 300 per direction per pair.
     ("8xa100", 81920, 2039, 19.5, 156, 312, 312, 300),
+    # H200: the H100 SXM's compute with 141 GB of HBM3e at 4.8 TB/s.
+    ("h200", 143771, 4800, 67, 495, 989, 989, 450),
+    # L40S: sparse tensor rates printed (366 TF32, 733 BF16); dense is half.
+    ("l40s", 46068, 864, 91.6, 183, 362, 362, 31.5),
+    # RTX 5090: GeForce half rate for FP32 accumulation, as the 4090.
+    ("rtx5090", 32607, 1792, 104.8, 104.8, 209.5, 209.5, 63),
+    # RTX PRO 6000 Max-Q: 3511 FP4 sparse TOPS / 2 / 4 = 439 dense BF16 (full-rate FP32 accumulate).
+    ("rtx-pro-6000-maxq", 97887, 1792, 110, 110, 439, 439, 63),
 ]
 
 

@@ -205,7 +205,8 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
                      "usable_memory_source": s} for p, u, s in rows])
         return
     table = Table(title="GPU profiles (figures per GPU; dense peaks, FP32 accumulate)", title_justify="left")
-    for col in ("name", "aliases", "GPU", "memory", "usable", "GB/s", "bf16 TFLOP/s", "fp32 TFLOP/s", "link GB/s/dir"):
+    table.add_column("name", no_wrap=True)  # what --gpu takes: never cut
+    for col in ("aliases", "GPU", "memory", "usable", "GB/s", "bf16 TFLOP/s", "fp32 TFLOP/s", "link GB/s/dir"):
         table.add_column(col)
     for p, usable, source in rows:
         table.add_row(
