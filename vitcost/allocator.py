@@ -82,10 +82,9 @@ class Stats:
 
 
 class _Block:
-    __slots__ = ("seg", "small", "addr", "size", "free", "prev", "next")
+    __slots__ = ("small", "addr", "size", "free", "prev", "next")
 
-    def __init__(self, seg: int, small: bool, addr: int, size: int) -> None:
-        self.seg = seg
+    def __init__(self, small: bool, addr: int, size: int) -> None:
         self.small = small
         self.addr = addr
         self.size = size
@@ -95,7 +94,11 @@ class _Block:
 
 
 class CachingAllocator:
-    """The native allocator: segments from ``cudaMalloc``, blocks cached in two pools."""
+    """The native allocator: segments from ``cudaMalloc``, blocks cached in two pools.
+
+    ``run`` takes a stretch of events at once (one loop, for speed); ``malloc`` and
+    ``free`` are one event each.
+    """
 
     def __init__(self, capacity_bytes: Optional[int] = None) -> None:
         self.capacity = capacity_bytes  # None: the driver never says no
@@ -103,72 +106,101 @@ class CachingAllocator:
         self._pools: tuple[list, list] = ([], [])  # free blocks (size, addr), small and large
         self._free_at: dict[int, _Block] = {}  # addr -> free block
         self._live: dict[int, tuple[_Block, int]] = {}  # tensor key -> (block, rounded request)
-        self._segments: dict[int, int] = {}  # segment id -> size
+        self._segments: dict[int, tuple[int, _Block]] = {}  # address -> (size, first block)
         self._next_addr = 0
 
-    # --- the allocator's two operations ----------------------------------------------------
-
     def malloc(self, key: int, nbytes: int) -> None:
-        size = round_size(nbytes)
-        small = size <= SMALL_SIZE
-        pool = self._pools[0 if small else 1]
-        i = bisect_left(pool, (size, -1))
-        if i < len(pool):
-            block = self._free_at.pop(pool.pop(i)[1])
-        else:
-            block = self._new_segment(size, small)
-        rest = block.size - size
-        if rest >= MIN_BLOCK if small else rest > SMALL_SIZE:
-            tail = _Block(block.seg, small, block.addr + size, rest)
-            tail.prev, tail.next = block, block.next
-            if block.next is not None:
-                block.next.prev = tail
-            block.next = tail
-            block.size = size
-            self._cache(tail, small)
-        block.free = False
-        self._live[key] = (block, size)
-        st = self.stats
-        st.allocated += block.size
-        st.requested += size
-        if st.allocated > st.peak_allocated:
-            st.peak_allocated = st.allocated
-        if st.requested > st.peak_requested:
-            st.peak_requested = st.requested
+        self.run((key,), (nbytes,))
 
     def free(self, key: int) -> None:
-        block, size = self._live.pop(key)
+        self.run((key,), (0,))
+
+    def run(self, keys: Sequence[int], sizes: Sequence[int]) -> None:
+        """Events in order: ``sizes[i] > 0`` allocates tensor ``keys[i]``, ``0`` frees it."""
         st = self.stats
-        st.allocated -= block.size
-        st.requested -= size
-        small = block.small
-        for other in (block.prev, block.next):
-            if other is not None and other.free:
-                self._uncache(other, small)
-                if other is block.prev:
-                    other.size += block.size
-                    other.next = block.next
-                    if block.next is not None:
-                        block.next.prev = other
-                    block = other
+        allocated, requested = st.allocated, st.requested
+        peak_allocated, peak_requested = st.peak_allocated, st.peak_requested
+        small_pool, large_pool = self._pools
+        free_at, live = self._free_at, self._live
+        try:
+            for key, nbytes in zip(keys, sizes):
+                if nbytes:
+                    size = MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK
+                    small = size <= SMALL_SIZE
+                    pool = small_pool if small else large_pool
+                    i = bisect_left(pool, (size, -1))
+                    if i < len(pool):
+                        block = free_at.pop(pool.pop(i)[1])
+                    else:
+                        st.allocated = allocated
+                        block = self._new_segment(size, small)
+                    rest = block.size - size
+                    if rest >= MIN_BLOCK if small else rest > SMALL_SIZE:
+                        tail = _Block(small, block.addr + size, rest)
+                        tail.prev, tail.next = block, block.next
+                        if block.next is not None:
+                            block.next.prev = tail
+                        block.next = tail
+                        block.size = size
+                        free_at[tail.addr] = tail
+                        insort(pool, (rest, tail.addr))
+                    block.free = False
+                    live[key] = (block, size)
+                    allocated += block.size
+                    requested += size
+                    if allocated > peak_allocated:
+                        peak_allocated = allocated
+                    if requested > peak_requested:
+                        peak_requested = requested
                 else:
-                    block.size += other.size
-                    block.next = other.next
-                    if other.next is not None:
-                        other.next.prev = block
-        block.free = True
-        self._cache(block, small)
+                    block, size = live.pop(key)
+                    allocated -= block.size
+                    requested -= size
+                    pool = small_pool if block.small else large_pool
+                    prev, nxt = block.prev, block.next
+                    if prev is not None and prev.free:
+                        del pool[bisect_left(pool, (prev.size, prev.addr))]
+                        del free_at[prev.addr]
+                        prev.size += block.size
+                        prev.next = nxt
+                        if nxt is not None:
+                            nxt.prev = prev
+                        block = prev
+                    if nxt is not None and nxt.free:
+                        del pool[bisect_left(pool, (nxt.size, nxt.addr))]
+                        del free_at[nxt.addr]
+                        block.size += nxt.size
+                        block.next = nxt.next
+                        if nxt.next is not None:
+                            nxt.next.prev = block
+                    block.free = True
+                    free_at[block.addr] = block
+                    insort(pool, (block.size, block.addr))
+        finally:
+            st.allocated, st.requested = allocated, requested
+            st.peak_allocated, st.peak_requested = peak_allocated, peak_requested
 
     def empty_cache(self) -> None:
         """Release every entirely free segment (``torch.cuda.empty_cache()``)."""
-        for pool, small in ((self._pools[0], True), (self._pools[1], False)):
+        for pool in self._pools:
             whole = [self._free_at[addr] for _, addr in pool
                      if self._free_at[addr].prev is None and self._free_at[addr].next is None]
             for block in whole:
-                self._uncache(block, small)
-                self.stats.reserved -= self._segments.pop(block.seg)
+                del pool[bisect_left(pool, (block.size, block.addr))]
+                del self._free_at[block.addr]
+                self.stats.reserved -= self._segments.pop(block.addr)[0]
 
-    # --- inside ---------------------------------------------------------------------------------
+    def signature(self) -> tuple:
+        """The state that decides what the allocator does next: every segment, in address
+        order, as its blocks' sizes and whether each is free."""
+        out = []
+        for addr in sorted(self._segments):
+            block, blocks = self._segments[addr][1], []
+            while block is not None:
+                blocks.append(block.size if block.free else -block.size)
+                block = block.next
+            out.append(tuple(blocks))
+        return tuple(out)
 
     def _new_segment(self, size: int, small: bool) -> _Block:
         seg_bytes = SMALL_BUFFER if small else segment_size(size)
@@ -178,24 +210,14 @@ class CachingAllocator:
             self.empty_cache()
             if st.reserved + seg_bytes > self.capacity:
                 raise OutOfMemory(size, st.reserved, st.allocated, self.capacity)
-        seg = st.segments
         st.segments += 1
-        self._segments[seg] = seg_bytes
         st.reserved += seg_bytes
         if st.reserved > st.peak_reserved:
             st.peak_reserved = st.reserved
-        addr = self._next_addr
+        block = _Block(small, self._next_addr, seg_bytes)
+        self._segments[block.addr] = (seg_bytes, block)
         self._next_addr += seg_bytes
-        return _Block(seg, small, addr, seg_bytes)
-
-    def _cache(self, block: _Block, small: bool) -> None:
-        self._free_at[block.addr] = block
-        insort(self._pools[0 if small else 1], (block.size, block.addr))
-
-    def _uncache(self, block: _Block, small: bool) -> None:
-        pool = self._pools[0 if small else 1]
-        del pool[bisect_left(pool, (block.size, block.addr))]
-        del self._free_at[block.addr]
+        return block
 
 
 class ExpandableAllocator:
@@ -245,6 +267,17 @@ class ExpandableAllocator:
         st.requested += size
         st.peak_allocated = max(st.peak_allocated, st.allocated)
         st.peak_requested = max(st.peak_requested, st.requested)
+
+    def run(self, keys: Sequence[int], sizes: Sequence[int]) -> None:
+        malloc, free = self.malloc, self.free
+        for key, nbytes in zip(keys, sizes):
+            if nbytes:
+                malloc(key, nbytes)
+            else:
+                free(key)
+
+    def signature(self) -> tuple:
+        return (tuple(map(tuple, self._free)), tuple(self._top), tuple(map(frozenset, self._mapped)))
 
     def free(self, key: int) -> None:
         p, start, size = self._live.pop(key)
@@ -304,14 +337,30 @@ class ExpandableAllocator:
 
 def run(keys: Sequence[int], sizes: Sequence[int], capacity_bytes: Optional[int] = None,
         expandable: bool = False) -> Stats:
-    """Feed a step's events through an allocator: ``sizes[i] > 0`` allocates tensor
-    ``keys[i]`` of that many bytes, ``0`` frees it. Raises :class:`OutOfMemory` when a
-    segment does not fit in ``capacity_bytes``."""
+    """Feed events through a fresh allocator: ``sizes[i] > 0`` allocates tensor ``keys[i]``
+    of that many bytes, ``0`` frees it. Raises :class:`OutOfMemory` when a segment does not
+    fit in ``capacity_bytes``."""
     alloc = ExpandableAllocator(capacity_bytes) if expandable else CachingAllocator(capacity_bytes)
-    malloc, free = alloc.malloc, alloc.free
-    for key, nbytes in zip(keys, sizes):
-        if nbytes:
-            malloc(key, nbytes)
-        else:
-            free(key)
+    alloc.run(keys, sizes)
+    return alloc.stats
+
+
+MAX_STEPS = 8  # steps simulated at most before the state is taken as settled
+
+
+def run_steps(first: tuple[Sequence[int], Sequence[int]], step: tuple[Sequence[int], Sequence[int]],
+              capacity_bytes: Optional[int] = None, expandable: bool = False) -> Stats:
+    """A first step, then the steady step again and again until the allocator's state at
+    the end of a step is the state at the end of the step before: from then on every step
+    does exactly the same, so the counters hold for any number of steps (at most
+    ``MAX_STEPS`` are run). Raises :class:`OutOfMemory` as :func:`run` does."""
+    alloc = ExpandableAllocator(capacity_bytes) if expandable else CachingAllocator(capacity_bytes)
+    alloc.run(*first)
+    before = alloc.signature()  # a first step no different from the rest (inference) may settle at once
+    for _ in range(MAX_STEPS - 1):
+        alloc.run(*step)
+        now = alloc.signature()
+        if now == before:
+            break
+        before = now
     return alloc.stats

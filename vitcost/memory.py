@@ -1074,29 +1074,29 @@ def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:
     return replace(sh, param_parts=sizes, state_parts=states, kept_parts=kept, opt_tmp_parts=tmp)
 
 
-def trace(spec: ViTSpec, wl: Workload, steps: int = 3, extra_bytes: int = 0) -> tuple[list[tuple[int, int]], int]:
-    """The allocations and frees of ``steps`` steps from a fresh start, and the replay's peak.
-    ``extra_bytes``: one more tensor made first and kept (DDP's gradient buckets).
+def trace(spec: ViTSpec, wl: Workload, extra_bytes: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The allocations and frees of a first step from a fresh start, and of a steady step.
 
     The first training step differs from the rest: no optimizer state exists before its
     ``optimizer.step()``, and no gradient before its backward (with ``--keep-grads`` the
-    gradients it makes are the ones kept). The later steps are the steady-state step the
-    replay describes, with the persistent tensors (weights, states, kept gradients, the
-    input batch) already in place, as a benchmark that feeds one batch repeatedly has them.
+    gradients it makes are the ones kept). The steady step is the one the replay describes,
+    with the persistent tensors (weights, states, kept gradients, the input batch) already
+    in place, as a benchmark that feeds one batch repeatedly has them; it frees every tensor
+    it makes, so it can be run again and again. ``extra_bytes``: one more tensor, made first
+    and kept (DDP's gradient buckets). Sizes are as requested: the allocator rounds.
     """
     from dataclasses import replace
     from itertools import count
 
     sh = _trace_shapes(spec, wl)
-    block = 1  # sizes as PyTorch requests them: the allocator rounds
     keys = count()
+    extra = [(next(keys), extra_bytes)] if extra_bytes > 0 else []
     first_sh = replace(sh, states=0, state_parts=(), kept=0, kept_parts=(),
                        first_state_parts=sh.state_parts if wl.training else ())
-    first = Trace(block, keys)
+    first = Trace(1, keys)
     replay_step(first, spec, wl.model_copy(update={"keep_grads": False}) if wl.keep_grads else wl, first_sh)
     first.end_step(keep=(G,) if wl.keep_grads else ())
-    steady = Trace(block, keys, skip=PERSISTENT)
+    steady = Trace(1, keys, skip=PERSISTENT)
     replay_step(steady, spec, wl, sh)
     steady.end_step()
-    extra = [(next(keys), extra_bytes)] if extra_bytes > 0 else []
-    return extra + first.events + steady.events * (steps - 1), steady.peak + extra_bytes
+    return extra + first.events, steady.events
