@@ -394,3 +394,22 @@ def test_cuda_save_is_read_by_plan(tmp_path, monkeypatch):
     assert entry["cuda_context_bytes"] > 0 and entry["reserved_over_allocated"] >= 1.0
     plan = json.loads(CliRunner().invoke(app, ["plan", "--gpu", "h100-sxm", "--json"]).stdout)
     assert plan["gpu"]["usable_memory_source"] == f"calibrated: {path}"
+
+
+def test_cuda_figures_hold_the_reserved_peak_to_the_allocator_model():
+    import vitcost
+
+    """On CUDA, calibrate puts max_memory_reserved (net of what was reserved before the model)
+    beside the allocator model's reserved peak."""
+    from types import SimpleNamespace
+
+    from vitcost.calibrate import _cuda_figures
+    from vitcost.fit import allocator_stats
+
+    report = vitcost.plan("vit-ti", batch=4)
+    mm = SimpleNamespace(weights_bytes=1, peak_bytes=2, extra={
+        "allocated_at_step_start": 3, "max_memory_reserved": 10**9, "reserved_at_start": 10**6})
+    figures = {f.key: f for f in _cuda_figures(report, mm)}
+    reserved = figures["peak_reserved_bytes"]
+    assert reserved.predicted == allocator_stats(report.spec, report.workload).peak_reserved > report.memory.peak
+    assert reserved.measured == 10**9 - 10**6

@@ -418,6 +418,8 @@ def _cpu_figures(report: Report, mm: Any) -> list[Figure]:
 
 
 def _cuda_figures(report: Report, mm: Any) -> list[Figure]:
+    from vitcost.fit import allocator_stats
+
     m = report.memory
     between = m.weights + m.optimizer_states + (m.gradients if report.workload.keep_grads else 0)
     return [
@@ -425,6 +427,10 @@ def _cuda_figures(report: Report, mm: Any) -> list[Figure]:
         Figure("between_steps_bytes", "allocated between steps", "bytes", between,
                mm.extra["allocated_at_step_start"]),
         Figure("peak_bytes", "peak (max_memory_allocated)", "bytes", m.peak, mm.peak_bytes),
+        # the caching allocator model over a first and steady steps, with memory to spare
+        Figure("peak_reserved_bytes", "peak (max_memory_reserved)", "bytes",
+               allocator_stats(report.spec, report.workload).peak_reserved,
+               mm.extra["max_memory_reserved"] - mm.extra.get("reserved_at_start", 0)),
     ]
 
 

@@ -299,6 +299,7 @@ def measure_cuda(spec: ViTSpec, workload: Workload, warmup: int = 2, model=None)
     free_before, total = torch.cuda.mem_get_info()
     torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated()
+    reserved_at_start = torch.cuda.memory_reserved()
     runner = build_runner(spec, workload, "cuda", model=model)
     torch.cuda.synchronize()
     weights = torch.cuda.memory_allocated() - start
@@ -324,6 +325,7 @@ def measure_cuda(spec: ViTSpec, workload: Workload, warmup: int = 2, model=None)
             "total_bytes": total,
             "non_allocator_bytes": total - free_after - torch.cuda.memory_reserved(),
             "free_before_bytes": free_before,
+            "reserved_at_start": reserved_at_start,
         },
     )
 
