@@ -149,3 +149,67 @@ def test_events_at_any_batch_are_the_trace_at_that_batch():
     wl = make_workload(batch=11, precision="amp-fp16", attention="eager")
     for (keys, sizes), traced in zip(events(spec, wl, 11), trace(spec, wl)):
         assert list(keys) == [k for k, _ in traced] and sizes == [n for _, n in traced]
+
+
+# --- properties on random sequences and configurations ------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SIZES = st.one_of(st.integers(1, 2 * MIB), st.integers(MIB, 12 * MIB), st.integers(10 * MIB, 64 * MIB))
+
+
+@st.composite
+def sequences(draw):
+    """Random allocations and frees; every tensor freed by the end."""
+    live, seq, key = [], [], 0
+    for _ in range(draw(st.integers(1, 60))):
+        if live and draw(st.booleans()):
+            seq.append((live.pop(draw(st.integers(0, len(live) - 1))), 0))
+        else:
+            seq.append((key, draw(SIZES)))
+            live.append(key)
+            key += 1
+    return seq + [(k, 0) for k in live]
+
+
+@settings(max_examples=150, deadline=None)
+@given(seq=sequences(), expandable=st.booleans())
+def test_allocator_invariants(seq, expandable):
+    alloc = A.ExpandableAllocator() if expandable else A.CachingAllocator()
+    for key, n in seq:
+        alloc.run((key,), (n,))
+        s = alloc.stats
+        assert 0 <= s.requested <= s.allocated <= s.reserved
+    s = replace(alloc.stats)  # a copy: empty_cache below changes the allocator's own
+    assert s.allocated == s.requested == 0
+    assert s.peak_requested <= s.peak_allocated <= s.peak_reserved
+    if not expandable:
+        # everything freed: every segment is one free block again, and empty_cache returns all
+        assert all(len(blocks) == 1 and blocks[0] > 0 for blocks in alloc.signature())
+        alloc.empty_cache()
+        assert alloc.stats.reserved == 0
+    # with the unbounded peak as the capacity nothing is ever released, and all is the same
+    bounded = run(seq, capacity=s.peak_reserved, expandable=expandable)
+    assert bounded.releases == 0 and bounded == s
+
+
+@settings(max_examples=25, deadline=None)
+@given(depth=st.integers(1, 3), dim_heads=st.sampled_from([(32, 1), (64, 2)]), mode=st.sampled_from(["train", "infer"]),
+       precision=st.sampled_from(["fp32", "amp-bf16", "amp-fp16"]), attention=st.sampled_from(["sdpa", "eager"]),
+       optimizer=st.sampled_from(["adamw", "sgd-momentum"]), mib=st.integers(8, 400))
+def test_largest_batch_fits_and_one_more_does_not(depth, dim_heads, mode, precision, attention, optimizer, mib):
+    from vitcost.estimate import max_batch_size
+    from vitcost.fit import fits_allocator, max_batch_allocator
+
+    dim, heads = dim_heads
+    spec, _ = make_model_spec(None, dim=dim, depth=depth, heads=heads, mlp_hidden=4 * dim, image=64, patch=16,
+                              classes=10)
+    wl = make_workload(mode=mode, precision=precision, attention=attention, optimizer=optimizer)
+    capacity = mib * MIB
+    best = max_batch_allocator(spec, wl, capacity)
+    assert best <= max_batch_size(spec, wl, capacity)  # the tensors alone bound it
+    assert best == 0 or fits_allocator(spec, wl, capacity, batch=best)
+    assert not fits_allocator(spec, wl, capacity, batch=best + 1)

@@ -188,6 +188,8 @@ BAD = {
     "unknown-option": (["plan", "--bogus"], 2, ["--bogus"]),
     "training-without-head": (["plan", "--classes", "0"], 1, ["--classes"]),
     "missing-profile-file": (["plan", "--gpu", "no/such/profile.yaml"], 1, ["no/such/profile.yaml"]),
+    "unknown-allocator": (["plan", "--gpu", "a100", "--allocator", "cached"], 2, ["--allocator", "'cached'", "expandable"]),
+    "unknown-allocator-compare": (["compare", "--patch", "16,32", "--allocator", "x"], 2, ["--allocator", "'x'"]),
 }
 
 
@@ -215,6 +217,22 @@ def test_malformed_yaml_profile(tmp_path):
 def test_incomplete_yaml_profile_names_file_and_key(tmp_path):
     _, incomplete = _bad_profiles(tmp_path)
     _assert_one_line_error(invoke("plan", "--gpu", str(incomplete)), 1, [str(incomplete), "'matmul_efficiency'"])
+
+
+def test_profile_without_context_figures_names_file_and_key(tmp_path):
+    for key in ("cuda_context_mib", "library_workspace_mib", "overheads_source"):
+        path = tmp_path / f"no-{key}.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in VALID_PROFILE.items() if k != key}))
+        _assert_one_line_error(invoke("plan", "--gpu", str(path)), 1, [str(path), f"missing key '{key}'"])
+
+
+def test_expandable_allocator_changes_the_reserved_peak_not_the_tensors():
+    native = json.loads(invoke("plan", "--gpu", "a100", "--batch", "64", "--json").stdout)
+    expandable = json.loads(invoke("plan", "--gpu", "a100", "--batch", "64", "--allocator", "expandable", "--json").stdout)
+    assert expandable["gpu"]["allocator"] == "expandable" and native["gpu"]["allocator"] == "native"
+    assert expandable["memory_bytes"]["peak"] == native["memory_bytes"]["peak"]
+    # whole segments against pages mapped as blocks reach them
+    assert native["memory_bytes"]["peak_reserved"] > expandable["memory_bytes"]["peak_reserved"] >= native["memory_bytes"]["peak"]
 
 
 def test_bad_input_in_compare_too(tmp_path):
