@@ -169,7 +169,7 @@ def main() -> None:
         "the published interval of the largest batch ([recorded batch, next step up) when the run "
         "backed off from out-of-memory, [recorded batch, ∞) when the first try fit), and vitcost's "
         "largest batch on the card's profile, by the tensors alone (`max_memory_allocated`) and by "
-        "the caching allocator (every segment of three steps within memory less the CUDA context "
+        "the caching allocator (every segment, over a first step and the steady ones, within memory less the CUDA context "
         "and the cuBLAS workspace, docs/memory-model.md). What each run executed: fp32 weights "
         "under CUDA autocast fp16 and an fp32 input batch; torch 1.12/1.13: eager attention that "
         "scales the N×N scores (`eager-postscale`); torch 2.4/2.9: `sdpa`; training: SGD with "

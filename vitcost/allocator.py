@@ -81,6 +81,10 @@ class Stats:
     releases: int = 0  # times the cache was released to retry a cudaMalloc
 
 
+_SHIFT = 48  # a free block's sort key: size << 48 | address (addresses stay below 2**48)
+_ADDR = (1 << _SHIFT) - 1
+
+
 class _Block:
     __slots__ = ("small", "addr", "size", "free", "prev", "next")
 
@@ -103,7 +107,7 @@ class CachingAllocator:
     def __init__(self, capacity_bytes: Optional[int] = None) -> None:
         self.capacity = capacity_bytes  # None: the driver never says no
         self.stats = Stats()
-        self._pools: tuple[list, list] = ([], [])  # free blocks (size, addr), small and large
+        self._pools: tuple[list, list] = ([], [])  # free blocks, small and large: size << 48 | address
         self._free_at: dict[int, _Block] = {}  # addr -> free block
         self._live: dict[int, tuple[_Block, int]] = {}  # tensor key -> (block, rounded request)
         self._segments: dict[int, tuple[int, _Block]] = {}  # address -> (size, first block)
@@ -128,9 +132,9 @@ class CachingAllocator:
                     size = MIN_BLOCK if nbytes < MIN_BLOCK else -(-nbytes // MIN_BLOCK) * MIN_BLOCK
                     small = size <= SMALL_SIZE
                     pool = small_pool if small else large_pool
-                    i = bisect_left(pool, (size, -1))
+                    i = bisect_left(pool, size << _SHIFT)
                     if i < len(pool):
-                        block = free_at.pop(pool.pop(i)[1])
+                        block = free_at.pop(pool.pop(i) & _ADDR)
                     else:
                         st.allocated = allocated
                         block = self._new_segment(size, small)
@@ -143,7 +147,7 @@ class CachingAllocator:
                         block.next = tail
                         block.size = size
                         free_at[tail.addr] = tail
-                        insort(pool, (rest, tail.addr))
+                        insort(pool, rest << _SHIFT | tail.addr)
                     block.free = False
                     live[key] = (block, size)
                     allocated += block.size
@@ -159,7 +163,7 @@ class CachingAllocator:
                     pool = small_pool if block.small else large_pool
                     prev, nxt = block.prev, block.next
                     if prev is not None and prev.free:
-                        del pool[bisect_left(pool, (prev.size, prev.addr))]
+                        del pool[bisect_left(pool, prev.size << _SHIFT | prev.addr)]
                         del free_at[prev.addr]
                         prev.size += block.size
                         prev.next = nxt
@@ -167,7 +171,7 @@ class CachingAllocator:
                             nxt.prev = prev
                         block = prev
                     if nxt is not None and nxt.free:
-                        del pool[bisect_left(pool, (nxt.size, nxt.addr))]
+                        del pool[bisect_left(pool, nxt.size << _SHIFT | nxt.addr)]
                         del free_at[nxt.addr]
                         block.size += nxt.size
                         block.next = nxt.next
@@ -175,7 +179,7 @@ class CachingAllocator:
                             nxt.next.prev = block
                     block.free = True
                     free_at[block.addr] = block
-                    insort(pool, (block.size, block.addr))
+                    insort(pool, block.size << _SHIFT | block.addr)
         finally:
             st.allocated, st.requested = allocated, requested
             st.peak_allocated, st.peak_requested = peak_allocated, peak_requested
@@ -183,10 +187,9 @@ class CachingAllocator:
     def empty_cache(self) -> None:
         """Release every entirely free segment (``torch.cuda.empty_cache()``)."""
         for pool in self._pools:
-            whole = [self._free_at[addr] for _, addr in pool
-                     if self._free_at[addr].prev is None and self._free_at[addr].next is None]
-            for block in whole:
-                del pool[bisect_left(pool, (block.size, block.addr))]
+            blocks = [self._free_at[key & _ADDR] for key in pool]
+            for block in [b for b in blocks if b.prev is None and b.next is None]:
+                del pool[bisect_left(pool, block.size << _SHIFT | block.addr)]
                 del self._free_at[block.addr]
                 self.stats.reserved -= self._segments.pop(block.addr)[0]
 

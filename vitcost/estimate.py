@@ -33,7 +33,7 @@ class GPUFit:
     """How a workload sits on a GPU profile (per GPU; ``gpus`` > 1 is plain data parallel).
 
     The fit rests on the caching allocator (``vitcost.fit``): a batch fits when every segment
-    the allocator asks ``cudaMalloc`` for over three steps fits in ``usable_memory_bytes``
+    the allocator asks ``cudaMalloc`` for over a first and the steady steps fits in ``usable_memory_bytes``
     (the GPU's memory less the CUDA context and the library workspaces). The allocator's
     figures (``fits``, ``max_batch_size``, ``peak_reserved_bytes``) are worked out when first
     read, by ``solver``.

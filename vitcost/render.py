@@ -151,7 +151,7 @@ def fit_text(report: Report) -> Text:
                 f"headroom {fmt_bytes(gpu.headroom_bytes)}\n")
     text.append(f"fit rests on: {fmt_bytes(gpu.memory_bytes)} memory - CUDA context {fmt_bytes(gpu.context_bytes)} - "
                 f"library workspaces {fmt_bytes(gpu.workspace_bytes)} ({gpu.usable_memory_source}); the {gpu.allocator} "
-                "caching allocator's segments over three steps must fit\n", style="dim")
+                "caching allocator's segments, over a first step and the steady ones, must fit\n", style="dim")
     per = f" ({gpu.max_batch_size // gpu.gpus} per GPU x {gpu.gpus})" if gpu.gpus > 1 else ""
     text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}\n", style="bold")
     text.append(f"compute: {fmt_count(gpu.peak_flops_per_s, 'FLOP/s')} dense {gpu.matmul_dtype} peak x "
