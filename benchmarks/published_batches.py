@@ -215,11 +215,12 @@ EXPLANATIONS = [
     (lambda r: r.attention == "eager-postscale" and r.mode == "infer", """\
 - **RTX 3090, torch 1.13, eager inference bound by the N×N maps (785 tokens).** At the
   published batch the tensors fit with gigabytes to spare, but the allocator model runs out:
-  an fp16 (B, H, N, N) score map is split from a cached segment of an fp32 map, twice its
-  size, and the next fp32 map then needs a segment of its own. The real run found room: the
-  order in which torch 1.13 freed the maps inside autocast's softmax decides it, and that
-  order cannot be observed without a GPU. `benchmarks/cuda_check.py` measures the allocator
-  on one."""),
+  best fit hands a smaller tensor (a (B, N, D) copy, a score map) a piece of a cached
+  segment of a larger map, the segment stays pinned, and the next map needs a segment of its
+  own. Which block a tensor lands in turns on the order of every allocation and free inside
+  autocast's casts and softmax, down to the small ones; torch 1.13's exact order cannot be
+  observed without a GPU, and a different one lets the same tensors fit. These rows sit where
+  the outcome turns on it. `benchmarks/cuda_check.py` measures the allocator on a GPU."""),
     (lambda r: r.mode == "train", """\
 - **RTX 3090, torch 1.12 (CUDA 11.3), training.** CUDA before 11.7 loads every kernel module
   of PyTorch's libraries when the context starts (lazy loading came with 11.7 and became
