@@ -1010,6 +1010,7 @@ class Trace(Replay):
 
     def __init__(self, round_to: int, counter, skip: frozenset = frozenset()) -> None:
         super().__init__(round_to)
+        self.sampling = False  # the allocator reads the events; no totals or peak are kept here
         self.events: list[tuple[int, int]] = []
         self.keys: dict[str, int] = {}
         self.parts: dict[str, list[str]] = {}
