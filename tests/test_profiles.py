@@ -208,14 +208,20 @@ def test_not_a_mapping(tmp_path):
         (with_key(name="x"), "unknown key 'name'"),
         ({k: v for k, v in VALID.items() if k != "memory_mib"}, "missing key 'memory_mib'"),
         (with_key(dense_tflops={"fp32": 1, "tf32": 2, "bf16": 4}), "missing key 'dense_tflops.fp16'"),
-        (with_key(dense_tflops={**VALID["dense_tflops"], "bf16": -4}), "dense_tflops.bf16: Input should be greater than 0"),
+        (with_key(dense_tflops={**VALID["dense_tflops"], "bf16": -4}), "dense_tflops.bf16: Input should be greater than or equal to 0.01"),
         (with_key(memory_mib=-1), "memory_mib: Input should be greater than 0"),
         (with_key(allocator_reserve_fraction=0.05), "key 'allocator_reserve_fraction' is no longer read"),
         ({k: v for k, v in VALID.items() if k != "cuda_context_mib"}, "missing key 'cuda_context_mib'"),
         ({k: v for k, v in VALID.items() if k != "library_workspace_mib"}, "missing key 'library_workspace_mib'"),
         ({k: v for k, v in VALID.items() if k != "overheads_source"}, "missing key 'overheads_source'"),
         (with_key(library_workspace_mib=-1), "library_workspace_mib: Input should be greater than or equal to 0"),
-        (with_key(matmul_efficiency=0), "matmul_efficiency: Input should be greater than 0"),
+        (with_key(matmul_efficiency=0), "matmul_efficiency: Input should be greater than or equal to 0.01"),
+        # non-finite, denormal and absurd figures (step >= inf ms, Infinity in --json)
+        (with_key(matmul_efficiency=1e-320), "matmul_efficiency: Input should be greater than or equal to 0.01"),
+        (with_key(memory_bandwidth_gb_per_s=float("inf")), "memory_bandwidth_gb_per_s: Input should be a finite number"),
+        (with_key(dense_tflops={**VALID["dense_tflops"], "fp32": float("nan")}), "dense_tflops.fp32: Input should be a finite number"),
+        (with_key(memory_mib=10**400), "memory_mib: Input should be less than or equal to 16777216"),
+        (with_key(library_workspace_mib=1e308), "library_workspace_mib: Input should be less than or equal to 16777216"),
         (with_key(gpus=True), "gpus: Input should be a valid integer"),
         (with_key(cuda_context_mib=2048), "cuda_context_mib 2048 + library_workspace_mib 8 is not less than memory_mib 1024"),
     ],
@@ -228,6 +234,35 @@ def test_bad_profile_names_file_and_key(tmp_path, data, expected):
     assert "\n" not in msg
     # no pydantic or yaml traceback chained underneath
     assert err.value.__context__ is None or err.value.__suppress_context__
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("memory_mib: 1024\nmemory_mib: 2048\n", "duplicate key 'memory_mib'"),
+    ("memory_mib: " + "9" * 5000 + "\n", "more digits than any figure can have"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    (b"display_name: \xff\xfe\n", "not UTF-8 text"),
+])
+def test_profile_files_past_pythons_limits_are_one_line(tmp_path, text, expected):
+    path = tmp_path / "foo.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ProfileError) as err:
+        load_profile(str(path))
+    assert "\n" not in str(err.value) and expected in str(err.value) and "foo.yaml" in str(err.value)
+
+
+def test_profile_that_is_no_regular_file_is_refused_unread(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    with pytest.raises(ProfileError, match="not a regular file"):
+        load_profile(str(fifo))
+    with pytest.raises(ProfileError, match="not a regular file"):
+        load_profile("/dev/zero")  # a device: read, it never ends
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (5 << 20))
+    with pytest.raises(ProfileError, match="larger than"):
+        load_profile(str(big))
 
 
 def test_model_forbids_unknown_keys_and_is_frozen():

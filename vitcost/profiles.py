@@ -16,16 +16,17 @@ a one-line :class:`~vitcost.errors.ProfileError` or :class:`~vitcost.errors.Unkn
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vitcost.errors import ProfileError, UnknownNameError
+from vitcost.files import load_yaml, read_text
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -41,10 +42,10 @@ class DenseTflops(BaseModel):
 
     model_config = _CONFIG
 
-    fp32: float = Field(gt=0, strict=True)
-    tf32: float = Field(gt=0, strict=True)
-    bf16: float = Field(gt=0, strict=True)
-    fp16: float = Field(gt=0, strict=True)
+    fp32: float = Field(ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
+    tf32: float = Field(ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
+    bf16: float = Field(ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
+    fp16: float = Field(ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
 
 
 class Interconnect(BaseModel):
@@ -53,7 +54,7 @@ class Interconnect(BaseModel):
     model_config = _CONFIG
 
     name: str = Field(min_length=1)
-    gb_per_s_per_direction: float = Field(gt=0, strict=True)
+    gb_per_s_per_direction: float = Field(ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
 
 
 class GPUProfile(BaseModel):
@@ -64,17 +65,17 @@ class GPUProfile(BaseModel):
     name: str = Field(min_length=1)  # the file name without suffix; not written in the YAML
     display_name: str = Field(min_length=1)
     aliases: tuple[str, ...] = ()
-    gpus: int = Field(default=1, gt=0, strict=True)
-    memory_mib: int = Field(gt=0, strict=True)
+    gpus: int = Field(default=1, gt=0, le=65536, strict=True)
+    memory_mib: int = Field(gt=0, le=1 << 24, strict=True)  # up to 16 TiB per GPU
     cuda_context_mib: int = Field(gt=0, strict=True)
-    library_workspace_mib: float = Field(ge=0, strict=True)
+    library_workspace_mib: float = Field(ge=0, le=1 << 24, strict=True, allow_inf_nan=False)
     overheads_source: str = Field(min_length=1)
-    memory_bandwidth_gb_per_s: float = Field(gt=0, strict=True)
+    memory_bandwidth_gb_per_s: float = Field(ge=1, le=1e6, strict=True, allow_inf_nan=False)
     dense_tflops: DenseTflops
-    matmul_efficiency: float = Field(gt=0, le=1, strict=True)
+    matmul_efficiency: float = Field(ge=0.01, le=1, strict=True, allow_inf_nan=False)
     interconnect: Interconnect
     node_interconnect: Optional[Interconnect] = None
-    allreduce_bus_gb_per_s: Optional[float] = Field(default=None, gt=0, strict=True)
+    allreduce_bus_gb_per_s: Optional[float] = Field(default=None, ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
     source: str = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -143,12 +144,9 @@ def load_profile(name_or_path: str) -> ResolvedProfile:
     """Load a shipped profile by name or alias (case-insensitive), or a ``.yaml``/``.yml`` file."""
     if _is_path(name_or_path):
         path = Path(name_or_path).expanduser()
-        try:
-            text = path.read_bytes()
-        except FileNotFoundError:
-            raise ProfileError(f"profile file not found: {name_or_path}") from None
-        except OSError as err:
-            raise ProfileError(f"profile {name_or_path}: cannot be read ({err.strerror})") from None
+        if not os.path.lexists(path):
+            raise ProfileError(f"profile file not found: {name_or_path}")
+        text = read_text(path, ProfileError, f"profile {name_or_path}: ")
         profile = _parse(text, name=path.stem, where=name_or_path)
         return ResolvedProfile(profile, name_or_path, profile.name, path)
 
@@ -201,7 +199,7 @@ def _catalog() -> _Catalog:
     paths: dict[str, Path] = {}
     for entry in entries:
         name = _normalize(entry.name.rsplit(".", 1)[0])
-        profiles[name] = _parse(entry.read_bytes(), name=name, where=entry.name)
+        profiles[name] = _parse(entry.read_text(encoding="utf-8"), name=name, where=entry.name)
         paths[name] = Path(str(entry))
     aliases: dict[str, str] = {}
     for name, profile in profiles.items():
@@ -214,15 +212,9 @@ def _catalog() -> _Catalog:
     return _Catalog(profiles, paths, aliases)
 
 
-def _parse(text: bytes, *, name: str, where: str) -> GPUProfile:
+def _parse(text: str, *, name: str, where: str) -> GPUProfile:
     """Validate one profile's YAML; ``where`` names the file in error messages."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or "cannot be parsed"
-        raise ProfileError(f"profile {where}: malformed YAML{at}: {problem}") from None
+    data = load_yaml(text, f"profile {where}", ProfileError)
     if not isinstance(data, dict):
         raise ProfileError(f"profile {where}: expected a mapping of keys, got {type(data).__name__}")
     if "name" in data:
