@@ -34,9 +34,11 @@ def parse_image(image: ImageSize) -> Optional[tuple[int, int]]:
     elif isinstance(image, int):
         h = w = image
     else:
-        m = re.fullmatch(r"\s*(-?\d+)\s*(?:[xX*]\s*(-?\d+))?\s*", str(image))
+        text = str(image)
+        m = re.fullmatch(r"\s*(-?[0-9]{1,9})\s*(?:[xX*]\s*(-?[0-9]{1,9}))?\s*", text)
         if not m:
-            raise ConfigError(f"--image {image!r}: expected a size like 384 or 384x256")
+            shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}...({len(text)} characters)"
+            raise ConfigError(f"--image {shown}: expected a size like 384 or 384x256")
         h = int(m.group(1))
         w = int(m.group(2)) if m.group(2) else h
     if h <= 0 or w <= 0:
@@ -128,6 +130,8 @@ def plan(
 
 def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],
                device: Optional[str], allocator: str = "native", **workload: Any) -> Report:
+    if gpu is not None and not str(gpu).strip():
+        raise ConfigError("--gpu '': name a GPU profile (see 'vitcost gpus') or a YAML file, or leave --gpu out")
     if allocator not in ALLOCATORS:
         raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
     resolved = _load_gpu(gpu) if gpu else None

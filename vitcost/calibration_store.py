@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vitcost.errors import ProfileError
+from vitcost.files import load_json, read_text
 
 FILE_VERSION = 1
 
@@ -33,22 +34,30 @@ def _path_for(env: Optional[str]) -> Path:
 
 def load_calibrations(path: Optional[Path] = None) -> dict[str, dict[str, Any]]:
     path = path or calibration_path()
-    if not path.is_file():
+    if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ProfileError(f"calibration file {path}: not readable JSON ({exc})") from None
+    data = load_json(read_text(path, ProfileError, f"calibration file {path}: "), f"calibration file {path}",
+                     ProfileError)
     if not isinstance(data, dict) or not isinstance(data.get("profiles", {}), dict):
         raise ProfileError(f"calibration file {path}: expected an object with 'profiles'")
     return data.get("profiles", {})
 
 
+_MAX_BYTES = 1 << 50  # 1 PiB: no GPU's memory comes near
+
+
 def usable_from(entry: dict[str, Any]) -> int:
     """total - context: what the caching allocator's segments may take, as measured. (The
     measured reserved/allocated ratio is kept in the file for reference: the allocator's
-    overhead is modelled, configuration by configuration, by ``vitcost.allocator``.)"""
-    return int(entry["total_bytes"]) - int(entry["cuda_context_bytes"])
+    overhead is modelled, configuration by configuration, by ``vitcost.allocator``.)
+    Raises ValueError for figures no GPU can have."""
+    total, context = entry["total_bytes"], entry["cuda_context_bytes"]
+    for key, value in (("total_bytes", total), ("cuda_context_bytes", context)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _MAX_BYTES:
+            raise ValueError(f"{key} must be a whole number of bytes between 1 and 2**50")
+    if context >= total:
+        raise ValueError(f"cuda_context_bytes {context} is not less than total_bytes {total}")
+    return total - context
 
 
 def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Optional[tuple[int, str]]:
@@ -64,7 +73,8 @@ def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Option
     try:
         return usable_from(entry), f"calibrated: {path}"
     except (KeyError, TypeError, ValueError) as exc:
-        raise ProfileError(f"calibration file {path}: entry {profile!r} is incomplete ({exc})") from None
+        what = f"is missing {exc}" if isinstance(exc, KeyError) else f"is not a calibration: {exc}"
+        raise ProfileError(f"calibration file {path}: entry {profile!r} {what}") from None
 
 
 @lru_cache(maxsize=8)

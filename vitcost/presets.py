@@ -39,7 +39,7 @@ from functools import lru_cache
 from typing import Any, Optional
 
 from vitcost.errors import ConfigError, UnknownNameError
-from vitcost.specs import ViTSpec, make_spec
+from vitcost.specs import MAX_DIM, ViTSpec, make_spec
 
 # preset key -> (dim, depth, heads, mlp_hidden); see vit-variants.md.
 _PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -106,6 +106,10 @@ _TIMM_RE = re.compile(
     r"(?P<dinov2>_dinov2)?"
 )
 _DINOV2_IMAGE = 518
+# The image and patch sizes timm publishes plain ViT/DeiT weights at: a name with another
+# trailing number is far more likely a typo (vit_base_patch16_38 for _384) than a model.
+TIMM_IMAGE_SIZES = (160, 192, 224, 240, 256, 280, 288, 320, 336, 378, 384, 392, 448, 512, 518, 560, 1024)
+TIMM_PATCH_SIZES = (8, 14, 16, 32)
 _DEFAULT_PATCH = 16
 _DEFAULT_IMAGE = 224
 _DEFAULT_MLP_RATIO = 4  # timm's default: MLP hidden = 4 * dim
@@ -163,6 +167,9 @@ def resolve_model(name: str) -> ModelDefaults:
     raise UnknownNameError(f"unknown model {name!r}{_suggestion(text)} ({_HINT})")
 
 
+MAX_MLP_RATIO = 64  # the widest MLP of any published ViT is under 8 x D
+
+
 def build_spec(model: Optional[str] = "vit-b", *, overrides: Optional[dict[str, Any]] = None) -> ViTSpec:
     """A :class:`ViTSpec` from a model name, then ``overrides`` (explicit user values) on top.
 
@@ -182,8 +189,8 @@ def build_spec(model: Optional[str] = "vit-b", *, overrides: Optional[dict[str, 
         given.setdefault("image_w", image)
     if mlp_ratio is not None and "mlp_hidden" in given:
         raise ConfigError("give --mlp-ratio or --mlp-hidden, not both")
-    if mlp_ratio is not None and not mlp_ratio > 0:
-        raise ConfigError(f"--mlp-ratio must be greater than 0, got {mlp_ratio}")
+    if mlp_ratio is not None and not (isinstance(mlp_ratio, (int, float)) and 0 < mlp_ratio <= MAX_MLP_RATIO):
+        raise ConfigError(f"--mlp-ratio must be greater than 0 and at most {MAX_MLP_RATIO}, got {mlp_ratio}")
 
     if model is None:
         missing = [k for k in ("dim", "depth", "heads") if k not in given]
@@ -200,8 +207,8 @@ def build_spec(model: Optional[str] = "vit-b", *, overrides: Optional[dict[str, 
             mlp_hidden = given["dim"] * defaults.mlp_hidden // defaults.dim
 
     spec = {**base, **given}
-    if mlp_ratio is not None:
-        spec["mlp_hidden"] = int(spec["dim"] * mlp_ratio)
+    if mlp_ratio is not None and isinstance(spec.get("dim"), int) and 0 < spec["dim"] <= MAX_DIM:
+        spec["mlp_hidden"] = max(1, int(spec["dim"] * mlp_ratio))
     elif "mlp_hidden" not in given and mlp_hidden is not None:
         spec["mlp_hidden"] = mlp_hidden
     spec.setdefault("patch", _DEFAULT_PATCH)
@@ -235,6 +242,12 @@ def _resolve_timm(text: str) -> Optional[ModelDefaults]:
             f"unknown model {text!r}: DINOv2's giant is not ViT-g (it is wider, with a SwiGLU "
             "MLP) and has no preset; describe it with --dim, --depth, --heads and --mlp-hidden"
         )
+    for what, value, known in (("image", match["image"], TIMM_IMAGE_SIZES), ("patch", match["patch"], TIMM_PATCH_SIZES)):
+        if value and int(value) not in known:
+            raise UnknownNameError(
+                f"unknown model {text!r}: timm publishes no ViT with {what} {value}"
+                f" ({', '.join(map(str, known))}){_suggestion(text)} (for another size, name the model "
+                f"at a published one and pass --{what} {value})")
     dim, depth, heads, mlp_hidden = _PRESETS[_SIZE_WORDS[match["size"]]]
     registers = int(match["registers"] or 0)
     if match["image"]:

@@ -71,6 +71,18 @@ class Allocator(str, Enum):
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
+# Bounds that no real configuration comes near, so that an absurd number is an error, not a
+# traceback, a hang or gigabytes of memory (the replay is O(1) in depth, the allocator's trace
+# and the parameter list are not).
+MAX_DIM = 1 << 16
+MAX_DEPTH = 1024
+MAX_MLP_HIDDEN = 1 << 20
+MAX_PIXELS = 1 << 16  # per side
+MAX_CHANNELS = 1024
+MAX_TOKENS_EXTRA = 4096  # register tokens
+MAX_CLASSES = 10**7
+MAX_BATCH = 1 << 24
+
 
 class ViTSpec(BaseModel):
     """A timm-style Vision Transformer and the image it is fed."""
@@ -78,21 +90,21 @@ class ViTSpec(BaseModel):
     model_config = _FROZEN
 
     name: str = "custom"
-    dim: int = Field(gt=0)
-    depth: int = Field(gt=0)
-    heads: int = Field(gt=0)
-    mlp_hidden: int = Field(gt=0)
-    patch: int = Field(gt=0)
-    image_h: int = Field(gt=0)
-    image_w: int = Field(gt=0)
-    channels: int = Field(default=3, gt=0)
+    dim: int = Field(gt=0, le=MAX_DIM)
+    depth: int = Field(gt=0, le=MAX_DEPTH)
+    heads: int = Field(gt=0, le=MAX_DIM)
+    mlp_hidden: int = Field(gt=0, le=MAX_MLP_HIDDEN)
+    patch: int = Field(gt=0, le=MAX_PIXELS)
+    image_h: int = Field(gt=0, le=MAX_PIXELS)
+    image_w: int = Field(gt=0, le=MAX_PIXELS)
+    channels: int = Field(default=3, gt=0, le=MAX_CHANNELS)
     class_token: bool = True
     dist_token: bool = False
-    registers: int = Field(default=0, ge=0)
+    registers: int = Field(default=0, ge=0, le=MAX_TOKENS_EXTRA)
     pos_embed: PosEmbed = PosEmbed.learned
     pos_embed_prefix: bool = True
     pooling: Pooling = Pooling.token
-    classes: int = Field(default=1000, ge=0)
+    classes: int = Field(default=1000, ge=0, le=MAX_CLASSES)
     qkv_bias: bool = True
 
     @model_validator(mode="after")
@@ -143,7 +155,7 @@ class Workload(BaseModel):
 
     model_config = _FROZEN
 
-    batch: int = Field(default=8, gt=0)
+    batch: int = Field(default=8, gt=0, le=MAX_BATCH)
     mode: Mode = Mode.train
     precision: Precision = Precision.amp_bf16
     attention: AttentionKernel = AttentionKernel.sdpa
@@ -158,10 +170,22 @@ class Workload(BaseModel):
 
 
 def _one_line(err: ValidationError) -> str:
+    """``--depth 5000: Input should be less than or equal to 1024``: the flag, the value
+    (cut short when long), pydantic's message."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ()))
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{loc.replace('_', '-')}: {msg}" if loc else msg
+    if not loc:
+        return msg
+    value = first.get("input")
+    shown = "" if value is None or isinstance(value, (dict, list)) else " " + _short(value)
+    flag = {"image_h": "--image height", "image_w": "--image width"}.get(loc, "--" + loc.replace("_", "-"))
+    return f"{flag}{shown}: {msg}"
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = str(value.value if isinstance(value, Enum) else value)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)"
 
 
 def make_spec(**fields: object) -> ViTSpec:

@@ -1,0 +1,90 @@
+"""Bad input, class by class: every one a single line on stderr with a non-zero exit, never a
+traceback, a hang or a silently changed answer. One regression test per class; the fuzz test
+(tests/test_fuzz.py) keeps the classes closed."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from vitcost.cli import app
+
+runner = CliRunner()
+
+
+def one_line_error(*args: str, code: int = 1) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, lines
+    return lines[0]
+
+
+# --- non-finite, absurd and over-long numbers ---------------------------------------------------
+
+@pytest.mark.parametrize("value", ["inf", "1e300", "nan", "-1", "65"])
+def test_mlp_ratio_must_be_finite_and_sane(value):
+    assert "--mlp-ratio" in one_line_error("plan", "--mlp-ratio", value)
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--depth", "10000000", "1024"), ("--dim", "99999999", "65536"), ("--batch", "99999999999", "16777216"),
+    ("--classes", "100000000000", "10000000"), ("--registers", "100000", "4096"), ("--channels", "5000", "1024"),
+    ("--image", "70000", "65536"), ("--mlp-hidden", "2000000", "1048576"),
+])
+def test_absurd_sizes_are_errors_not_hangs(flag, value, bound):
+    t0 = time.perf_counter()
+    line = one_line_error("plan", flag, value)
+    assert flag in line and value in line and bound in line
+    assert time.perf_counter() - t0 < 5  # depth 1e7 used to run ~30 s into MemoryError
+
+
+def test_a_5000_digit_image_is_one_line():
+    line = one_line_error("plan", "--image", "9" * 5000)
+    assert "--image" in line and "(5000 characters)" in line and len(line) < 200
+
+
+def test_unicode_digits_are_not_sizes():
+    assert "--image" in one_line_error("plan", "--image", "３８４")
+
+
+# --- silently accepted ---------------------------------------------------------------------------
+
+def test_an_empty_gpu_is_an_error_not_no_gpu():
+    assert "--gpu ''" in one_line_error("plan", "--gpu", "")
+
+
+@pytest.mark.parametrize("name, flag", [("vit_base_patch16_38", "image 38"), ("vit_small_patch15_224", "patch 15")])
+def test_a_timm_name_at_an_unpublished_size_is_flagged(name, flag):
+    line = one_line_error("plan", "--model", name)
+    assert flag in line and "did you mean" in line and f"--{flag.split()[0]} {flag.split()[1]}" in line
+
+
+def test_a_published_size_still_resolves():
+    result = runner.invoke(app, ["plan", "--model", "vit_base_patch16_384", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["inputs"]["image_h"] == 384
+
+
+# --- saved calibrations --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"total_bytes": 100, "cuda_context_bytes": 1000}, "not less than total_bytes"),
+    ({"total_bytes": 10**400, "cuda_context_bytes": 1}, "between 1 and 2**50"),
+    ({"total_bytes": 10**400 + 1, "cuda_context_bytes": 1}, "more digits than any figure can have"),
+    ({"total_bytes": "NaN", "cuda_context_bytes": 1}, "NaN is not a number"),
+    ({"total_bytes": 2**60, "cuda_context_bytes": 1}, "between 1 and 2**50"),
+    ({"cuda_context_bytes": 1}, "is missing 'total_bytes'"),
+])
+def test_a_calibration_no_gpu_can_have_is_one_line(tmp_path, monkeypatch, entry, fragment):
+    path = tmp_path / "calibration.json"
+    text = json.dumps({"version": 1, "profiles": {"a100-80gb": entry}})
+    text = text.replace('"NaN"', "NaN").replace(str(10**400 + 1), "9" * 5000)
+    path.write_text(text)
+    monkeypatch.setenv("VITCOST_CALIBRATION", str(path))
+    line = one_line_error("plan", "--gpu", "a100")
+    assert str(path) in line and fragment in line
