@@ -198,7 +198,7 @@ def _measure():
     try:
         from vitcost import measure
     except ImportError:  # pragma: no cover - measure raises MeasurementError itself
-        raise MeasurementError("calibrate needs PyTorch: pip install 'vitcost[torch]'") from None
+        raise MeasurementError("calibrate needs PyTorch: pip install torch==2.13.0") from None
     return measure
 
 

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     from vitcost.errors import MeasurementError
 
     raise MeasurementError(
-        "measuring needs PyTorch: pip install 'vitcost[torch]' (torch==2.13.0)"
+        "measuring needs PyTorch: pip install torch==2.13.0"
     ) from exc
 
 from vitcost.errors import MeasurementError
