@@ -73,6 +73,86 @@ def assert_fits(out: str, width: int) -> None:
     assert "…" not in out  # nothing cut with an ellipsis
 
 
+# --- 7. control characters from users' files ---------------------------------------------------
+
+
+def _profile(tmp_path: Path, display_name: str) -> Path:
+    path = tmp_path / "mygpu.yaml"
+    path.write_text(yaml.safe_dump({**TEST_PROFILE, "display_name": display_name}))
+    return path
+
+
+def test_profile_display_name_control_characters_are_escaped(tmp_path):
+    bad = "bad\x1b[31mred\x07\x7f\x85"
+    path = _profile(tmp_path, bad)
+    out = ok("plan", "--model", "vit-ti", "--image", "64", "--gpu", path).stdout
+    assert not CONTROL.search(out), repr(out)
+    assert "FITS on bad\\x1b[31mred\\x07\\x7f\\x85:" in out
+    # JSON keeps the name as it is (json escapes it itself)
+    data = json.loads(ok("plan", "--model", "vit-ti", "--image", "64", "--gpu", path, "--json").stdout)
+    assert data["gpu"]["display_name"] == bad
+
+
+def test_profile_file_name_control_characters_are_escaped(tmp_path):
+    """The profile's name is its file's: plan's and compare's headers name it."""
+    path = tmp_path / "my\x1b[31mgpu.yaml"
+    path.write_text(yaml.safe_dump(TEST_PROFILE))
+    for command in (["plan"], ["compare", "--patch", "16,32"]):
+        out = ok(*command, "--model", "vit-ti", "--image", "64", "--gpu", path).stdout
+        assert not CONTROL.search(out), repr(out)
+        assert "-> my\\x1b[31mgpu" in words(out)
+
+
+def test_profile_display_name_is_not_rich_markup(tmp_path):
+    path = _profile(tmp_path, "[bold red]Loud[/] GPU")
+    out = ok("plan", "--model", "vit-ti", "--image", "64", "--gpu", path).stdout
+    assert "[bold red]Loud[/] GPU" in out
+
+
+def test_gpu_argument_with_control_characters_stays_one_line():
+    line = one_line_error(invoke("plan", "--gpu", "a1\x1b[2J\n00"), 1)
+    assert ESC not in line
+
+
+def _budget_file(tmp_path: Path, name: str, limits: dict) -> Path:
+    path = tmp_path / "budgets.yaml"
+    entry = {"name": name, "model": "vit-b", "image": 224, "patch": 16, "batch": 8, "gpu": "a100-80gb",
+             "limits": limits}
+    path.write_text(yaml.safe_dump({"budgets": [entry, {**entry, "name": "plain"}]}))
+    return path
+
+
+@pytest.mark.parametrize("limits, code", [({"peak_memory_gib": 0.5}, 1), ({"peak_memory_gib": 40}, 0)],
+                         ids=["failing", "passing"])
+def test_budget_entry_name_with_control_characters(tmp_path, limits, code):
+    from vitcost.render import escape_control
+
+    name = "bad\x1b[31m\x00\x08\x0b\x7f\x85[red]x\nname"
+    path = _budget_file(tmp_path, name, limits)
+    report = tmp_path / "report.xml"
+    result = invoke("check", path, "--junit", report)
+    assert result.exit_code == code, result.stderr
+    shown = escape_control(name)
+    assert shown == "bad\\x1b[31m\\x00\\x08\\x0b\\x7f\\x85[red]x\\x0aname"
+    # the terminal gets no control character, and the name as written (not as rich markup)
+    assert not CONTROL.search(result.stdout), repr(result.stdout)
+    assert shown in cells(result.stdout)
+    # the JUnit report parses, and names the entry as the terminal shows it
+    suite = ET.fromstring(report.read_text(encoding="utf-8"))
+    names = [c.get("name") for c in suite.findall("testcase")]
+    assert names == [shown, "plain"]
+    if code:
+        failure = suite.find("testcase/failure")
+        assert failure is not None and not CONTROL.search(failure.get("message"))
+
+
+def test_budget_entry_name_in_json_is_unchanged(tmp_path):
+    name = "bad\x1bname"
+    path = _budget_file(tmp_path, name, {"peak_memory_gib": 40})
+    data = json.loads(ok("check", path, "--json").stdout)
+    assert data["entries"][0]["name"] == name
+
+
 # --- 8, 9. install hints and the test extra ----------------------------------------------------
 
 

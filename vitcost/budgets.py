@@ -736,19 +736,33 @@ def parse_fraction(text: str) -> float:
     return value
 
 
+def _junit_text(text: str, lines: bool = False) -> str:
+    """``text`` as the terminal shows it: control characters (which XML 1.0 forbids even as
+    character references) become visible ``\\xNN`` escapes; with ``lines``, its line breaks
+    stay (a failure's text, one line a violation), else they are escaped too (a name)."""
+    from vitcost.render import escape_control
+
+    if lines:
+        return "\n".join(escape_control(line) for line in text.split("\n"))
+    return escape_control(text)
+
+
 def junit_xml(result: CheckResult) -> str:
-    """JUnit XML: a test suite ``vitcost``, a test case per entry, a failure per broken entry."""
+    """JUnit XML: a test suite ``vitcost``, a test case per entry, a failure per broken entry.
+
+    Entry names and messages come from the budget file: their control characters are written
+    as ``\\xNN`` text, so the report always parses."""
     failed = [e for e in result.entries if not e.passed]
     suite = ET.Element("testsuite", name="vitcost", tests=str(len(result.entries)),
                        failures=str(len(failed)), errors="0", skipped="0")
     for e in result.entries:
-        case = ET.SubElement(suite, "testcase", classname="vitcost.budgets", name=e.name)
+        case = ET.SubElement(suite, "testcase", classname="vitcost.budgets", name=_junit_text(e.name))
         if e.violations:
             messages = [v.message for v in e.violations]
-            failure = ET.SubElement(case, "failure", message="; ".join(messages), type="budget")
-            failure.text = "\n".join(f"{v.figure}: {v.message}" for v in e.violations)
+            failure = ET.SubElement(case, "failure", message=_junit_text("; ".join(messages)), type="budget")
+            failure.text = _junit_text("\n".join(f"{v.figure}: {v.message}" for v in e.violations), lines=True)
     if result.notes:
-        ET.SubElement(suite, "system-out").text = "\n".join(result.notes)
+        ET.SubElement(suite, "system-out").text = _junit_text("\n".join(result.notes), lines=True)
     ET.indent(suite)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
 

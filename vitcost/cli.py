@@ -20,13 +20,15 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from vitcost.errors import BudgetFileError, VitcostError
+from vitcost.render import escape_control
 from vitcost.specs import Allocator, AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def _fail(message: str, code: int) -> None:
-    _err.print(f"Error: {message}", markup=False)
+    # a name from the command line or a file may hold control characters: the line stays one line
+    _err.print(f"Error: {escape_control(message)}", markup=False)
     sys.exit(code)
 
 
@@ -194,7 +196,7 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
     """List the GPU profiles vitcost ships, with aliases and usable memory."""
     from vitcost.api import usable_memory
     from vitcost.profiles import list_profiles, load_profile
-    from vitcost.render import fmt_bytes
+    from vitcost.render import fmt_bytes, plain
 
     rows = []
     for p in list_profiles():
@@ -210,7 +212,7 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
         table.add_column(col)
     for p, usable, source in rows:
         table.add_row(
-            p.name, ", ".join(p.aliases), p.display_name,
+            plain(p.name), plain(", ".join(p.aliases)), plain(p.display_name),
             fmt_bytes(p.memory_bytes), fmt_bytes(usable) + (" (calibrated)" if source != "profile" else ""),
             f"{p.memory_bandwidth_gb_per_s:g}", f"{p.dense_tflops.bf16:g}", f"{p.dense_tflops.fp32:g}",
             f"{p.interconnect.gb_per_s_per_direction:g}",
@@ -274,8 +276,8 @@ def calibrate(
             _fail(f"--out {out}: cannot be written ({exc.strerror})", 1)
         _err.print(f"wrote {len(run.results)} row(s) to {out}", markup=False)
     if run.saved_to:
-        _err.print(f"saved the GPU calibration for {opts['gpu']} to {run.saved_to}: plan and compare now use it "
-                   "(marked calibrated)", markup=False)
+        _err.print(f"saved the GPU calibration for {escape_control(opts['gpu'])} to {escape_control(run.saved_to)}: "
+                   "plan and compare now use it (marked calibrated)", markup=False)
     if not run.ok:
         bad = sum(len(r.failures) for r in run.results)
         cal, fig = run.worst
@@ -313,15 +315,15 @@ def _render_calibration(run: Any, console: Console) -> None:
                            "(the CPU allocator does not round: exact); MACs by FlopCounterMode (meta device)",
                            style="dim"))
     if first.model_source != "reference":
-        console.print(Text(f"model from {first.model_source.removeprefix('factory ')}: how far the analytic "
-                           "figures (reference ViT) are from this implementation", style="bold"))
+        console.print(Text(f"model from {escape_control(first.model_source.removeprefix('factory '))}: how far the "
+                           "analytic figures (reference ViT) are from this implementation", style="bold"))
     tol = f"±{100 * run.tolerance:g}%"
     if len(run.results) == 1:
         _calibration_table(first, console, tol, fmt_bytes)
     else:
         _calibration_summary(run, console, tol, fmt_bytes)
     for note in dict.fromkeys(w for r in run.results for w in r.warnings):
-        console.print(Text(f"note: {note}", style="yellow"))
+        console.print(Text(f"note: {escape_control(note)}", style="yellow"))
     worst = run.worst
     summary = f"{len(run.results)} configuration(s) in {run.seconds:.1f} s"
     unrun = [r for r in run.results if r.status not in ("ok", "off")]
@@ -330,7 +332,7 @@ def _render_calibration(run: Any, console: Console) -> None:
     if worst and worst[1].error == 0:
         summary += "; every figure torch gave matches the prediction exactly"
     elif worst:
-        summary += f"; worst: {worst[1].name} {_pct(worst[1].error)} ({worst[0].label})"
+        summary += f"; worst: {worst[1].name} {_pct(worst[1].error)} ({escape_control(worst[0].label)})"
     console.print(Text(summary, style="bold green" if run.ok else "bold red"))
 
 
@@ -342,19 +344,22 @@ def _value(n: Optional[int], unit: str, fmt_bytes: Callable[[int], str]) -> str:
     return f"{n:,}"
 
 
-def _status(cal: Any) -> str:
+def _status(cal: Any) -> Any:
+    from rich.text import Text
+
     if cal.status == "ok":
-        return "[green]ok[/]"
+        return Text("ok", style="green")
     if cal.status == "off":
-        return "[bold red]OFF[/]"
-    return f"[yellow]{cal.message}[/]"
+        return Text("OFF", style="bold red")
+    return Text(escape_control(cal.message), style="yellow")
 
 
 def _calibration_table(cal: Any, console: Console, tol: str, fmt_bytes: Callable[[int], str]) -> None:
     from rich.text import Text
 
     what = "traced" if cal.method == "traced" else "measured"
-    table = Table(title=f"Predicted against {what} ({cal.label}, {cal.device})", title_justify="left")
+    table = Table(title=Text(f"Predicted against {what} ({escape_control(cal.label)}, {cal.device})"),
+                  title_justify="left")
     table.add_column("figure")
     table.add_column("predicted", justify="right")
     table.add_column(what, justify="right")
@@ -374,10 +379,11 @@ def _calibration_table(cal: Any, console: Console, tol: str, fmt_bytes: Callable
                          if cal.device == "cpu" else "CUDA: tensors rounded to 512-byte blocks, as the allocator does")
     console.print(table)
     if cal.status not in ("ok", "off"):
-        console.print(Text(cal.message, style="bold yellow"))
+        console.print(Text(escape_control(cal.message), style="bold yellow"))
     if cal.cuda:
         c = cal.cuda
-        console.print(Text(f"{c['device_name']}: reserved peak {fmt_bytes(c['max_memory_reserved_bytes'])} "
+        console.print(Text(f"{escape_control(c['device_name'])}: reserved peak "
+                           f"{fmt_bytes(c['max_memory_reserved_bytes'])} "
                            f"({c['reserved_over_allocated']:.3f}x allocated); outside the allocator (CUDA context, "
                            f"workspaces, other processes) {fmt_bytes(c['non_allocator_bytes'])} of "
                            f"{fmt_bytes(c['total_bytes'])}"))
@@ -472,10 +478,12 @@ def check(
 
 
 def _render_check(result: Any, console: Console) -> None:
-    from vitcost.render import fmt_bytes
+    from rich.text import Text
+
+    from vitcost.render import fmt_bytes, plain
 
     measured = result.measured is not None
-    table = Table(title=f"Budgets: {result.budget_file}", title_justify="left")
+    table = Table(title=plain(f"Budgets: {result.budget_file}"), title_justify="left")
     table.add_column("entry", overflow="fold")
     for col in ("peak", "limit", *(["measured"] if measured else []), "fits", "GMACs", "max\nbatch"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -483,12 +491,12 @@ def _render_check(result: Any, console: Console) -> None:
     for e in result.entries:
         r = e.evaluated.report
         table.add_row(
-            e.name, fmt_bytes(r["memory_bytes"]["peak"]), fmt_bytes(e.peak_limit_bytes),
+            plain(e.name), fmt_bytes(r["memory_bytes"]["peak"]), fmt_bytes(e.peak_limit_bytes),
             *([fmt_bytes(e.measured_peak_bytes)] if measured else []),
             "-" if r["fits"] is None else ("yes" if r["fits"] else "NO"),
             f"{r['macs']['forward_per_image'] / 1e9:.2f}",
             "-" if r["max_batch_size"] is None else str(r["max_batch_size"]),
-            "[green]pass[/]" if e.passed else "[bold red]FAIL[/]",
+            Text("pass", style="green") if e.passed else Text("FAIL", style="bold red"),
         )
     console.print(table)
     if result.violations:
@@ -498,12 +506,13 @@ def _render_check(result: Any, console: Console) -> None:
         for col in ("actual", "limit", "by"):
             vt.add_column(col, justify="right", no_wrap=True)
         for v in result.violations:
-            vt.add_row(v.entry, v.figure, *(_figure_text(x, v.unit, fmt_bytes) for x in (v.actual, v.limit, v.excess)))
+            vt.add_row(plain(v.entry), plain(v.figure),
+                       *(_figure_text(x, v.unit, fmt_bytes) for x in (v.actual, v.limit, v.excess)))
         console.print(vt)
         for v in result.violations:
-            console.print(f"{v.entry}: {v.message}", markup=False, highlight=False)
+            console.print(plain(f"{v.entry}: {v.message}"))
     for note in result.notes:
-        console.print(f"note: {note}", style="dim", markup=False)
+        console.print(plain(f"note: {note}", style="dim"))
     failed = sum(not e.passed for e in result.entries)
     if failed:
         console.print(f"FAILED: {len(result.violations)} violation(s) in {failed} of {len(result.entries)} entries",

@@ -5,6 +5,8 @@ Display units only: bytes are shown in GiB/MiB (2**30, 2**20), MACs in G (1e9).
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -13,6 +15,29 @@ from vitcost.estimate import Report
 from vitcost.formulas import COMPONENT_ORDER
 
 DEFAULTS = "model vit-b, batch 8, mode train, precision amp-bf16, attention sdpa, optimizer adamw"
+
+# C0 (ESC among them), DEL and C1 control characters, and what no terminal, UTF-8 stream or XML
+# document can take (lone surrogates, the non-characters U+FFFE and U+FFFF)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def _escape_char(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_control(text: object) -> str:
+    """``text`` with every control character written as a visible escape (ESC as ``\\x1b``).
+
+    For what a user's file or command line names (profile and display names, budget entries,
+    paths): such a string must not move the cursor, colour the terminal or break a line."""
+    return _UNPRINTABLE.sub(_escape_char, str(text))
+
+
+def plain(text: object, style: str = "") -> Text:
+    """A table cell or title from untrusted text: control characters escaped, no rich markup
+    (a name such as ``[red]x`` is shown as written)."""
+    return Text(escape_control(text), style=style)
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -39,9 +64,10 @@ def fmt_count(n: int | float, unit: str = "") -> str:
 def header(report: Report) -> Text:
     s, w = report.spec, report.workload
     gpu = report.gpu
-    where = f" on {gpu.requested}" + (f" -> {gpu.name}" if gpu.requested != gpu.name else "") if gpu else ""
+    where = (f" on {escape_control(gpu.requested)}"
+             + (f" -> {escape_control(gpu.name)}" if gpu.requested != gpu.name else "") if gpu else "")
     text = Text()
-    text.append(f"vitcost: {s.name}", style="bold")
+    text.append(f"vitcost: {escape_control(s.name)}", style="bold")
     text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
     text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}, batch {report.batch}"
                 + (f" ({w.batch} per GPU)" if gpu and gpu.gpus > 1 else "") + ", "
@@ -146,11 +172,12 @@ def fit_text(report: Report) -> Text:
         return text
     verdict, style = ("FITS", "bold green") if gpu.fits else ("DOES NOT FIT", "bold red")
     text.append(f"{verdict} ", style=style)
-    text.append(f"on {gpu.display_name}: reserved peak {fmt_bytes(gpu.peak_reserved_bytes)} "
+    text.append(f"on {escape_control(gpu.display_name)}: reserved peak {fmt_bytes(gpu.peak_reserved_bytes)} "
                 f"(tensors {fmt_bytes(gpu.peak_bytes)}) of {fmt_bytes(gpu.usable_memory_bytes)} usable; "
                 f"headroom {fmt_bytes(gpu.headroom_bytes)}\n")
     text.append(f"fit rests on: {fmt_bytes(gpu.memory_bytes)} memory - CUDA context {fmt_bytes(gpu.context_bytes)} - "
-                f"library workspaces {fmt_bytes(gpu.workspace_bytes)} ({gpu.usable_memory_source}); the {gpu.allocator} "
+                f"library workspaces {fmt_bytes(gpu.workspace_bytes)} ({escape_control(gpu.usable_memory_source)}); "
+                f"the {gpu.allocator} "
                 "caching allocator's segments, over a first step and the steady ones, must fit\n", style="dim")
     per = f" ({gpu.max_batch_size // gpu.gpus} per GPU x {gpu.gpus})" if gpu.gpus > 1 else ""
     text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}\n", style="bold")
@@ -162,7 +189,7 @@ def fit_text(report: Report) -> Text:
 def render_plan(report: Report, console: Console) -> None:
     parts = [header(report), tokens_table(report), compute_table(report), memory_table(report), fit_text(report)]
     for w in report.warnings:
-        parts.append(Text(f"warning: {w}", style="yellow"))
+        parts.append(Text(f"warning: {escape_control(w)}", style="yellow"))
     console.print(Group(*parts))
 
 
@@ -193,4 +220,4 @@ def render_compare(reports: list[Report], console: Console) -> None:
     console.print(Group(header(base), table))
     for r in reports:
         for w in r.warnings:
-            console.print(Text(f"warning: {w}", style="yellow"))
+            console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
