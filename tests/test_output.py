@@ -153,6 +153,117 @@ def test_budget_entry_name_in_json_is_unchanged(tmp_path):
     assert data["entries"][0]["name"] == name
 
 
+# --- 1. an unwritable output path is a usage error ---------------------------------------------
+
+
+def test_junit_to_an_unwritable_path_exits_2(tmp_path):
+    report = tmp_path / "no" / "such" / "dir" / "report.xml"
+    one_line_error(invoke("check", REPO / "examples" / "budgets.yaml", "--junit", report), 2,
+                   "--junit", str(report), "cannot be written")
+    # a broken budget does not change it: the report could not be written either way
+    path = _budget_file(tmp_path, "over", {"peak_memory_gib": 0.5})
+    one_line_error(invoke("check", path, "--junit", report), 2, "--junit")
+
+
+def test_export_out_to_an_unwritable_path_exits_2(tmp_path):
+    out = tmp_path / "missing" / "baseline.json"
+    res = invoke("export", REPO / "examples" / "budgets.yaml", "--out", out)
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        f"Error: --out {out}: cannot be written (No such file or directory)"]
+
+
+# --- 2. calibrate: a step the RAM guard held back is not a pass -------------------------------
+
+
+TINY_FLAGS = ["--dim", "64", "--depth", "2", "--heads", "2", "--mlp-hidden", "256", "--classes", "10",
+              "--image", "64", "--patch", "16", "--precision", "fp32", "--device", "cpu"]
+
+
+def test_calibrate_not_measured_exits_1(monkeypatch):
+    pytest.importorskip("torch")
+    import vitcost.calibrate
+
+    monkeypatch.setattr(vitcost.calibrate, "_available_ram", lambda: 1024)  # 1 KiB free: nothing runs
+    res = invoke("calibrate", *TINY_FLAGS, "--batch", "2")
+    assert res.exit_code == 1, (res.stdout, res.stderr)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: 1 of 1 configuration(s) not measured: ")
+    assert "--meta traces it" in lines[0]
+    assert "not run" in res.stdout  # the table still says what happened
+    # a sweep where one step ran and one was held back fails too
+    monkeypatch.setattr(vitcost.calibrate, "_available_ram", lambda: 64 * 2**20)
+    res = invoke("calibrate", *TINY_FLAGS, "--batch", "1,100000", "--json")
+    assert res.exit_code == 1, res.stderr
+    assert [r["status"] for r in json.loads(res.stdout)["rows"]] == ["ok", "not run"]
+    assert "1 of 2 configuration(s) not measured" in res.stderr
+
+
+def test_calibrate_measured_still_exits_0():
+    pytest.importorskip("torch")
+    res = invoke("calibrate", *TINY_FLAGS, "--batch", "2")
+    assert res.exit_code == 0, res.stderr
+    assert res.stderr == ""
+
+
+# --- 3. --version and -h ------------------------------------------------------------------------
+
+
+def test_version():
+    res = ok("--version")
+    assert res.stdout == f"vitcost {vitcost.__version__}\n"
+    assert res.stdout == f"vitcost {pyproject()['version']}\n" == "vitcost 0.1.0\n"
+
+
+def test_version_from_python_dash_m():
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "vitcost", "--version"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout == "vitcost 0.1.0\n" and res.stderr == ""
+
+
+def test_dash_h_is_help_for_the_app():
+    assert ok("-h").stdout == ok("--help").stdout
+    assert "Usage:" in ok("-h").stdout
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_dash_h_is_help_for_every_command(name):
+    short = ok(name, "-h").stdout
+    assert f"{name} [OPTIONS]" in short
+    assert short == ok(name, "--help").stdout
+
+
+# --- 4. help shows the defaults -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["plan", "compare", "calibrate"])
+def test_help_shows_model_image_patch_defaults(name):
+    text = help_words(ok(name, "--help").stdout)
+    assert "[default: (224, or the model name's)]" in text
+    assert "[default: (16, or the model name's)]" in text
+    assert "[default: (vit-b)]" in text
+
+
+def test_calibrate_steps_help_keeps_its_default():
+    text = help_words(ok("calibrate", "--help").stdout)
+    assert "Warm-up steps before the measured one. [default: (1 on the CPU, 2 on CUDA)]" in text
+
+
+# --- 5. usage errors without pydantic's prefix ------------------------------------------------
+
+
+@pytest.mark.parametrize("args, line", [
+    (["plan", "--allocator", "foo"],
+     "Error: Invalid value for '--allocator': 'foo' is not one of 'native', 'expandable'."),
+    (["plan", "--mode", "x"], "Error: Invalid value for '--mode': 'x' is not one of 'train', 'infer'."),
+    (["compare", "--checkpointing", "some"],
+     "Error: Invalid value for '--checkpointing': 'some' is not one of 'none', 'full'."),
+])
+def test_enum_errors_have_no_value_error_prefix(args, line):
+    assert one_line_error(invoke(*args), 2) == line
+
+
 # --- 8, 9. install hints and the test extra ----------------------------------------------------
 
 

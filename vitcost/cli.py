@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 import sys
 from enum import Enum
 from typing import Annotated, Any, Callable, Optional
@@ -32,6 +33,13 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _usage_message(exc: Exception) -> str:
+    """A click usage error as one line, without pydantic's "Value error, " (typer converts
+    values with pydantic: "Invalid value for '--mode': Value error, 'x' is not one of ...")."""
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    return re.sub(r"(^|: )Value error, ", r"\1", message)
+
+
 class _OneLineErrors(TyperGroup):
     """Runs the app without click's standalone handling, so every error is one line."""
 
@@ -50,7 +58,7 @@ class _OneLineErrors(TyperGroup):
         except Exception as exc:
             # click's usage and parameter errors (exit 2), whichever click typer ships
             if hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int):
-                message = " ".join(exc.format_message().split())
+                message = _usage_message(exc)
                 if not message:  # no arguments: the help was printed, nothing went wrong
                     sys.exit(0)
                 _fail(message, exc.exit_code)
@@ -64,13 +72,46 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # commands inherit it
 )
+
+
+def _version() -> str:
+    import vitcost
+
+    version = getattr(vitcost, "__version__", None)
+    if version:
+        return version
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("vitcost")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"vitcost {_version()}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
 
 
 # --- options shared by plan and compare (and the commands built on them) ---------------------
 
+# --image and --patch default to None: a model name may fix them (vit_base_patch16_384); help says so
+IMAGE_DEFAULT = "224, or the model name's"
+PATCH_DEFAULT = "16, or the model name's"
+
 SHARED: list[tuple[str, Any, Any]] = [
-    ("model", Annotated[Optional[str], typer.Option(help="Preset (vit-ti ... vit-G) or timm-style name (vit_base_patch16_384).", rich_help_panel="Model")], None),
+    ("model", Annotated[Optional[str], typer.Option(help="Preset (vit-ti ... vit-G) or timm-style name (vit_base_patch16_384).", rich_help_panel="Model", show_default="vit-b")], None),
     ("batch", Annotated[int, typer.Option(help="Global batch size (split over the GPUs of a multi-GPU profile).", rich_help_panel="Workload")], 8),
     ("mode", Annotated[Mode, typer.Option(help="train: a full optimizer step; infer: a no_grad forward.", rich_help_panel="Workload")], Mode.train),
     ("precision", Annotated[Precision, typer.Option(help="fp32/bf16/fp16: everything in that dtype; amp-*: fp32 weights, autocast matmuls.", rich_help_panel="Workload")], Precision.amp_bf16),
@@ -133,6 +174,16 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _write(path: str, flag: str, text: str) -> None:
+    """Write an output file; one that cannot be written is a usage error (exit 2), never
+    mistaken for a failed check or calibration (exit 1)."""
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        _fail(f"{flag} {path}: cannot be written ({exc.strerror or exc})", 2)
+
+
 def _console() -> Console:
     # piped output is read whole: don't wrap tables at a terminal's default 80 columns
     return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -144,8 +195,8 @@ def _console() -> Console:
 @app.command()
 @shared_options
 def plan(
-    image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model")] = None,
-    patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
+    patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
     opts: Any = None,
 ) -> None:
     """Tokens, parameters, MACs/FLOPs, attention maps and memory of one configuration; fit on a GPU."""
@@ -175,8 +226,8 @@ def _int_list(text: Optional[str], flag: str) -> list[Optional[int]]:
 @app.command()
 @shared_options
 def compare(
-    image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated: 224,384,512 (each may be HxW).", rich_help_panel="Model")] = None,
-    patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,14,16,32.", rich_help_panel="Model")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated: 224,384,512 (each may be HxW).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
+    patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,14,16,32.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
     opts: Any = None,
 ) -> None:
     """One table, a row per (image, patch) combination, with ratios to the first row."""
@@ -232,11 +283,11 @@ class MeasureOn(str, Enum):
 @app.command()
 @shared_options
 def calibrate(
-    image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated (each may be HxW): every combination is run.", rich_help_panel="Model")] = None,
-    patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,16,32.", rich_help_panel="Model")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated (each may be HxW): every combination is run.", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
+    patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,16,32.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated: 1,8.", rich_help_panel="Workload")] = "8",
     device: Annotated[MeasureOn, typer.Option(help="Where the step runs (and whose rules predict it): auto = CUDA when torch sees a GPU.", rich_help_panel="Calibrate")] = MeasureOn.auto,
-    steps: Annotated[Optional[int], typer.Option(min=0, help="Warm-up steps before the measured one [default: 1 on the CPU, 2 on CUDA].", rich_help_panel="Calibrate", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=0, help="Warm-up steps before the measured one.", rich_help_panel="Calibrate", show_default="1 on the CPU, 2 on CUDA")] = None,
     tolerance: Annotated[float, typer.Option(min=0, help="Largest error allowed on any figure, in percent; exit 1 beyond it.", rich_help_panel="Calibrate")] = 2.0,
     meta: Annotated[bool, typer.Option("--meta", help="Trace on fake tensors instead of running: no memory, any size; traced, not measured.", rich_help_panel="Calibrate")] = False,
     model_factory: Annotated[Optional[str], typer.Option("--model-factory", metavar="MODULE:CALLABLE", help="Build your model instead of the reference ViT (timm:create_model, mypkg.models:make_vit).", rich_help_panel="Calibrate")] = None,
@@ -246,6 +297,7 @@ def calibrate(
     opts: Any = None,
 ) -> None:
     """Run the configuration in torch and set every predicted figure beside the measured one."""
+    from vitcost.calibrate import NOT_RUN
     from vitcost.calibrate import calibrate as run_calibrate
 
     if save and not opts.get("gpu"):
@@ -269,12 +321,8 @@ def calibrate(
     else:
         _render_calibration(run, _console())
     if out:
-        try:
-            with open(out, "w") as fh:
-                fh.write(json.dumps(data, indent=2) + "\n")
-        except OSError as exc:
-            _fail(f"--out {out}: cannot be written ({exc.strerror})", 1)
-        _err.print(f"wrote {len(run.results)} row(s) to {out}", markup=False)
+        _write(out, "--out", json.dumps(data, indent=2) + "\n")
+        _err.print(f"wrote {len(run.results)} row(s) to {escape_control(out)}", markup=False)
     if run.saved_to:
         _err.print(f"saved the GPU calibration for {escape_control(opts['gpu'])} to {escape_control(run.saved_to)}: "
                    "plan and compare now use it (marked calibrated)", markup=False)
@@ -283,6 +331,12 @@ def calibrate(
         cal, fig = run.worst
         _fail(f"{bad} figure(s) off by more than {tolerance:g}%: worst {fig.name} {_pct(fig.error)} "
               f"({cal.label})", 1)
+    # the RAM guard held a step back: its memory figures were never held against torch's
+    skipped = [r for r in run.results if r.status == NOT_RUN]
+    if skipped:
+        first = skipped[0]
+        _fail(f"{len(skipped)} of {len(run.results)} configuration(s) not measured: {first.label}: "
+              f"{first.message.removeprefix('not run: ')}", 1)
 
 
 def _calibrate_progress():
@@ -428,12 +482,8 @@ def export(
     if out is None:
         print_json(data)
         return
-    try:
-        with open(out, "w") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
-    except OSError as exc:
-        _fail(f"--out {out}: cannot be written ({exc.strerror})", 1)
-    _err.print(f"wrote {len(data['entries'])} entries to {out}", markup=False)
+    _write(out, "--out", json.dumps(data, indent=2) + "\n")
+    _err.print(f"wrote {len(data['entries'])} entries to {escape_control(out)}", markup=False)
 
 
 def _regression(text: Optional[str]) -> Optional[float]:
@@ -463,12 +513,8 @@ def check(
     if max_regression is not None and baseline is None:
         raise typer.BadParameter("needs --baseline", param_hint="--max-regression")
     result = run_check(budget_file, baseline=baseline, max_regression=max_regression or 0.0, measured=measured)
-    if junit:
-        try:
-            with open(junit, "w") as fh:
-                fh.write(junit_xml(result))
-        except OSError as exc:
-            _fail(f"--junit {junit}: cannot be written ({exc.strerror})", 1)
+    if junit:  # before any output: an unwritable report is one line on stderr, exit 2
+        _write(junit, "--junit", junit_xml(result))
     if json_out:
         print_json(result.to_dict())
     else:
