@@ -73,6 +73,112 @@ def assert_fits(out: str, width: int) -> None:
     assert "…" not in out  # nothing cut with an ellipsis
 
 
+# --- 6. tables at 80 columns; COLUMNS honoured -----------------------------------------------
+
+
+def test_plan_at_80_columns_keeps_every_figure_whole():
+    args = ["plan", "--image", "384", "--patch", "16", "--gpu", "a100"]
+    out = ok(*args, columns="80").stdout
+    assert_fits(out, 80)
+    data = json.loads(ok(*args, "--json").stdout)
+    got = cells(out)
+    t, a, m = data["tokens"], data["attention_maps"], data["memory_bytes"]
+    expected = [f"{t['grid_h']} x {t['grid_w']}", f"{t['patches']:,}", f"{t['total']:,}",
+                f"{a['elements_per_head']:,} elements", f"{a['elements_per_layer']:,} elements",
+                fmt_bytes(a["bytes_per_layer"])]
+    expected += [f"{v:,}" for v in data["params"].values()]
+    for key in ("weights", "gradients", "optimizer_states", "inputs", "activations", "autocast_weight_copies",
+                "transient", "peak", "peak_reserved"):
+        expected += [f"{m[key]:,}", fmt_bytes(m[key]), f"{100 * m[key] / data['gpu']['usable_memory_bytes']:.1f}%"]
+    missing = [e for e in expected if e not in got]
+    assert missing == []
+    assert f"largest batch that fits: {data['max_batch_size']:,}" in out
+
+
+def test_compare_at_80_columns_keeps_every_figure_and_ratio_whole():
+    args = ["compare", "--patch", "8,14,16,32", "--image", "224,384", "--gpu", "a100"]
+    out = ok(*args, columns="80").stdout
+    assert_fits(out, 80)
+    reports = json.loads(ok(*args, "--json").stdout)
+    assert len(reports) == 8
+    got = cells(out)
+    base = reports[0]
+
+    def figures(r: dict) -> list[tuple[float, str]]:
+        return [(r["tokens"]["total"], f"{r['tokens']['total']:,}"),
+                (r["attention_maps"]["elements_per_head"], f"{r['attention_maps']['elements_per_head']:,}"),
+                (r["macs"]["forward_per_image"], f"{r['macs']['forward_per_image'] / 1e9:.2f}"),
+                (r["memory_bytes"]["activations"], fmt_bytes(r["memory_bytes"]["activations"])),
+                (r["memory_bytes"]["peak"], fmt_bytes(r["memory_bytes"]["peak"]))]
+
+    expected = []
+    for r in reports:
+        expected += [str(r["inputs"]["image_h"]), str(r["inputs"]["patch"]), f"{r['max_batch_size']:,}",
+                     "yes" if r["fits"] else "no"]
+        for (value, text), (ref, _) in zip(figures(r), figures(base)):
+            expected.append(text)
+            if r is not base:
+                expected.append(f"{value / ref:.3g}x")
+    missing = [e for e in expected if e not in got]
+    assert missing == []
+
+
+def test_gpus_at_80_columns_keeps_every_name_and_figure_whole():
+    out = ok("gpus", columns="80").stdout
+    assert_fits(out, 80)
+    profiles = json.loads(ok("gpus", "--json").stdout)
+    got = cells(out)
+    # two A100 profiles once showed as "a100-…": every name is a cell of its own
+    for p in profiles:
+        for text in (p["name"], fmt_bytes(int(p["memory_mib"] * 2**20)), fmt_bytes(p["usable_memory_bytes"]),
+                     f"{p['memory_bandwidth_gb_per_s']:g}", f"{p['dense_tflops']['bf16']:g}",
+                     f"{p['dense_tflops']['fp32']:g}", f"{p['interconnect']['gb_per_s_per_direction']:g}"):
+            assert text in got, (p["name"], text)
+    # display names wrap at spaces, never inside a word
+    table_words = " ".join(got).split()
+    for p in profiles:
+        for word in p["display_name"].split():
+            assert word in table_words, (p["name"], word)
+    # the aliases follow the table: each one whole, on its profile's line
+    alias_words = [w.strip(",:") for w in out.split("aliases", 1)[1].split()]
+    for p in profiles:
+        assert p["name"] in alias_words
+        for alias in p["aliases"]:
+            assert alias in alias_words, alias
+
+
+def test_piped_output_is_120_wide_unless_columns_says_otherwise():
+    args = ["plan", "--image", "384", "--patch", "16", "--gpu", "a100"]
+    widths = {}
+    for columns in (None, "100", "80"):
+        out = ok(*args, columns=columns).stdout
+        widths[columns] = max(len(line) for line in out.splitlines())
+    # the header line alone is longer than 120 characters: it is wrapped at whatever width there is
+    assert 110 < widths[None] <= 120 and 90 < widths["100"] <= 100 and 70 < widths["80"] <= 80
+
+
+def test_calibrate_table_at_80_columns():
+    pytest.importorskip("torch")
+    flags = ["--dim", "64", "--depth", "2", "--heads", "2", "--mlp-hidden", "256", "--classes", "10",
+             "--image", "64", "--patch", "16", "--precision", "fp32", "--device", "cpu", "--batch", "2"]
+    res = invoke("calibrate", *flags, columns="80")
+    assert res.exit_code == 0, res.stderr
+    assert_fits(res.stdout, 80)
+    peak = vitcost.plan(None, batch=2, precision="fp32", device="cpu", image=64, patch=16, dim=64, depth=2,
+                        heads=2, mlp_hidden=256, classes=10).memory.peak
+    # a byte figure and its size each whole, on lines of their own
+    assert {f"{peak:,}", f"({fmt_bytes(peak)})", "forward MACs per", "image"} <= cells(res.stdout)
+    # where there is room, on one line
+    wide = invoke("calibrate", *flags).stdout
+    assert f"{peak:,} ({fmt_bytes(peak)})" in cells(wide)
+
+
+def test_check_table_at_80_columns():
+    out = invoke("check", REPO / "examples" / "budgets.yaml", columns="80").stdout
+    assert_fits(out, 80)
+    assert {"train-b16-384", "finetune-l16-384", "serve-clip-l14"} <= cells(out)
+
+
 # --- 7. control characters from users' files ---------------------------------------------------
 
 

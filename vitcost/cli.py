@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import os
 import re
 import sys
 from enum import Enum
@@ -185,8 +186,14 @@ def _write(path: str, flag: str, text: str) -> None:
 
 
 def _console() -> Console:
-    # piped output is read whole: don't wrap tables at a terminal's default 80 columns
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    """stdout's console: COLUMNS wide when COLUMNS is set; else the terminal's width, or 120
+    columns when piped (read whole: no need to wrap at a terminal's default 80)."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        width: Optional[int] = int(columns)
+    else:
+        width = None if sys.stdout.isatty() else 120
+    return Console(highlight=False, width=width)
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -247,7 +254,7 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
     """List the GPU profiles vitcost ships, with aliases and usable memory."""
     from vitcost.api import usable_memory
     from vitcost.profiles import list_profiles, load_profile
-    from vitcost.render import fmt_bytes, plain
+    from vitcost.render import render_gpus
 
     rows = []
     for p in list_profiles():
@@ -257,18 +264,7 @@ def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profil
         print_json([{**p.model_dump(mode="json"), "name": p.name, "usable_memory_bytes": u,
                      "usable_memory_source": s} for p, u, s in rows])
         return
-    table = Table(title="GPU profiles (figures per GPU; dense peaks, FP32 accumulate)", title_justify="left")
-    table.add_column("name", no_wrap=True)  # what --gpu takes: never cut
-    for col in ("aliases", "GPU", "memory", "usable", "GB/s", "bf16 TFLOP/s", "fp32 TFLOP/s", "link GB/s/dir"):
-        table.add_column(col)
-    for p, usable, source in rows:
-        table.add_row(
-            plain(p.name), plain(", ".join(p.aliases)), plain(p.display_name),
-            fmt_bytes(p.memory_bytes), fmt_bytes(usable) + (" (calibrated)" if source != "profile" else ""),
-            f"{p.memory_bandwidth_gb_per_s:g}", f"{p.dense_tflops.bf16:g}", f"{p.dense_tflops.fp32:g}",
-            f"{p.interconnect.gb_per_s_per_direction:g}",
-        )
-    _console().print(table)
+    render_gpus(rows, _console())
 
 
 # --- calibrate: prediction against a real torch step ----------------------------------------
@@ -390,11 +386,11 @@ def _render_calibration(run: Any, console: Console) -> None:
     console.print(Text(summary, style="bold green" if run.ok else "bold red"))
 
 
-def _value(n: Optional[int], unit: str, fmt_bytes: Callable[[int], str]) -> str:
+def _value(n: Optional[int], unit: str, fmt_bytes: Callable[[int], str], sep: str = " ") -> str:
     if n is None:
         return "-"
     if unit == "bytes":
-        return f"{n:,} ({fmt_bytes(n)})"
+        return f"{n:,}{sep}({fmt_bytes(n)})"
     return f"{n:,}"
 
 
@@ -405,32 +401,47 @@ def _status(cal: Any) -> Any:
         return Text("ok", style="green")
     if cal.status == "off":
         return Text("OFF", style="bold red")
-    return Text(escape_control(cal.message), style="yellow")
+    return Text(cal.status, style="yellow")  # out of memory, not run: the message follows the table
+
+
+def _narrow(console: Console, table: Table) -> bool:
+    """Whether ``table`` is wider than the console (and so would be wrapped or cut)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum > console.width
 
 
 def _calibration_table(cal: Any, console: Console, tol: str, fmt_bytes: Callable[[int], str]) -> None:
     from rich.text import Text
 
     what = "traced" if cal.method == "traced" else "measured"
-    table = Table(title=Text(f"Predicted against {what} ({escape_control(cal.label)}, {cal.device})"),
-                  title_justify="left")
-    table.add_column("figure")
-    table.add_column("predicted", justify="right")
-    table.add_column(what, justify="right")
-    table.add_column("difference", justify="right")
-    table.add_column("error", justify="right")
-    table.add_column(tol, justify="center")
-    for f in cal.figures:
-        diff = f.difference
-        table.add_row(
-            f.name, _value(f.predicted, f.unit, fmt_bytes), _value(f.measured, f.unit, fmt_bytes),
-            "-" if diff is None else f"{diff:+,}",
-            "-" if f.measured is None else _pct(f.error),
-            "-" if f.measured is None else ("[green]ok[/]" if f.within(cal.tolerance) else "[bold red]OFF[/]"),
-        )
-    if cal.status in ("ok", "off"):
-        table.caption = ("bytes at the peak by MemTracker category; 'end of forward' is what is live before backward"
-                         if cal.device == "cpu" else "CUDA: tensors rounded to 512-byte blocks, as the allocator does")
+
+    def build(sep: str) -> Table:
+        table = Table(title=Text(f"Predicted against {what} ({escape_control(cal.label)}, {cal.device})"),
+                      title_justify="left")
+        table.add_column("figure", overflow="fold")
+        for col in ("predicted", what, "difference"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column("error", justify="right", overflow="fold")
+        table.add_column(tol, justify="center", no_wrap=True)
+        for f in cal.figures:
+            diff = f.difference
+            table.add_row(
+                f.name, _value(f.predicted, f.unit, fmt_bytes, sep), _value(f.measured, f.unit, fmt_bytes, sep),
+                "-" if diff is None else f"{diff:+,}",
+                "-" if f.measured is None else _pct(f.error),
+                "-" if f.measured is None else ("[green]ok[/]" if f.within(cal.tolerance) else "[bold red]OFF[/]"),
+            )
+        if cal.status in ("ok", "off"):
+            table.caption = ("bytes at the peak by MemTracker category; 'end of forward' is what is live before "
+                             "backward" if cal.device == "cpu"
+                             else "CUDA: tensors rounded to 512-byte blocks, as the allocator does")
+        return table
+
+    # a byte figure and its size in MiB on one line; on two where one line would not fit
+    table = build(" ")
+    if _narrow(console, table):
+        table = build("\n")
     console.print(table)
     if cal.status not in ("ok", "off"):
         console.print(Text(escape_control(cal.message), style="bold yellow"))
@@ -444,12 +455,19 @@ def _calibration_table(cal: Any, console: Console, tol: str, fmt_bytes: Callable
 
 
 def _calibration_summary(run: Any, console: Console, tol: str, fmt_bytes: Callable[[int], str]) -> None:
+    from rich import box
+    from rich.text import Text
+
     first = run.results[0]
     what = "traced" if first.method == "traced" else "measured"
+    # dense, as compare's table: the figures keep their width at 80 columns, the text wraps
     table = Table(title=f"Predicted against {what}, every combination ({first.device}; tolerance {tol})",
-                  title_justify="left")
-    for col in ("image", "patch", "batch", "tokens", "predicted peak", f"{what} peak", "peak error", "worst figure", "status"):
-        table.add_column(col, justify="left" if col in ("worst figure", "status") else "right")
+                  title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    for col in ("image", "patch", "batch", "tokens", "predicted\npeak", f"{what}\npeak"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("peak\nerror", justify="right", overflow="fold")
+    table.add_column("worst figure", overflow="fold")
+    table.add_column("status", overflow="fold")
     for r in run.results:
         s = r.report.spec
         peak = next((f for f in r.figures if f.key == "peak_bytes"), None)
@@ -463,6 +481,9 @@ def _calibration_summary(run: Any, console: Console, tol: str, fmt_bytes: Callab
             _status(r),
         )
     console.print(table)
+    for r in run.results:
+        if r.status not in ("ok", "off"):
+            console.print(Text(f"{escape_control(r.label)}: {escape_control(r.message)}", style="yellow"))
 
 
 # --- CI budgets: export and check -------------------------------------------------------------
@@ -531,9 +552,8 @@ def _render_check(result: Any, console: Console) -> None:
     measured = result.measured is not None
     table = Table(title=plain(f"Budgets: {result.budget_file}"), title_justify="left")
     table.add_column("entry", overflow="fold")
-    for col in ("peak", "limit", *(["measured"] if measured else []), "fits", "GMACs", "max\nbatch"):
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("status")
+    for col in ("peak", "limit", *(["measured"] if measured else []), "fits", "GMACs", "max\nbatch", "status"):
+        table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
     for e in result.entries:
         r = e.evaluated.report
         table.add_row(

@@ -6,7 +6,9 @@ Display units only: bytes are shown in GiB/MiB (2**30, 2**20), MACs in G (1e9).
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
@@ -84,8 +86,8 @@ def tokens_table(report: Report) -> Table:
     t = report.tokens
     a = report.attention_maps
     table = Table(title="Tokens and attention maps", show_header=False, title_justify="left")
-    table.add_column("what")
-    table.add_column("value", justify="right")
+    table.add_column("what", overflow="fold")
+    table.add_column("value", justify="right", no_wrap=True)
     table.add_row("grid (h x w)", f"{t['grid_h']} x {t['grid_w']}")
     table.add_row("patch tokens", f"{t['patches']:,}")
     table.add_row("prefix tokens", f"{t['prefix']}")
@@ -100,11 +102,9 @@ def compute_table(report: Report) -> Table:
     """Parameters and MACs by component; FLOPs = 2 x MACs."""
     table = Table(title="Parameters and compute per image (1 MAC = 1 multiply-add; FLOPs = 2 x MACs)",
                   title_justify="left")
-    table.add_column("component")
-    table.add_column("params", justify="right")
-    table.add_column("forward MACs", justify="right")
-    table.add_column("forward FLOPs", justify="right")
-    table.add_column("train MACs", justify="right")
+    table.add_column("component", overflow="fold")
+    for col in ("params", "forward\nMACs", "forward\nFLOPs", "train\nMACs"):
+        table.add_column(col, justify="right", no_wrap=True)
     rows = [c for c in COMPONENT_ORDER if c in report.params or c in report.macs_forward]
     train = report.workload.training
     for path in rows:
@@ -131,11 +131,11 @@ def memory_table(report: Report) -> Table:
     title = "Memory per GPU" if gpu and gpu.gpus > 1 else "Memory"
     table = Table(title=f"{title} ({'peak of a steady-state training step' if report.workload.training else 'peak of a no_grad forward'})",
                   title_justify="left")
-    table.add_column("category")
-    table.add_column("bytes", justify="right")
-    table.add_column("", justify="right")
+    table.add_column("category", overflow="fold")
+    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("", justify="right", no_wrap=True)
     if usable:
-        table.add_column("of usable", justify="right")
+        table.add_column("of usable", justify="right", no_wrap=True)
     rows = [
         ("weights", m.weights),
         ("gradients", m.gradients),
@@ -193,31 +193,79 @@ def render_plan(report: Report, console: Console) -> None:
     console.print(Group(*parts))
 
 
+def _with_ratio(text: str, value: float, ref: float, first: bool) -> Text:
+    """A figure, and on a line of its own its ratio to the first row's: the cell stays as
+    narrow as the figure, so the table fits 80 columns without cutting either."""
+    cell = Text(text)
+    if ref and not first:
+        cell.append(f"\n{value / ref:.3g}x", style="dim")
+    return cell
+
+
 def render_compare(reports: list[Report], console: Console) -> None:
     base = reports[0]
     has_gpu = base.gpu is not None
-    table = Table(title="vitcost compare (ratios against the first row)", title_justify="left")
-    for col in ("image", "patch", "tokens", "attn elems/head", "GMACs/img", "activations", "peak"):
-        table.add_column(col, justify="right")
+    # numbers are never wrapped or cut; the table is dense (no outer edge, collapsed padding)
+    # so that even a GPU's two columns fit 80 columns
+    table = Table(title="vitcost compare (second lines: ratio to the first row)", title_justify="left",
+                  box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    for col in ("image", "patch", "tokens", "attn map\nper head", "GMACs\n/image", "saved for\nbackward", "peak"):
+        table.add_column(col, justify="right", no_wrap=True)
     if has_gpu:
-        table.add_column("fits", justify="center")
-        table.add_column("max batch", justify="right")
+        table.add_column("fits", justify="right", no_wrap=True)
+        table.add_column("max\nbatch", justify="right", no_wrap=True)
     for r in reports:
-        def ratio(value: float, ref: float) -> str:
-            return f" ({value / ref:.3g}x)" if ref and r is not base else ""
+        first = r is base
         row = [
-            f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h),
-            str(r.spec.patch),
-            f"{r.spec.tokens:,}{ratio(r.spec.tokens, base.spec.tokens)}",
-            f"{r.attention_maps['elements_per_head']:,}{ratio(r.attention_maps['elements_per_head'], base.attention_maps['elements_per_head'])}",
-            f"{r.macs_forward_per_image / 1e9:.2f}{ratio(r.macs_forward_per_image, base.macs_forward_per_image)}",
-            f"{fmt_bytes(r.memory.activations)}{ratio(r.memory.activations, base.memory.activations)}",
-            f"{fmt_bytes(r.peak_bytes)}{ratio(r.peak_bytes, base.peak_bytes)}",
+            Text(f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h)),
+            Text(str(r.spec.patch)),
+            _with_ratio(f"{r.spec.tokens:,}", r.spec.tokens, base.spec.tokens, first),
+            _with_ratio(f"{r.attention_maps['elements_per_head']:,}", r.attention_maps["elements_per_head"],
+                        base.attention_maps["elements_per_head"], first),
+            _with_ratio(f"{r.macs_forward_per_image / 1e9:.2f}", r.macs_forward_per_image,
+                        base.macs_forward_per_image, first),
+            _with_ratio(fmt_bytes(r.memory.activations), r.memory.activations, base.memory.activations, first),
+            _with_ratio(fmt_bytes(r.peak_bytes), r.peak_bytes, base.peak_bytes, first),
         ]
         if has_gpu:
-            row += ["yes" if r.gpu.fits else "no", f"{r.gpu.max_batch_size:,}"]
+            row += [Text("yes" if r.gpu.fits else "no"), Text(f"{r.gpu.max_batch_size:,}")]
         table.add_row(*row)
     console.print(Group(header(base), table))
     for r in reports:
         for w in r.warnings:
             console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
+
+
+def render_gpus(rows: list[tuple[Any, int, str]], console: Console) -> None:
+    """The GPU profiles: ``rows`` of (profile, usable bytes, where the usable figure comes from).
+
+    Fits 80 columns: the display name sits under the profile name (which is never cut), memory
+    and usable memory share a column, and the aliases follow the table, one profile a line."""
+    table = Table(title="GPU profiles (figures per GPU; dense peaks, FP32 accumulate)", title_justify="left")
+    table.add_column("name\nGPU", overflow="fold")
+    table.add_column("memory\nusable", justify="right", no_wrap=True)
+    table.add_column("GB/s", justify="right", no_wrap=True)
+    table.add_column("bf16\nTFLOP/s", justify="right", no_wrap=True)
+    table.add_column("fp32\nTFLOP/s", justify="right", no_wrap=True)
+    table.add_column("link\nGB/s/dir", justify="right", no_wrap=True)
+    calibrated = False
+    for p, usable, source in rows:
+        name = Text(escape_control(p.name), style="bold")
+        name.append("\n" + escape_control(p.display_name), style="dim")
+        memory = f"{fmt_bytes(p.memory_bytes)}\n{fmt_bytes(usable)}"
+        if source != "profile":
+            memory += "*"
+            calibrated = True
+        table.add_row(name, Text(memory), f"{p.memory_bandwidth_gb_per_s:g}", f"{p.dense_tflops.bf16:g}",
+                      f"{p.dense_tflops.fp32:g}", f"{p.interconnect.gb_per_s_per_direction:g}")
+    if calibrated:
+        table.caption = "* usable memory from a saved calibration (vitcost calibrate --save)"
+    console.print(table)
+    aliases = [(p.name, p.aliases) for p, _, _ in rows if p.aliases]
+    if aliases:
+        grid = Table.grid(padding=(0, 1), pad_edge=True)
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        for name, names in aliases:
+            grid.add_row(escape_control(name) + ":", ", ".join(escape_control(a) for a in names))
+        console.print(Text("aliases (--gpu takes these too)", style="bold"), grid)
