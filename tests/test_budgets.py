@@ -352,8 +352,8 @@ def test_malformed_baseline_exits_2(tmp_path, content, fragment):
 # --- malformed budget files: exit 2, one line naming file, entry and field -------------------------
 
 MALFORMED = [
-    ("bad-yaml", "budgets:\n  - name: a\n    image: [384\n", "line 4: malformed YAML"),
-    ("duplicate-key", "budgets:\n  - name: a\n    batch: 8\n    batch: 16\n", "line 4: malformed YAML: duplicate key 'batch'"),
+    ("bad-yaml", "budgets:\n  - name: a\n    image: [384\n", "malformed YAML at line 4"),
+    ("duplicate-key", "budgets:\n  - name: a\n    batch: 8\n    batch: 16\n", "malformed YAML at line 4: duplicate key 'batch'"),
     ("unknown-top-key", "budget:\n  - name: a\n", "budget: unknown key; did you mean 'budgets'?"),
     ("unknown-entry-key", {"budgets": [{"name": "a", "imgae": 384}]}, "entry 'a': imgae: unknown key; did you mean 'image'?"),
     ("unknown-limits-key", {"budgets": [{"name": "a", "limits": {"peak_gib": 3}}]},
@@ -406,7 +406,7 @@ def test_malformed_file_exits_2_with_one_line(tmp_path, case, content, fragment)
 def test_malformed_json_budget_file(tmp_path):
     path = write(tmp_path, '{"budgets": [\n', "budgets.json")
     res = cli("check", path)
-    assert res.exit_code == 2 and res.stderr.startswith(f"Error: {path}: line 2: malformed JSON")
+    assert res.exit_code == 2 and res.stderr.startswith(f"Error: {path}: malformed JSON at line 2")
 
 
 def test_json_budget_file_is_accepted(tmp_path):

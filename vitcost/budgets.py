@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitcost.errors import BudgetFileError, ConfigError, ProfileError, UnknownNameError
+from vitcost.files import load_json, load_yaml, read_text
 from vitcost.specs import AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
 
 SCHEMA_VERSION = 1
@@ -47,6 +47,10 @@ _IMAGE = re.compile(r"^\s*\d+\s*(?:[xX]\s*\d+\s*)?$")
 _GPU_LIMITS = ("peak_memory_percent", "min_headroom_bytes", "min_headroom_gib", "min_max_batch_size")
 
 
+_MAX_BYTES = 1 << 50  # 1 PiB: no GPU comes near
+_MAX_GIB = float(1 << 20)
+
+
 class Limits(BaseModel):
     """What one configuration must stay within; a limit left out is not checked."""
 
@@ -55,14 +59,14 @@ class Limits(BaseModel):
         {"required": ["min_headroom_bytes", "min_headroom_gib"]},
     ]}})
 
-    peak_memory_bytes: Optional[int] = Field(None, ge=0, strict=True, description="Largest allowed peak memory per GPU, bytes.")
-    peak_memory_gib: Optional[float] = Field(None, ge=0, strict=True, description="Largest allowed peak memory per GPU, GiB (2**30 bytes).")
-    peak_memory_percent: Optional[float] = Field(None, gt=0, le=100, strict=True, description="Largest allowed peak memory, percent of the GPU's usable memory (needs gpu).")
-    min_headroom_bytes: Optional[int] = Field(None, ge=0, strict=True, description="Smallest allowed usable memory left at the peak, bytes (needs gpu).")
-    min_headroom_gib: Optional[float] = Field(None, ge=0, strict=True, description="Smallest allowed usable memory left at the peak, GiB (needs gpu).")
+    peak_memory_bytes: Optional[int] = Field(None, ge=0, le=_MAX_BYTES, strict=True, description="Largest allowed peak memory per GPU, bytes.")
+    peak_memory_gib: Optional[float] = Field(None, ge=0, le=_MAX_GIB, strict=True, allow_inf_nan=False, description="Largest allowed peak memory per GPU, GiB (2**30 bytes).")
+    peak_memory_percent: Optional[float] = Field(None, gt=0, le=100, strict=True, allow_inf_nan=False, description="Largest allowed peak memory, percent of the GPU's usable memory (needs gpu).")
+    min_headroom_bytes: Optional[int] = Field(None, ge=0, le=_MAX_BYTES, strict=True, description="Smallest allowed usable memory left at the peak, bytes (needs gpu).")
+    min_headroom_gib: Optional[float] = Field(None, ge=0, le=_MAX_GIB, strict=True, allow_inf_nan=False, description="Smallest allowed usable memory left at the peak, GiB (needs gpu).")
     must_fit: Optional[bool] = Field(None, strict=True, description="true: the peak must fit the GPU's usable memory (needs gpu); false checks nothing.")
-    max_gmacs_per_image: Optional[float] = Field(None, ge=0, strict=True, description="Largest allowed forward MACs per image, in GMACs (1e9).")
-    min_max_batch_size: Optional[int] = Field(None, ge=0, strict=True, description="Smallest allowed largest-batch-that-fits (global batch; needs gpu).")
+    max_gmacs_per_image: Optional[float] = Field(None, ge=0, le=1e12, strict=True, allow_inf_nan=False, description="Largest allowed forward MACs per image, in GMACs (1e9).")
+    min_max_batch_size: Optional[int] = Field(None, ge=0, le=1 << 40, strict=True, description="Smallest allowed largest-batch-that-fits (global batch; needs gpu).")
 
     @model_validator(mode="after")
     def _one_unit_each(self) -> "Limits":
@@ -76,8 +80,8 @@ class Limits(BaseModel):
         return [k for k in _GPU_LIMITS if getattr(self, k) is not None] + (["must_fit"] if self.must_fit else [])
 
 
-PositiveInt = Annotated[int, Field(gt=0, strict=True)]
-NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
+PositiveInt = Annotated[int, Field(gt=0, le=1 << 40, strict=True)]  # plan's own bounds are tighter
+NonNegativeInt = Annotated[int, Field(ge=0, le=1 << 40, strict=True)]
 StrictBool = Annotated[bool, Field(strict=True)]
 
 
@@ -113,7 +117,7 @@ class BudgetEntry(BaseModel):
     dim: Optional[PositiveInt] = None
     depth: Optional[PositiveInt] = None
     heads: Optional[PositiveInt] = None
-    mlp_ratio: Optional[float] = Field(None, gt=0, strict=True)
+    mlp_ratio: Optional[float] = Field(None, gt=0, le=64, strict=True, allow_inf_nan=False)
     mlp_hidden: Optional[PositiveInt] = None
     channels: Optional[PositiveInt] = None
     class_token: Optional[StrictBool] = None
@@ -197,50 +201,18 @@ def resolve_gpu(gpu: str, base_dir: Path) -> str:
 
 
 def _read_text(path: Path, what: str = "") -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        raise BudgetFileError(f"{path}: {what}file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise BudgetFileError(f"{path}: {what}cannot be read ({getattr(err, 'strerror', None) or err})") from None
+    return read_text(path, BudgetFileError, f"{path}: {what}")
 
 
 def _json_loads(path: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as err:
-        line = getattr(err, "lineno", None)
-        at = f"line {line}: " if line else ""
-        raise BudgetFileError(f"{path}: {at}malformed JSON: {getattr(err, 'msg', err)}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error, not the last one wins."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+    return load_json(text, str(path), BudgetFileError)
 
 
 def _parse_data(path: Path, text: str) -> Any:
-    """YAML, or JSON for a ``.json`` file, with the line of a syntax error."""
+    """YAML, or JSON for a ``.json`` file (no key twice in a mapping, in either)."""
     if path.suffix.lower() == ".json":
         return _json_loads(path, text)
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(err, "problem", None) or "cannot be parsed"
-        raise BudgetFileError(f"{path}: {at}malformed YAML: {problem}") from None
+    return load_yaml(text, str(path), BudgetFileError)
 
 
 def load_budget_file(path: Union[str, Path]) -> BudgetFile:
@@ -585,8 +557,10 @@ def load_baseline(path: Union[str, Path]) -> dict[str, dict[str, Any]]:
                 value = _figure(report, figure)
             except (KeyError, TypeError):
                 raise BudgetFileError(f"{path}: baseline entry {name!r}: report.{figure}: missing") from None
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise BudgetFileError(f"{path}: baseline entry {name!r}: report.{figure}: expected a whole number >= 0")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 60:
+                raise BudgetFileError(f"{path}: baseline entry {name!r}: report.{figure}: expected a whole number, 0 to 2**60")
+        if name in out:
+            raise BudgetFileError(f"{path}: baseline entry {name!r} is given twice")
         out[name] = report
     return out
 
@@ -639,8 +613,8 @@ def load_measured(path: Union[str, Path]) -> list[Measured]:
             peak = None  # out of memory, or not run: no figures
         else:
             peak = m.get("peak_bytes") if isinstance(m, dict) else None
-            if not isinstance(peak, int) or isinstance(peak, bool) or peak < 0:
-                raise BudgetFileError(f"{where}: measured.peak_bytes: expected a whole number of bytes >= 0")
+            if not isinstance(peak, int) or isinstance(peak, bool) or not 0 <= peak <= _MAX_BYTES:
+                raise BudgetFileError(f"{where}: measured.peak_bytes: expected a whole number of bytes, 0 to 2**50")
         name = row.get("name")
         if name is not None and not isinstance(name, str):
             raise BudgetFileError(f"{where}: name: expected a string")

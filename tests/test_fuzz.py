@@ -1,0 +1,160 @@
+"""Fuzzing the command line: random command lines over ``plan`` and ``compare``, random budget
+files through ``check``, random GPU profile files through ``--gpu``. Whatever the input, the
+outcome is exit 0 with output, or a non-zero exit with exactly one ``Error:`` line on stderr
+and nothing on stdout: never a traceback, never another exception. Bounded to ~30 s."""
+
+from __future__ import annotations
+
+import math
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from vitcost.cli import app
+
+from conftest import TEST_PROFILE
+
+runner = CliRunner()
+
+# Values that have broken parsers before, and plain good ones.
+WEIRD = ["", " ", "0", "-1", "1", "3", "16", "224", "384x256", "inf", "-inf", "nan", "1e300", "1e-320",
+         "9" * 40, "9" * 5000, "３８４", "２", "0x10", "1_000", "\x1b[31m", "a,b", ",", "16,", "8,16,x",
+         "../../etc/passwd", "/dev/zero", "vit-b", "vit_base_patch16_38", "a100", "h100", "fp8"]
+NUMBERS = st.one_of(st.integers(-5, 2000), st.integers(-(10**30), 10**30).map(str),
+                    st.sampled_from(["inf", "nan", "1e308", "9" * 5000, "1.5", "-0"]))
+FLAGS = {
+    "--model": st.sampled_from(["vit-ti", "vit-b", "vit_small_patch16_224", "deit_tiny_distilled_patch16_224",
+                                "vit_large_patch14_reg4_dinov2", "vit-bb", "vit_base_patch16_38", ""]),
+    "--image": st.one_of(NUMBERS, st.sampled_from(["224", "64x48", "384,224", "", "x", "３８４"])),
+    "--patch": st.one_of(NUMBERS, st.sampled_from(["16", "8,16", "１６", ""])),
+    "--batch": NUMBERS, "--depth": NUMBERS, "--dim": NUMBERS, "--heads": NUMBERS,
+    "--mlp-ratio": NUMBERS, "--mlp-hidden": NUMBERS, "--registers": NUMBERS, "--classes": NUMBERS,
+    "--channels": NUMBERS,
+    "--mode": st.sampled_from(["train", "infer", "eval", ""]),
+    "--precision": st.sampled_from(["fp32", "bf16", "amp-bf16", "amp-fp16", "fp8"]),
+    "--attention": st.sampled_from(["sdpa", "eager", "eager-postscale", "flash"]),
+    "--optimizer": st.sampled_from(["adamw", "sgd", "sgd-momentum", "lion"]),
+    "--checkpointing": st.sampled_from(["none", "full", "half"]),
+    "--gpu": st.sampled_from(["a100", "rtx3090", "8xa100", "h200", "", "a1000", "/dev/zero", "nope.yaml"]),
+    "--allocator": st.sampled_from(["native", "expandable", "cached"]),
+    "--device": st.sampled_from(["cuda", "cpu", "tpu"]),
+    "--pos-embed": st.sampled_from(["learned", "sincos", "none", "rope"]),
+    "--pool": st.sampled_from(["token", "avg", "max"]),
+}
+SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias"]
+
+
+@st.composite
+def command_lines(draw):
+    command = draw(st.sampled_from(["plan", "compare"]))
+    args = [command]
+    for flag in draw(st.lists(st.sampled_from(sorted(FLAGS)), max_size=5, unique=True)):
+        args += [flag, str(draw(FLAGS[flag]))]
+    args += draw(st.lists(st.sampled_from(SWITCHES), max_size=2, unique=True))
+    if draw(st.booleans()):
+        args.append(draw(st.sampled_from(WEIRD)))  # a stray argument
+    # small sizes keep the allocator's work (the fit) fast
+    if "--model" not in args and "--dim" not in args:
+        args += ["--model", "vit-ti"]
+    return args
+
+
+def assert_clean(result, args) -> None:
+    """Exit 0 with output, or one ``Error:`` line and a non-zero exit; nothing else."""
+    exc = result.exception
+    assert exc is None or isinstance(exc, SystemExit), (args, repr(exc))
+    if result.exit_code == 0:
+        assert result.stdout, args
+        return
+    assert result.exit_code in (1, 2), (args, result.exit_code)
+    assert result.stdout == "", (args, result.stdout[:200])
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), (args, result.stderr[:500])
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(args=command_lines())
+def test_fuzzed_command_lines(args):
+    assert_clean(runner.invoke(app, args), args)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.integers(-(10**400), 10**400),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                    st.sampled_from(["vit-b", "a100", "train", "amp-bf16", "1e308", ".inf", "\x1b[2J"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                      max_leaves=8)
+ENTRY_KEYS = ["name", "model", "image", "patch", "batch", "mode", "precision", "attention", "optimizer", "gpu",
+              "keep_grads", "checkpointing", "limits", "dim", "depth", "heads", "mlp_ratio", "classes"]
+LIMIT_KEYS = ["peak_memory_gib", "peak_memory_bytes", "peak_memory_percent", "min_headroom_gib", "must_fit",
+              "max_gmacs_per_image", "min_max_batch_size"]
+
+
+def _yaml(data) -> str:
+    try:
+        return yaml.safe_dump(data, allow_unicode=True)
+    except (yaml.YAMLError, ValueError, OverflowError):  # something PyYAML itself cannot write
+        return "budgets: []\n"
+
+
+@st.composite
+def budget_texts(draw):
+    entries = []
+    for _ in range(draw(st.integers(0, 2))):
+        entry = {"name": draw(st.text(min_size=1, max_size=10)), "model": "vit-ti", "image": 64, "patch": 16}
+        for key in draw(st.lists(st.sampled_from(ENTRY_KEYS), max_size=3, unique=True)):
+            entry[key] = draw(VALUES)
+        if draw(st.booleans()):
+            entry["limits"] = {k: draw(st.one_of(VALUES, st.floats(), st.integers(-(10**400), 10**400)))
+                               for k in draw(st.lists(st.sampled_from(LIMIT_KEYS), max_size=3, unique=True))}
+        entries.append(entry)
+    data = {"version": draw(st.sampled_from([1, 1, 1, 2, "1", None])), "budgets": entries}
+    text = _yaml(data)
+    return draw(st.sampled_from([text, text + "budgets: []\n", "[" * 3000, "a: 9" + "9" * 5000, text.replace(": ", ":")]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=budget_texts(), as_json=st.booleans())
+def test_fuzzed_budget_files(tmp_path, text, as_json):
+    path = tmp_path / ("b.json" if as_json else "b.yaml")
+    if as_json:
+        try:
+            import json
+
+            text = json.dumps(yaml.safe_load(text))
+        except Exception:
+            text = "{" * 3000
+    path.write_text(text)
+    args = ["check", str(path)]
+    assert_clean(runner.invoke(app, args), args)
+
+
+@st.composite
+def profile_texts(draw):
+    data = dict(TEST_PROFILE)
+    for key in draw(st.lists(st.sampled_from(sorted(TEST_PROFILE) + ["allocator_reserve_fraction", "name"]),
+                             max_size=3, unique=True)):
+        if draw(st.booleans()):
+            data.pop(key, None)
+        else:
+            data[key] = draw(st.one_of(VALUES, st.floats(), st.integers(-(10**400), 10**400)))
+    return _yaml(data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=profile_texts())
+def test_fuzzed_profile_files(tmp_path, text):
+    path = tmp_path / "card.yaml"
+    path.write_text(text)
+    args = ["plan", "--model", "vit-ti", "--image", "64", "--gpu", str(path), "--json"]
+    result = runner.invoke(app, args)
+    assert_clean(result, args)
+    if result.exit_code == 0:  # whatever was accepted prints valid JSON: no Infinity, no NaN
+        import json
+
+        data = json.loads(result.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        assert math.isfinite(data["gpu"]["step_seconds_lower_bound"])
