@@ -88,3 +88,48 @@ def test_a_calibration_no_gpu_can_have_is_one_line(tmp_path, monkeypatch, entry,
     monkeypatch.setenv("VITCOST_CALIBRATION", str(path))
     line = one_line_error("plan", "--gpu", "a100")
     assert str(path) in line and fragment in line
+
+
+# --- budget, baseline and measured files --------------------------------------------------------
+
+ENTRY = "budgets:\n  - name: a\n    model: vit-ti\n    image: 64\n"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    (ENTRY + "    limits: {peak_memory_gib: .inf}\n", "limits.peak_memory_gib"),
+    (ENTRY + "    limits: {peak_memory_gib: 1e308}\n", "limits.peak_memory_gib"),
+    (ENTRY + "    limits: {peak_memory_bytes: " + "9" * 400 + "}\n", "limits.peak_memory_bytes"),
+    (ENTRY + "    limits: {min_max_batch_size: " + "9" * 5000 + "}\n", "more digits than any figure can have"),
+    ("budgets: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    (ENTRY + "    batch: " + "9" * 400 + "\n", "batch"),
+])
+def test_budget_files_with_absurd_numbers_are_one_line(tmp_path, text, fragment):
+    path = tmp_path / "b.yaml"
+    path.write_text(text)
+    line = one_line_error("check", str(path), code=2)
+    assert str(path) in line and fragment in line
+
+
+def test_a_key_twice_in_a_json_budget_file_is_an_error(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text('{"version": 1, "version": 1, "budgets": []}')
+    assert "duplicate key 'version'" in one_line_error("check", str(path), code=2)
+
+
+def test_a_baseline_entry_twice_is_an_error(tmp_path):
+    budget = tmp_path / "b.yaml"
+    budget.write_text(ENTRY)
+    baseline = tmp_path / "base.json"
+    assert runner.invoke(app, ["export", str(budget), "--out", str(baseline)]).exit_code == 0
+    data = json.loads(baseline.read_text())
+    data["entries"] *= 2
+    baseline.write_text(json.dumps(data))
+    assert "baseline entry 'a' is given twice" in one_line_error("check", str(budget), "--baseline", str(baseline), code=2)
+
+
+def test_a_budget_file_that_is_a_fifo_is_refused_unread(tmp_path):
+    import os
+
+    fifo = tmp_path / "b.yaml"
+    os.mkfifo(fifo)
+    assert "not a regular file" in one_line_error("check", str(fifo), code=2)
