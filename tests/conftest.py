@@ -28,6 +28,12 @@ def cpu_workload(**overrides) -> Workload:
     return make_workload(**{"batch": 2, "precision": "fp32", "device": "cpu", **overrides})
 
 
+@pytest.fixture(autouse=True)
+def _no_columns(monkeypatch):
+    """Tables follow COLUMNS when it is set: a shell that exports it would change them."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_saved_calibration(tmp_path_factory):
     """A calibration saved on the developer's machine would change every usable-memory figure:

@@ -133,3 +133,15 @@ def test_a_budget_file_that_is_a_fifo_is_refused_unread(tmp_path):
     fifo = tmp_path / "b.yaml"
     os.mkfifo(fifo)
     assert "not a regular file" in one_line_error("check", str(fifo), code=2)
+
+
+# --- compare's lists ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compare", "--image", "", "--patch", "16"], "--image"),       # used to fall back to 224
+    (["compare", "--image", "224,", "--patch", "16"], "--image"),
+    (["compare", "--patch", "１６"], "'１６' is not a whole number"),  # plan refuses it too
+    (["compare", "--patch", "9" * 5000], "(5000 characters)"),
+])
+def test_compare_lists_take_sizes_only(args, fragment):
+    assert fragment in one_line_error(*args, code=2)

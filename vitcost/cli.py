@@ -223,11 +223,22 @@ def _int_list(text: Optional[str], flag: str) -> list[Optional[int]]:
     values = []
     for part in text.split(","):
         part = part.strip()
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise typer.BadParameter(f"{part!r} is not a whole number", param_hint=flag) from None
+        # ASCII digits only, as plan's own integer options take them (int() also reads '１６')
+        if not re.fullmatch(r"-?[0-9]{1,9}", part):
+            shown = repr(part) if len(part) <= 40 else f"{part[:20]!r}...({len(part)} characters)"
+            raise typer.BadParameter(f"{shown} is not a whole number", param_hint=flag)
+        values.append(int(part))
     return values
+
+
+def _image_list(text: Optional[str]) -> Optional[list[str]]:
+    """``--image 224,384``: every part a size (an empty one is an error, not the default)."""
+    if text is None:
+        return None
+    parts = [s.strip() for s in text.split(",")]
+    if not all(parts):
+        raise typer.BadParameter(f"{text!r}: a size like 384 or 384x256 between every comma", param_hint="--image")
+    return parts
 
 
 @app.command()
@@ -241,7 +252,7 @@ def compare(
     from vitcost.api import compare as run_compare
     from vitcost.render import render_compare
 
-    images = [s.strip() for s in image.split(",")] if image else None
+    images = _image_list(image)
     reports = run_compare(image=images, patch=_int_list(patch, "--patch"), **plan_kwargs(opts))
     if opts["json_out"]:
         print_json([r.to_dict() for r in reports])
@@ -299,7 +310,7 @@ def calibrate(
     if save and not opts.get("gpu"):
         raise typer.BadParameter("keys the calibration by GPU profile: add --gpu PROFILE (see 'vitcost gpus')",
                                  param_hint="--save")
-    images = [s.strip() for s in image.split(",") if s.strip()] if image else None
+    images = _image_list(image)
     kw = plan_kwargs(opts)
     with _calibrate_progress() as bar:
         task = bar.add_task("calibrating", total=None)

@@ -67,7 +67,7 @@ class GPUProfile(BaseModel):
     aliases: tuple[str, ...] = ()
     gpus: int = Field(default=1, gt=0, le=65536, strict=True)
     memory_mib: int = Field(gt=0, le=1 << 24, strict=True)  # up to 16 TiB per GPU
-    cuda_context_mib: int = Field(gt=0, strict=True)
+    cuda_context_mib: int = Field(gt=0, le=1 << 24, strict=True)
     library_workspace_mib: float = Field(ge=0, le=1 << 24, strict=True, allow_inf_nan=False)
     overheads_source: str = Field(min_length=1)
     memory_bandwidth_gb_per_s: float = Field(ge=1, le=1e6, strict=True, allow_inf_nan=False)
