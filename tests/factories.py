@@ -42,9 +42,11 @@ class LayerScale(nn.Module):
 class TimmLikeViT(nn.Module):
     """The attribute names and forward of timm's ``VisionTransformer`` (class token, learned
     position embedding after the prefix, token pooling). ``init_values`` adds timm's
-    layer-scale, which vitcost does not model."""
+    layer-scale; ``norm_pre`` the LayerNorm before the blocks of timm's CLIP towers, which
+    vitcost does not model."""
 
-    def __init__(self, attention: str = "sdpa", init_values: float | None = None, **kw) -> None:
+    def __init__(self, attention: str = "sdpa", init_values: float | None = None, norm_pre: bool = False,
+                 **kw) -> None:
         super().__init__()
         spec = _spec(**kw)
         inner = build(spec, attention=attention)
@@ -59,6 +61,7 @@ class TimmLikeViT(nn.Module):
             blk.attn.num_heads = blk.attn.heads
             blk.ls1 = LayerScale(spec.dim, init_values) if init_values else nn.Identity()
             blk.ls2 = LayerScale(spec.dim, init_values) if init_values else nn.Identity()
+        self.norm_pre = nn.LayerNorm(spec.dim) if norm_pre else nn.Identity()
         self.norm = inner.norm
         self.head = inner.head
         self.embed_dim = spec.dim
@@ -69,6 +72,7 @@ class TimmLikeViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm_pre(x)
         for blk in self.blocks:
             x = x + blk.ls1(blk.attn(blk.norm1(x)))
             x = x + blk.ls2(blk.mlp(blk.norm2(x)))
@@ -81,8 +85,14 @@ def timm_like(**kw) -> nn.Module:
 
 
 def timm_like_layerscale(**kw) -> nn.Module:
-    """A timm ViT with layer-scale: parameters, activations and peak differ from the analytic model."""
+    """A timm ViT with layer-scale (DINOv2, DeiT III): read from its blocks' ``ls1.gamma``."""
     return TimmLikeViT(init_values=1e-5, **kw)
+
+
+def timm_like_norm_pre(**kw) -> nn.Module:
+    """A timm ViT with a LayerNorm before the blocks (CLIP towers): not modelled, so the
+    prediction is off."""
+    return TimmLikeViT(norm_pre=True, **kw)
 
 
 class HFLikeViT(nn.Module):

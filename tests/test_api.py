@@ -369,3 +369,19 @@ def test_plan_does_not_import_torch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_a_feature_backbone_trains_with_a_stated_default_head():
+    """vit_large_patch14_reg4_dinov2 has no head: in train mode plan assumes timm's
+    1000-class linear head and says so, instead of failing."""
+    report = vitcost.plan("vit_large_patch14_reg4_dinov2", batch=2)
+    assert report.spec.classes == 1000 and report.workload.training
+    assert any("feature backbone" in w and "1000-class" in w for w in report.warnings)
+    assert vitcost.plan("vit_large_patch14_reg4_dinov2", mode="infer").spec.classes == 0
+    with pytest.raises(ConfigError, match="--classes"):
+        vitcost.plan(classes=0)  # asked for explicitly: still an error
+
+
+def test_layer_scale_with_checkpointing_is_refused_not_guessed():
+    with pytest.raises(ConfigError, match="--layer-scale with --checkpointing full"):
+        vitcost.plan("vit_base_patch14_dinov2", checkpointing="full")

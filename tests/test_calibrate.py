@@ -146,14 +146,22 @@ def test_eager_attention_backward_as_the_peak_exact(precision, batch):
 
 
 def test_a_wrong_prediction_is_caught():
-    """The same harness on a model the formulas do not describe: timm's layer-scale adds a
-    saved tensor per residual branch, and calibrate says so."""
-    run = calibrate(model_factory="tests.factories:timm_like_layerscale", batch=2, device="cpu", precision="fp32")
+    """The same harness on a model the formulas do not describe: the LayerNorm before the
+    blocks of timm's CLIP towers saves its input and adds 2 D parameters, and calibrate says so."""
+    run = calibrate(model_factory="tests.factories:timm_like_norm_pre", batch=2, device="cpu", precision="fp32")
     (cal,) = run.results
     assert cal.status == "off" and not run.ok
     assert cal.figure("end_of_forward_bytes").measured > cal.figure("end_of_forward_bytes").predicted
-    # 2 blocks x 2 LayerScale x 64 parameters were not predicted
-    assert cal.figure("parameters").measured - cal.figure("parameters").predicted == 2 * 2 * 64
+    assert cal.figure("parameters").measured - cal.figure("parameters").predicted == 2 * 64
+
+
+def test_a_timm_model_with_layer_scale_is_read_and_exact():
+    """timm's LayerScale (init_values, as in DINOv2 and DeiT III) is read from the blocks'
+    ls1.gamma and replayed: every figure equals MemTracker's."""
+    run = calibrate(model_factory="tests.factories:timm_like_layerscale", batch=2, device="cpu", precision="fp32")
+    (cal,) = run.results
+    assert cal.report.spec.layer_scale
+    assert_exact(cal)
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -209,7 +217,7 @@ def test_cli_out_file_is_read_by_check_measured(tmp_path):
 
 
 def test_cli_exits_1_beyond_the_tolerance_and_0_within_it():
-    args = ["--model-factory", "tests.factories:timm_like_layerscale", "--batch", "2", "--precision", "fp32"]
+    args = ["--model-factory", "tests.factories:timm_like_norm_pre", "--batch", "2", "--precision", "fp32"]
     res = invoke(*args)
     one_line_error(res, 1, "off by more than 2%")
     assert "OFF" in res.stdout  # the table still shows every figure
@@ -268,8 +276,8 @@ def test_read_architecture_of_a_timm_style_model():
     fields, how = read_architecture(timm_like(image_h=96, image_w=96, patch=8, classes=5))
     assert how == "timm attributes"
     assert fields == dict(patch=8, image=(96, 96), channels=3, dim=64, depth=2, heads=2, qkv_bias=True,
-                          mlp_hidden=256, class_token=True, dist_token=False, registers=0, pos_embed="learned",
-                          pos_embed_prefix=True, pooling="token", classes=5)
+                          mlp_hidden=256, layer_scale=False, class_token=True, dist_token=False, registers=0,
+                          pos_embed="learned", pos_embed_prefix=True, pooling="token", classes=5)
 
 
 def test_flags_override_what_the_model_says_and_name_it():

@@ -162,6 +162,8 @@ VARIANTS = {
     "one-channel": dict(channels=1),
     "odd-mlp": dict(mlp_hidden=100, depth=3),
     "wider": dict(dim=192, heads=3, mlp_hidden=768, depth=1),
+    "layer-scale": dict(layer_scale=True),
+    "layer-scale-registers": dict(layer_scale=True, registers=4, pos_embed_prefix=False),
 }
 
 

@@ -323,3 +323,21 @@ def test_no_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_dinov2_and_deit3_count_layer_scale():
+    """DINOv2 and DeiT III blocks carry LayerScale (timm init_values): two D-vectors per block.
+    vit_large_patch14_reg4_dinov2 is published by timm at 304.37 M parameters; counted here:
+    pos 37*37*1024 + patch (14*14*3 + 1)*1024 + (1 + 4)*1024 prefix
+    + 24 * (12*1024^2 + 13*1024 + 2*1024 LayerScale) + 2*1024 norm = 304,370,688."""
+    from vitcost.formulas import param_counts
+
+    spec = build_spec("vit_large_patch14_reg4_dinov2")
+    counts = param_counts(spec)
+    assert spec.layer_scale and counts["blocks/layer_scale"] == 24 * 2 * 1024
+    assert sum(counts.values()) == 304_370_688
+    deit3 = build_spec("deit3_base_patch16_224")
+    assert deit3.layer_scale and deit3.pos_embed_prefix is False and deit3.classes == 1000
+    # timm's deit3_base_patch16_224: 86.59 M (ViT-B/16 less the class token's position, plus LayerScale)
+    assert sum(param_counts(deit3).values()) == 86_567_656 - 768 + 12 * 2 * 768 == 86_585_320
+    assert not build_spec("vit_base_patch16_224").layer_scale

@@ -28,7 +28,8 @@ _SPEC_VARIANTS = [
     {}, dict(dist_token=True), dict(registers=4, pos_embed_prefix=False), dict(registers=1),
     dict(pooling="avg", class_token=False), dict(pooling="avg"), dict(pos_embed="sincos"),
     dict(pos_embed="none"), dict(pos_embed="none", class_token=False, pooling="avg"),
-    dict(qkv_bias=False), dict(pos_embed_prefix=False), dict(classes=0),
+    dict(qkv_bias=False), dict(pos_embed_prefix=False), dict(classes=0), dict(layer_scale=True),
+    dict(layer_scale=True, registers=4, pos_embed_prefix=False),
 ]
 
 

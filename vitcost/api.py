@@ -19,9 +19,11 @@ from vitcost.specs import ViTSpec, Workload, make_workload
 
 ImageSize = Union[int, str, tuple[int, int], None]
 
+BACKBONE_TRAINING_CLASSES = 1000  # timm's num_classes when a backbone is fine-tuned with a head
+
 _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
-    "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias",
+    "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
 )
 
 
@@ -123,6 +125,13 @@ def plan(
     ``native``, or ``expandable`` for ``expandable_segments:True``).
     """
     spec, warnings = make_model_spec(model, image=image, patch=patch, strict=strict, **arch)
+    if mode == "train" and not spec.classes and arch.get("classes") is None:
+        # a feature backbone (DINOv2) has no loss of its own: train it as timm would fine-tune it
+        spec = spec.model_copy(update={"classes": BACKBONE_TRAINING_CLASSES})
+        warnings = warnings + (f"{spec.name} is a feature backbone with no head: training is planned with "
+                               f"a {BACKBONE_TRAINING_CLASSES}-class linear head on the class token and "
+                               "cross-entropy (timm's default); --classes N for another head, --mode infer "
+                               "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing,
                       gpu=gpu, device=device, allocator=allocator)
@@ -144,6 +153,9 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         wl = _workload(*values)
     except TypeError:  # an unhashable argument: validation says what is wrong with it
         wl = _workload.__wrapped__(*values)
+    if spec.layer_scale and wl.training and wl.checkpointing.value != "none":
+        raise ConfigError("--layer-scale with --checkpointing full is not modelled yet (where the recompute "
+                          "stops changes); use --checkpointing none")
     if wl.training and not spec.classes:
         raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
                           "pass --classes N, or use --mode infer")

@@ -128,6 +128,7 @@ class BudgetEntry(BaseModel):
     pooling: Optional[Pooling] = None
     classes: Optional[NonNegativeInt] = None
     qkv_bias: Optional[StrictBool] = None
+    layer_scale: Optional[StrictBool] = None
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("image", mode="before")
@@ -574,7 +575,7 @@ def _parse_json(path: Path, what: str) -> Any:
 _MATCH_KEYS = ("model", "image", "image_h", "image_w", "patch", "batch", "mode", "precision", "attention",
                "optimizer", "keep_grads", "checkpointing", "device", "dim", "depth", "heads", "mlp_hidden",
                "channels", "class_token", "dist_token", "registers", "pos_embed", "pos_embed_prefix", "pooling",
-               "classes", "qkv_bias")
+               "classes", "qkv_bias", "layer_scale")
 # calibrate's row statuses: a step that ran has figures; these did not
 OUT_OF_MEMORY = "out of memory"
 _RAN = ("ok", "off")

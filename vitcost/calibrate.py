@@ -302,7 +302,7 @@ def read_architecture(model: Any) -> tuple[dict[str, Any], str]:
     if spec is not None and hasattr(spec, "dim") and hasattr(spec, "patch"):
         fields = {k: getattr(spec, k) for k in ("dim", "depth", "heads", "mlp_hidden", "channels", "class_token",
                                                  "dist_token", "registers", "pos_embed_prefix", "classes",
-                                                 "qkv_bias", "patch")}
+                                                 "qkv_bias", "layer_scale", "patch")}
         fields["pos_embed"] = spec.pos_embed.value
         fields["pooling"] = spec.pooling.value
         fields["image"] = (spec.image_h, spec.image_w)
@@ -365,6 +365,9 @@ def _read_timm(model: Any) -> dict[str, Any]:
         fc1 = getattr(getattr(blocks[0], "mlp", None), "fc1", None)
         if isinstance(fc1, torch.nn.Linear):
             out["mlp_hidden"] = fc1.out_features
+        ls1 = getattr(blocks[0], "ls1", None)
+        if ls1 is not None:  # timm's LayerScale (init_values), or Identity
+            out["layer_scale"] = isinstance(getattr(ls1, "gamma", None), torch.nn.Parameter)
     out["class_token"] = getattr(model, "cls_token", None) is not None
     out["dist_token"] = getattr(model, "dist_token", None) is not None
     reg = getattr(model, "reg_token", None)

@@ -139,6 +139,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("pool", Annotated[Optional[Pooling], typer.Option(help="Head on the class token or on the mean of the patch tokens.", rich_help_panel="Model")], None),
     ("classes", Annotated[Optional[int], typer.Option(help="Classes of the head (0: no head).", rich_help_panel="Model")], None),
     ("qkv_bias", Annotated[Optional[bool], typer.Option("--qkv-bias/--no-qkv-bias", help="Bias on the fused qkv projection.", rich_help_panel="Model")], None),
+    ("layer_scale", Annotated[Optional[bool], typer.Option("--layer-scale/--no-layer-scale", help="LayerScale on both residual branches (DINOv2, DeiT III).", rich_help_panel="Model")], None),
 ]
 
 

@@ -152,6 +152,7 @@ class Report:
                 "pooling": s.pooling.value,
                 "classes": s.classes,
                 "qkv_bias": s.qkv_bias,
+                "layer_scale": s.layer_scale,
             },
             "tokens": dict(self.tokens),
             "params": {**self.params, "total": self.params_total},

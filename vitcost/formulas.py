@@ -66,9 +66,10 @@ def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     ]
     if spec.qkv_bias:
         tensors.append(("attn/qkv/bias", 3 * d))
+    tensors += [("attn/proj/weight", d * d), ("attn/proj/bias", d)]
+    if spec.layer_scale:
+        tensors.append(("ls1/gamma", d))
     tensors += [
-        ("attn/proj/weight", d * d),
-        ("attn/proj/bias", d),
         ("norm2/weight", d),
         ("norm2/bias", d),
         ("mlp/fc1/weight", f * d),
@@ -76,6 +77,8 @@ def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
         ("mlp/fc2/weight", d * f),
         ("mlp/fc2/bias", d),
     ]
+    if spec.layer_scale:
+        tensors.append(("ls2/gamma", d))
     return tensors
 
 
@@ -124,6 +127,8 @@ def param_counts(spec: ViTSpec) -> dict[str, int]:
         "norm": layernorm_params(d),
         "head": (1 + int(spec.dist_token)) * linear_params(d, spec.classes) if spec.classes else 0,
     }
+    if spec.layer_scale:  # one D-vector per residual branch
+        counts["blocks/layer_scale"] = spec.depth * 2 * d
     return counts
 
 

@@ -417,8 +417,13 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
         r.free(p + "qs", p + "qkv")
     if sh.amp:
         r.free(p + "ln1")
-    r.alloc(p + "x1", sh.tok, keep)
-    r.free(p + "proj")
+    if spec.layer_scale:
+        _layer_scale_forward(r, sh, p, "ls1", "proj", grad)
+        r.alloc(p + "x1", sh.tok, keep)
+        r.free(p + "ls1")
+    else:
+        r.alloc(p + "x1", sh.tok, keep)
+        r.free(p + "proj")
     r.where = phase + ".mlp"
     _layernorm_forward(r, sh, p + "ln2", ln_cat, keep, grad)
     _linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
@@ -437,12 +442,45 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
         r.free(p + "gelu", p + "ln2")
     elif sh.amp:
         r.free(p + "ln2")
-    r.alloc(nxt, sh.tok, S if checkpointed else keep)
-    r.free(p + "fc2")
+    if spec.layer_scale:
+        _layer_scale_forward(r, sh, p, "ls2", "fc2", grad)
+        r.alloc(nxt, sh.tok, S if checkpointed else keep)
+        r.free(p + "ls2")
+    else:
+        r.alloc(nxt, sh.tok, S if checkpointed else keep)
+        r.free(p + "fc2")
     if not grad:
         r.free(p + "x1")
         if not checkpointed:
             r.free(p + "in")
+
+
+def _layer_scale_forward(r: Replay, sh: Shapes, p: str, name: str, branch: str, grad: bool) -> None:
+    """LayerScale, ``branch * gamma``: a new tensor in the promoted dtype (the fp32 of gamma
+    under autocast); the multiplication saves the branch output for gamma's gradient, which
+    otherwise dies when the scaled copy exists."""
+    r.alloc(p + name, sh.tok, F)
+    if grad:
+        r.retag(p + branch, S)
+    else:
+        r.free(p + branch)
+
+
+def _layer_scale_backward(r: Replay, gr: "_Grads", sh: Shapes, p: str, name: str, branch: str) -> None:
+    """MulBackward of ``branch * gamma`` given the residual's gradient: the branch's gradient ``g * gamma`` (cast
+    to the branch's low precision under autocast), and gamma's, ``g * branch`` summed to D.
+    The branch's gradient is named as the linear below expects its incoming gradient."""
+    gc = p + branch + ".gc"
+    r.alloc(p + "g." + name + ".x", sh.tok, B)  # g * gamma, in the promoted dtype
+    r.alloc(p + "g." + name + ".gamma", sh.tok, B)  # g * branch, before the sum over rows
+    if sh.amp:  # the engine casts a gradient to its input's dtype
+        r.alloc(gc, sh.tok_lo, B)
+        r.free(p + "g." + name + ".x")
+    else:
+        r.rename(p + "g." + name + ".x", gc)
+    gr.make_param(p + name + ".gamma", sh.d)
+    r.free(p + "g." + name + ".gamma", p + branch)  # the node is done: its saved branch output goes
+    gr.accumulate(p + name + ".gamma")
 
 
 def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpointed: bool = False) -> None:
@@ -635,6 +673,8 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
             r.alloc(p + "fc2.gc", sh.tok_lo, B)
         _block_forward(r, i, "", sh, spec, wl, True, recompute=True, label=label)
     r.where = f"backward: blocks.{label}.mlp"
+    if spec.layer_scale:
+        _layer_scale_backward(r, gr, sh, p, "ls2", "fc2")
     gfc2 = _linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",), early=ck)
     r.alloc(p + "g.gelu", sh.hid, B)
     r.free(gfc2, p + "fc1")
@@ -646,6 +686,8 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     gr.accumulate(p + "ln2.w", p + "ln2.b")
     r.where = f"backward: blocks.{label}.attn"
     sdpa = wl.attention == AttentionKernel.sdpa
+    if spec.layer_scale:
+        _layer_scale_backward(r, gr, sh, p, "ls1", "proj")
     gproj = _linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
                              () if sdpa else (p + "attn",))
     _attention_core_backward(r, sh, p, gproj, wl.attention)
@@ -827,6 +869,7 @@ _COMPONENT_OF = {
     **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
     **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic")},
     **{k: "blocks/mlp" for k in ("fc1", "gelu")},
+    **{k: "blocks/layer_scale" for k in ("proj", "fc2")},  # branch outputs LayerScale saves
     "in": "blocks/residual",
     **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled",
                                   "logp", "total_weight", "head.ic", "head_dist.ic")},
@@ -834,7 +877,7 @@ _COMPONENT_OF = {
 }
 
 
-def _saved_by_component(r: Replay, depth: int) -> dict[str, int]:
+def _saved_by_component(r: Replay, depth: int, layer_scale: bool) -> dict[str, int]:
     """Saved activations at the end of the forward pass, by component, summed over depth.
 
     Block 0's tensors stand for every block's (the others are held as lumps of the same
@@ -842,6 +885,8 @@ def _saved_by_component(r: Replay, depth: int) -> dict[str, int]:
     for the residual stream.
     """
     out = dict.fromkeys(dict.fromkeys(_COMPONENT_OF.values()), 0)
+    if not layer_scale:
+        del out["blocks/layer_scale"]
     for name, (nbytes, cat) in r.live.items():
         if cat != S or name.startswith(("mid.", "first.")):
             continue
@@ -937,7 +982,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     _epilogue_forward(r, spec, sh, train, checkpointed=ck)
     saved = r.cat[S]
     copies = r.cat[WC]
-    components = _saved_by_component(r, depth) if train and not r.FULL else {}
+    components = _saved_by_component(r, depth, spec.layer_scale) if train and not r.FULL else {}
     if train and spec.classes:
         gr = _Grads(r, sh, wl.keep_grads)
         g = _epilogue_backward(r, spec, sh, gr)

@@ -17,9 +17,11 @@ Two kinds of name are understood:
   - ``regN``: N register tokens; timm's register models use ``no_embed_class``, so the
     position embedding covers only the patch grid (``pos_embed_prefix=False``).
   - ``dinov2``: image 518 unless the name says otherwise, no classification head
-    (``classes=0``); non-register DINOv2 gives the class token a position. DINOv2's layer
-    scale (two D-vectors per block) is not modelled. DINOv2's *giant* is not ViT-g (it is
+    (``classes=0``); non-register DINOv2 gives the class token a position; LayerScale on
+    both residual branches (two D-vectors per block). DINOv2's *giant* is not ViT-g (it is
     wider and uses a SwiGLU MLP) and is rejected rather than guessed.
+  - ``deit3``: DeiT III (``deit3_base_patch16_224``): LayerScale, and no position for the
+    class token (``no_embed_class``).
   - ``clip``: the extra pre-norm LayerNorm of timm's CLIP towers is not modelled; the tower
     is treated as the plain ViT of that size.
   - no image size in the name: 224 (518 for DINOv2).
@@ -92,11 +94,14 @@ _TIMM_EXAMPLES: tuple[str, ...] = (
     "deit_tiny_distilled_patch16_224",
     "deit_small_distilled_patch16_224",
     "deit_base_distilled_patch16_384",
+    "deit3_small_patch16_224",
+    "deit3_base_patch16_224",
+    "deit3_large_patch16_384",
 )
 
 _PRESET_RE = re.compile(r"(?i:vit)[-_]([A-Za-z]+)(?:/([1-9][0-9]*))?")
 _TIMM_RE = re.compile(
-    r"(?P<family>vit|deit)"
+    r"(?P<family>vit|deit3|deit)"
     r"_(?P<size>tiny|small|medium|base|large|huge|giant|gigantic)"
     r"(?P<distilled>_distilled)?"
     r"_patch(?P<patch>[1-9][0-9]*)"
@@ -134,6 +139,7 @@ class ModelDefaults:
     registers: Optional[int] = None
     pos_embed_prefix: Optional[bool] = None
     classes: Optional[int] = None
+    layer_scale: Optional[bool] = None
 
     def spec_fields(self) -> dict[str, Any]:
         """The non-None fields, keyed by :class:`~vitcost.specs.ViTSpec` field names."""
@@ -237,6 +243,7 @@ def _resolve_timm(text: str) -> Optional[ModelDefaults]:
     if match is None:
         return None
     dinov2 = match["dinov2"] is not None
+    deit3 = match["family"] == "deit3"
     if dinov2 and match["size"] == "giant":
         raise UnknownNameError(
             f"unknown model {text!r}: DINOv2's giant is not ViT-g (it is wider, with a SwiGLU "
@@ -265,8 +272,10 @@ def _resolve_timm(text: str) -> Optional[ModelDefaults]:
         class_token=True,
         dist_token=match["distilled"] is not None,
         registers=registers,
-        pos_embed_prefix=registers == 0,  # timm's register models set no_embed_class
+        # timm's register models and DeiT III set no_embed_class: no position for the prefix
+        pos_embed_prefix=registers == 0 and not deit3,
         classes=0 if dinov2 else None,
+        layer_scale=True if dinov2 or deit3 else None,  # init_values: LayerScale on both branches
     )
 
 

@@ -71,17 +71,31 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """timm's LayerScale (not in place): the branch output times a learned D-vector."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool, kernel: str) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool, kernel: str,
+                 layer_scale: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, qkv_bias, kernel)
+        self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, hidden)
+        self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        x = x + self.ls2(self.mlp(self.norm2(x)))
         return x
 
 
@@ -123,7 +137,8 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         self.blocks = nn.ModuleList(
-            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention) for _ in range(spec.depth)
+            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale)
+            for _ in range(spec.depth)
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, spec.classes) if spec.classes else None

@@ -106,6 +106,7 @@ class ViTSpec(BaseModel):
     pooling: Pooling = Pooling.token
     classes: int = Field(default=1000, ge=0, le=MAX_CLASSES)
     qkv_bias: bool = True
+    layer_scale: bool = False  # LayerScale on both residual branches (timm init_values; DINOv2, DeiT III, CaiT)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":
