@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 from vitcost import formulas
 from vitcost.memory import MemoryResult
-from vitcost.program import candidate_totals, estimate_memory, peak_at
+from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
 
 SCHEMA_VERSION = 1
@@ -304,9 +304,7 @@ def max_batch_size(spec: ViTSpec, workload: Workload, budget_bytes: int) -> int:
     The answer does not depend on the batch asked about: it is worked out once per
     configuration without its batch (and budget), and kept.
     """
-    w = workload
-    key = (spec, w.mode, w.precision, w.attention, w.optimizer, w.keep_grads, w.checkpointing, w.device,
-           budget_bytes)
+    key = config_key(spec, workload) + (budget_bytes,)
     found = _MAX_BATCH.get(key)
     if found is None:
         if len(_MAX_BATCH) >= _MAX_BATCH_ENTRIES:

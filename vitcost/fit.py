@@ -22,7 +22,7 @@ from typing import Optional
 
 from vitcost.allocator import OutOfMemory, Stats, round_size, run_steps, segment_size
 from vitcost.estimate import _UNBOUNDED, max_batch_size
-from vitcost.program import peak_at
+from vitcost.program import config_key, peak_at
 from vitcost.memory import trace
 from vitcost.specs import Allocator, ViTSpec, Workload
 
@@ -34,15 +34,10 @@ _MAX: dict[tuple, int] = {}
 _MAX_MAX = 1 << 14
 
 
-def _config_key(spec: ViTSpec, wl: Workload) -> tuple:
-    """A configuration without its batch."""
-    return (spec, wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device)
-
-
 def _lines(spec: ViTSpec, wl: Workload, one: bool) -> tuple:
     """The first and the steady step's events as (keys, sizes at batch 0, sizes per image);
     batch 1 is its own."""
-    key = _config_key(spec, wl) + (one,)
+    key = config_key(spec, wl) + (one,)
     found = _LINES.get(key)
     if found is None:
         if one:
@@ -106,7 +101,7 @@ def max_batch_allocator(spec: ViTSpec, wl: Workload, capacity_bytes: int, alloca
     in the batch (the allocator's segments can fall either way): the answer is then a batch
     that fits next to one that does not, the first such found from above.
     """
-    key = _config_key(spec, wl) + (capacity_bytes, allocator, extra_bytes)
+    key = config_key(spec, wl) + (capacity_bytes, allocator, extra_bytes)
     found = _MAX.get(key)
     if found is None:
         found = _search(spec, wl, capacity_bytes, allocator, extra_bytes)

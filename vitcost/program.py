@@ -391,11 +391,15 @@ def structure_key(spec: ViTSpec, wl: Workload, one: Optional[bool] = None) -> tu
             wl.batch == 1 if one is None else one)
 
 
+def config_key(spec: ViTSpec, wl: Workload) -> tuple:
+    """A configuration without its batch: what the caches of per-batch answers are keyed by."""
+    return (spec, wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device)
+
+
 def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> Optional[tuple[Program, tuple[int, ...]]]:
     """The structure's program and the sizes but the batch, per configuration without its
     batch; None while the structure is still replayed (see ``COMPILE_AFTER``)."""
-    key = (spec, wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing,
-           wl.device, one)
+    key = config_key(spec, wl) + (one,)
     prepared = _PREPARED.get(key)
     if prepared is not None:
         return prepared
