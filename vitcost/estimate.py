@@ -11,7 +11,7 @@ from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional
 
 from vitcost import formulas
-from vitcost.memory import MemoryResult
+from vitcost.replay import MemoryResult
 from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
 

@@ -19,10 +19,11 @@ from itertools import accumulate
 from typing import Callable, Optional
 
 from vitcost import memory
-from vitcost.memory import CUDA_BLOCK_BYTES, MemoryResult, Shapes
+from vitcost.ops import Shapes
+from vitcost.replay import CUDA_BLOCK_BYTES, MemoryResult, Replay, memory_result
 from vitcost.specs import Device, ViTSpec, Workload
 
-# The sizes a program takes, in order: ``memory.Shapes`` says what each one is, and the depth.
+# The sizes a program takes, in order: ``ops.Shapes`` says what each one is, and the depth.
 SHAPE_SIZES = ("b", "n", "d", "f", "h", "patches", "image", "conv_w", "pos", "classes", "registers",
                "lse_n", "n128", "hd32", "params", "states", "kept", "opt_tmp")
 SIZES = SHAPE_SIZES + ("depth",)
@@ -136,7 +137,7 @@ class _RecordedStretch:
     change: list
 
 
-class _Recorder(memory.Replay):
+class _Recorder(Replay):
     """A replay that writes down, instead of adding up: every live total and category as a
     ``_Vec``, over the distinct tensor sizes (``atoms``) it has seen."""
 
@@ -426,7 +427,7 @@ def estimate_memory(spec: ViTSpec, wl: Workload) -> MemoryResult:
     program, sizes = prepared
     totals, k, atoms, figures, components = program.run(wl.batch, *sizes)
     depth = spec.depth
-    return memory.memory_result(figures, totals[k], program.categories_at(k, atoms, depth), program.where(k, depth),
+    return memory_result(figures, totals[k], program.categories_at(k, atoms, depth), program.where(k, depth),
                                 dict(zip(program.components, components)))
 
 

@@ -1,0 +1,364 @@
+"""Operator pieces: what each operator of a transformer step allocates, saves and frees.
+
+One source of truth per operator (a linear layer under autocast, LayerNorm, attention by
+kernel, LayerScale, gradients, the optimizer step), written against a :class:`Replay`
+(``vitcost.replay``) and the sizes of one step (:class:`Shapes`). A model family
+(``vitcost.memory`` for the ViT) composes them in its execution order; tensors are named
+``<prefix><name>`` so that a model can free what its next operator no longer needs.
+
+docs/memory-model.md explains each rule and what measured it. Every size in bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vitcost.replay import B, F, G, O, OT, S, WC, Replay
+from vitcost.specs import AttentionKernel, Optimizer, Workload
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Element sizes and shapes of one step, for one spec and workload."""
+
+    b: int
+    n: int
+    d: int
+    f: int
+    h: int
+    patches: int  # patch tokens
+    image: int  # elements of one input image, C * H * W
+    conv_w: int  # patch embedding weight elements, D * C * P * P
+    pos: int  # learned position embedding tokens
+    classes: int
+    registers: int
+    lse_n: int  # rows of a fused attention kernel's softmax statistics
+    n128: int  # tokens rounded up to 128 (CUDA flash backward workspaces)
+    hd32: int  # head width rounded up to 32 (CUDA flash backward workspaces)
+    params: int  # bytes of every parameter tensor as allocated
+    states: int  # bytes of the optimizer states
+    kept: int  # bytes of gradients kept between steps (zero_grad(set_to_none=False))
+    opt_tmp: int  # bytes of the optimizer step's temporaries at their most
+    one: bool  # batch 1
+    one_head: bool
+    res: int  # residual stream and LayerNorm output element bytes (fp32 under autocast)
+    lo: int  # matmul output element bytes (the low precision under autocast)
+    par: int  # parameter and gradient element bytes
+    stat: int  # LayerNorm mean / rstd element bytes
+    amp: bool
+    cuda: bool
+    # each tensor of ``params``, ``states``, ``kept`` and ``opt_tmp`` (allocator traces only)
+    param_parts: tuple[int, ...] = ()
+    state_parts: tuple[int, ...] = ()
+    kept_parts: tuple[int, ...] = ()
+    opt_tmp_parts: tuple[int, ...] = ()
+    first_state_parts: tuple[int, ...] = ()  # states a first step creates (allocator traces only)
+
+    @property
+    def tok(self) -> int:  # (B, N, D) in the residual dtype
+        return self.b * self.n * self.d * self.res
+
+    @property
+    def tok_lo(self) -> int:  # (B, N, D) as a matmul makes it
+        return self.b * self.n * self.d * self.lo
+
+    @property
+    def hid(self) -> int:  # (B, N, F) MLP hidden
+        return self.b * self.n * self.f * self.lo
+
+    @property
+    def stats(self) -> int:  # LayerNorm mean or rstd, (B, N, 1)
+        return self.b * self.n * self.stat
+
+    @property
+    def amap(self) -> int:  # one layer's attention maps, (B, H, N, N)
+        return self.b * self.h * self.n * self.n * self.lo
+
+    @property
+    def eager_views(self) -> bool:
+        """Eager attention's 4-D matmul operands reshape to 3-D as views, not copies, when the
+        batch or the head count is 1 (q, k, v keep the (B, N, H, hd) layout of the qkv output)."""
+        return self.one or self.one_head
+
+    @property
+    def softmax_fp32(self) -> bool:
+        """CUDA autocast runs softmax in fp32; CPU autocast (bf16) does not."""
+        return self.amp and self.cuda
+
+
+def lse_bytes(sh: Shapes) -> int:
+    """Per-row softmax statistics a fused attention kernel saves (fp32)."""
+    return sh.b * sh.h * sh.lse_n * 4
+
+
+def linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_elems: int,
+                    in_elems: int, out_elems: int, out_cat: int, grad: bool) -> None:
+    """A linear layer. Under autocast: bias and weight copies (cached until autocast exits),
+    and a low-precision copy of an fp32 input (``in_elems`` > 0), saved for backward."""
+    if sh.amp:
+        r.alloc(p + name + ".bc", b_elems * sh.lo, WC)
+        r.alloc(p + name + ".wc", w_elems * sh.lo, WC)
+        if in_elems:
+            r.alloc(p + name + ".ic", in_elems * sh.lo, S if grad else F)
+    r.alloc(p + name, out_elems * sh.lo, out_cat)
+    if sh.amp and in_elems and not grad:
+        r.free(p + name + ".ic")
+
+
+def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool) -> None:
+    t = sh.tok_lo
+    keep = S if grad else F
+    if kernel == AttentionKernel.sdpa:
+        # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
+        # the output is laid out (B, N, H, hd), so transpose + reshape is a view
+        r.alloc(p + "attn", t, keep)
+        r.alloc(p + "lse", lse_bytes(sh), keep)
+        if not grad:
+            r.free(p + "lse")
+        return
+    views = sh.eager_views
+    post = kernel == AttentionKernel.eager_postscale
+    if not post:
+        # q * scale keeps q's strides; it lives until attention returns, or is saved itself
+        r.alloc(p + "qs", t, keep if views else F)
+    if not views:
+        # matmul copies its 4-D operands (q * scale, or q itself) to contiguous 3-D ones
+        r.alloc(p + "qs.c", t, keep)
+        r.alloc(p + "kT.c", t, keep)
+    r.alloc(p + "scores", sh.amap, F)
+    if not grad:
+        r.free(p + "qs.c", p + "kT.c")
+    if post:
+        # (q @ k^T) * scale: the product is a temporary; multiplying by a number saves nothing
+        r.alloc(p + "scaled", sh.amap, F)
+        r.free(p + "scores")
+        r.rename(p + "scaled", p + "scores")
+    if sh.softmax_fp32:
+        # autocast casts the scores up; softmax saves its fp32 output; the scores themselves
+        # stay referenced by the caller until softmax returns
+        r.alloc(p + "scores.32", sh.amap * 2, F)
+        r.alloc(p + "probs.32", sh.amap * 2, keep)
+        r.free(p + "scores.32", p + "scores")
+        r.alloc(p + "probs", sh.amap, keep)  # the matmul's low-precision copy
+    else:
+        r.alloc(p + "probs", sh.amap, keep)  # softmax saves its output, not its input
+        r.free(p + "scores")
+    if not views:
+        r.alloc(p + "v.c", t, keep)
+    r.alloc(p + "av", t, F)
+    if not grad:
+        r.free(p + "v.c")
+        if sh.softmax_fp32:
+            r.free(p + "probs")  # the cast copy dies with the matmul; the fp32 maps live on
+    r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
+    r.free(p + "av")
+
+
+def layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool) -> None:
+    """A LayerNorm's output and its (B, N) mean and rstd, which only backward keeps."""
+    r.alloc(name, sh.tok, out_cat)
+    r.alloc(name + ".mean", sh.stats, stats_cat)
+    r.alloc(name + ".rstd", sh.stats, stats_cat)
+    if not grad:
+        r.free(name + ".mean", name + ".rstd")
+
+
+def layer_scale_forward(r: Replay, sh: Shapes, p: str, name: str, branch: str, grad: bool) -> None:
+    """LayerScale, ``branch * gamma``: a new tensor in the promoted dtype (the fp32 of gamma
+    under autocast); the multiplication saves the branch output for gamma's gradient, which
+    otherwise dies when the scaled copy exists."""
+    r.alloc(p + name, sh.tok, F)
+    if grad:
+        r.retag(p + branch, S)
+    else:
+        r.free(p + branch)
+
+
+def layer_scale_backward(r: Replay, gr: "Grads", sh: Shapes, p: str, name: str, branch: str) -> None:
+    """MulBackward of ``branch * gamma`` given the residual's gradient: the branch's gradient ``g * gamma`` (cast
+    to the branch's low precision under autocast), and gamma's, ``g * branch`` summed to D.
+    The branch's gradient is named as the linear below expects its incoming gradient."""
+    gc = p + branch + ".gc"
+    r.alloc(p + "g." + name + ".x", sh.tok, B)  # g * gamma, in the promoted dtype
+    r.alloc(p + "g." + name + ".gamma", sh.tok, B)  # g * branch, before the sum over rows
+    if sh.amp:  # the engine casts a gradient to its input's dtype
+        r.alloc(gc, sh.tok_lo, B)
+        r.free(p + "g." + name + ".x")
+    else:
+        r.rename(p + "g." + name + ".x", gc)
+    gr.make_param(p + name + ".gamma", sh.d)
+    r.free(p + "g." + name + ".gamma", p + branch)  # the node is done: its saved branch output goes
+    gr.accumulate(p + name + ".gamma")
+
+
+class Grads:
+    """Weight gradients: made by backward as temporaries, then kept as ``.grad``."""
+
+    def __init__(self, r: Replay, sh: Shapes, keep: bool) -> None:
+        self.r = r
+        self.sh = sh
+        self.keep = keep  # zero_grad(set_to_none=False): .grad exists, the new one is added in
+
+    def make(self, name: str, elems: int) -> None:
+        """A parameter's gradient, in the dtype the op computes it (low under autocast)."""
+        self.r.alloc("g:" + name, elems * self.sh.lo, B)
+
+    def make_param(self, name: str, elems: int) -> None:
+        """A gradient computed directly in the parameter's dtype (norms, embeddings)."""
+        self.r.alloc("g:" + name, elems * self.sh.par, B)
+
+    def accumulate(self, *names: str) -> None:
+        for name in names:
+            if self.keep:
+                self.r.free("g:" + name)  # param.grad.add_(new); the new one dies
+            else:
+                self.r.retag("g:" + name, G)
+
+    def finish(self, name: str, elems: int) -> None:
+        """Accumulate a gradient; under autocast, first cast it to the fp32 parameter's dtype."""
+        if self.sh.amp:
+            self.r.alloc("g:" + name + ".32", elems * self.sh.par, B)
+            self.r.free("g:" + name)
+            name = name + ".32"
+        self.accumulate(name)
+
+
+def linear_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, out_elems: int,
+                     in_elems: int, w_elems: int, b_elems: int, cast_grad: bool, input_cast: bool,
+                     frees: tuple[str, ...], free_first: tuple[str, ...] = (), early: bool = False) -> str:
+    """Backward of a linear layer; returns the name of the gradient of its input.
+
+    Under autocast: a gradient arriving in fp32 (from a residual add) is first cast down;
+    the input gradient is cast back up when the input was cast down in forward; the
+    weight and bias gradients are computed low and cast to fp32.
+    """
+    gc = p + name + ".gc"
+    if sh.amp and cast_grad and gc not in r.live:
+        r.alloc(gc, out_elems * sh.lo, B)
+        r.free(*free_first)
+    gin = f"{p}g.{name}in"
+    r.alloc(gin, in_elems * sh.lo, B)  # grad_output @ W
+    gr.make(p + name + ".w", w_elems)  # grad_output^T @ input
+    if early:
+        # a recomputed tensor dies when backward unpacks it, not when the node finishes
+        r.free(p + name + ".wc", *frees[-1:])
+    gr.make(p + name + ".b", b_elems)  # grad_output summed over rows
+    r.free(gc, p + name + ".wc", p + name + ".ic", *frees)
+    if not sh.amp:
+        gr.accumulate(p + name + ".b", p + name + ".w")
+        return gin
+    if input_cast:
+        r.alloc(gin + ".32", in_elems * sh.res, B)
+        r.free(gin)
+        gin = gin + ".32"
+    gr.finish(p + name + ".w", w_elems)
+    gr.finish(p + name + ".b", b_elems)
+    return gin
+
+
+def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in: str, x: str) -> None:
+    """LayerNorm backward: the input gradient and the two parameter gradients; then the
+    gradient it was given, its saved input and its statistics go."""
+    r.alloc(f"{p}g.{name}in", sh.tok, B)
+    gr.make_param(f"{p}{name}.w", sh.d)
+    gr.make_param(f"{p}{name}.b", sh.d)
+    r.free(g_in, x, f"{p}{name}.mean", f"{p}{name}.rstd")
+
+
+def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel) -> None:
+    t = sh.tok_lo
+    if kernel == AttentionKernel.sdpa:
+        r.alloc(p + "g.q", t, B)
+        r.alloc(p + "g.k", t, B)
+        r.alloc(p + "g.v", t, B)
+        r.free(gproj, p + "qkv", p + "lse", p + "attn")
+        if sh.cuda:
+            cuda_sdpa_backward_workspace(r, p, sh)
+        r.alloc(p + "g.stack", 3 * t, B)  # unbind backward: stack
+        r.free(p + "g.q", p + "g.k", p + "g.v")
+        return
+    if not sh.eager_views:
+        r.alloc(p + "g.av", t, B)  # the transposed gradient, made contiguous for bmm
+        r.free(gproj)
+    r.alloc(p + "g.v", t, B)
+    r.alloc(p + "g.probs", sh.amap, B)
+    r.free(p + "g.av", p + "v.c", gproj)
+    if sh.softmax_fp32:
+        r.free(p + "probs")  # the low-precision copy, saved by the matmul only
+        r.alloc(p + "g.probs.32", 2 * sh.amap, B)
+        r.free(p + "g.probs")
+        r.alloc(p + "g.scores.32", 2 * sh.amap, B)
+        r.free(p + "g.probs.32", p + "probs.32")
+        r.alloc(p + "g.scores", sh.amap, B)
+        r.free(p + "g.scores.32")
+    else:
+        r.alloc(p + "g.scores", sh.amap, B)  # softmax backward reads its saved output
+        r.free(p + "g.probs", p + "probs")
+    if kernel == AttentionKernel.eager_postscale:
+        r.alloc(p + "g.raw", sh.amap, B)  # the scale's backward: a new map
+        r.free(p + "g.scores")
+        r.alloc(p + "g.q", t, B)
+        r.alloc(p + "g.kT", t, B)
+        r.free(p + "g.raw", p + "qs.c", p + "kT.c")
+        if sh.eager_views:
+            r.free(p + "qkv")
+    else:
+        r.alloc(p + "g.qs", t, B)
+        r.alloc(p + "g.kT", t, B)
+        r.free(p + "g.scores", p + "qs.c", p + "kT.c")
+        if sh.eager_views:
+            r.free(p + "qkv", p + "qs")
+        r.alloc(p + "g.q", t, B)  # times the scale
+        r.free(p + "g.qs")
+    r.alloc(p + "g.stack", 3 * t, B)
+    r.free(p + "g.q", p + "g.kT", p + "g.v")
+
+
+def cuda_sdpa_backward_workspace(r: Replay, p: str, sh: Shapes) -> None:
+    """Buffers the CUDA attention backward allocates inside the kernel call.
+
+    Flash (bf16/fp16): ``dq_accum`` fp32 (B, N rounded to 128, H, head_dim rounded to 32)
+    and ``softmax_d`` fp32 (B, H, N rounded to 128). Memory-efficient (fp32): ``delta``
+    fp32 (B, H, N). Taken from the kernels' sources; not measured (no GPU here).
+    """
+    if sh.lo == 2:
+        r.alloc(p + "ws.dq", sh.b * sh.n128 * sh.h * sh.hd32 * 4, B)
+        r.alloc(p + "ws.d", sh.b * sh.h * sh.n128 * 4, B)
+    else:
+        r.alloc(p + "ws.d", sh.b * sh.h * sh.n * 4, B)
+    r.free(p + "ws.dq", p + "ws.d")
+
+
+def optimizer_state_bytes(wl: Workload, sizes: tuple[int, ...], cuda: bool) -> int:
+    total = sum(sizes)
+    if wl.optimizer in (Optimizer.adamw, Optimizer.adam):
+        # exp_avg and exp_avg_sq, plus a fp32 ``step`` per tensor that PyTorch keeps on the
+        # CPU unless the optimizer is capturable or fused: none of it on a GPU
+        return 2 * total + (0 if cuda else 4 * len(sizes))
+    if wl.optimizer == Optimizer.sgd_momentum:
+        return total
+    return 0
+
+
+def optimizer_temporary_bytes(sizes: tuple[int, ...], cuda: bool) -> int:
+    """The most ``optimizer.step()`` of an Adam-type optimizer holds in temporaries.
+
+    Single-tensor Adam (PyTorch's default on the CPU) computes, per parameter ``k``,
+    ``denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)``: two tensors of the
+    parameter's size, while the previous parameter's ``denom`` lives until the name is
+    rebound, so the most it holds is ``max_k 2 s_k + s_(k-1)`` in ``parameters()`` order.
+    The foreach implementation (PyTorch's default on CUDA) makes ``exp_avg_sq.sqrt()`` for
+    every parameter at once.
+    """
+    if cuda:
+        return sum(sizes)
+    return max(2 * s + prev for s, prev in zip(sizes, (0,) + sizes[:-1]))
+
+
+def optimizer_step(r: Replay, sh: Shapes) -> None:
+    """Temporaries of ``optimizer.step()``: only Adam-type optimizers make any."""
+    r.where = "optimizer step"
+    if sh.first_state_parts:  # a first step creates the states
+        r.alloc_parts("opt.states", sum(sh.first_state_parts), sh.first_state_parts, O)
+    r.alloc_parts("opt.temporaries", sh.opt_tmp, sh.opt_tmp_parts, OT)
+    r.free("opt.temporaries")
