@@ -43,7 +43,7 @@ FLAGS = {
     "--pos-embed": st.sampled_from(["learned", "sincos", "none", "rope"]),
     "--pool": st.sampled_from(["token", "avg", "max"]),
 }
-SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias"]
+SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale"]
 
 
 @st.composite
@@ -114,10 +114,12 @@ def budget_texts(draw):
         entries.append(entry)
     data = {"version": draw(st.sampled_from([1, 1, 1, 2, "1", None])), "budgets": entries}
     text = _yaml(data)
-    return draw(st.sampled_from([text, text + "budgets: []\n", "[" * 3000, "a: 9" + "9" * 5000, text.replace(": ", ":")]))
+    # deep nesting takes PyYAML a second to refuse: drawn now and then (test_inputs.py holds it)
+    broken = st.sampled_from(["[" * 3000, "a: 9" + "9" * 5000, text.replace(": ", ":"), text + "budgets: []\n"])
+    return draw(st.one_of(st.just(text), st.just(text), st.just(text), broken))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(text=budget_texts(), as_json=st.booleans())
 def test_fuzzed_budget_files(tmp_path, text, as_json):
     path = tmp_path / ("b.json" if as_json else "b.yaml")
