@@ -11,7 +11,7 @@ import re
 from functools import lru_cache, partial
 from typing import Any, Iterable, Optional, Union
 
-from vitcost.errors import ConfigError
+from vitcost.errors import ConfigError, shorten
 from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, build_report
 from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
@@ -39,8 +39,7 @@ def parse_image(image: ImageSize) -> Optional[tuple[int, int]]:
         text = str(image)
         m = re.fullmatch(r"\s*(-?[0-9]{1,9})\s*(?:[xX*]\s*(-?[0-9]{1,9}))?\s*", text)
         if not m:
-            shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}...({len(text)} characters)"
-            raise ConfigError(f"--image {shown}: expected a size like 384 or 384x256")
+            raise ConfigError(f"--image {shorten(text, quote=True)}: expected a size like 384 or 384x256")
         h = int(m.group(1))
         w = int(m.group(2)) if m.group(2) else h
     if h <= 0 or w <= 0:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from vitcost.errors import BudgetFileError, VitcostError
+from vitcost.errors import BudgetFileError, VitcostError, shorten
 from vitcost.render import escape_control
 from vitcost.specs import Allocator, AttentionKernel, Checkpointing, Device, Mode, Optimizer, Pooling, PosEmbed, Precision
 
@@ -226,8 +226,7 @@ def _int_list(text: Optional[str], flag: str) -> list[Optional[int]]:
         part = part.strip()
         # ASCII digits only, as plan's own integer options take them (int() also reads '１６')
         if not re.fullmatch(r"-?[0-9]{1,9}", part):
-            shown = repr(part) if len(part) <= 40 else f"{part[:20]!r}...({len(part)} characters)"
-            raise typer.BadParameter(f"{shown} is not a whole number", param_hint=flag)
+            raise typer.BadParameter(f"{shorten(part, quote=True)} is not a whole number", param_hint=flag)
         values.append(int(part))
     return values
 

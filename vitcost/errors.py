@@ -1,6 +1,15 @@
 """Domain errors. The library raises these; only the CLI turns them into exit codes."""
 
 
+def shorten(text: str, limit: int = 40, quote: bool = False) -> str:
+    """A value for a one-line message: whole when short, else its start and its length
+    (a 5,000-digit number must not become a 5,000-character error)."""
+    if len(text) <= limit:
+        return repr(text) if quote else text
+    head = text[:limit // 2]
+    return f"{head!r}...({len(text)} characters)" if quote else f"{head}...({len(text)} characters)"
+
+
 class VitcostError(Exception):
     """Base class: a problem the user can fix, described in one line."""
 

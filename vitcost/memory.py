@@ -29,7 +29,9 @@ Every size here is in bytes. docs/memory-model.md explains each rule and what me
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
+import itertools
 
 from vitcost.formulas import param_tensors, pos_embed_tokens
 from vitcost.ops import (
@@ -580,8 +582,6 @@ PERSISTENT = frozenset(("weights", "sincos", "opt.states", "grads.kept", "x", "y
 
 def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:
     """``shapes_of`` with every parameter, optimizer state and kept gradient as its own tensor."""
-    from dataclasses import replace
-
     sh = shapes_of(spec, wl)
     sizes = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
     if not wl.training:
@@ -608,18 +608,15 @@ def trace(spec: ViTSpec, wl: Workload, extra_bytes: int = 0) -> tuple[list[tuple
     it makes, so it can be run again and again. ``extra_bytes``: one more tensor, made first
     and kept (DDP's gradient buckets). Sizes are as requested: the allocator rounds.
     """
-    from dataclasses import replace
-    from itertools import count
-
     sh = _trace_shapes(spec, wl)
-    keys = count()
+    keys = itertools.count()
     extra = [(next(keys), extra_bytes)] if extra_bytes > 0 else []
     first_sh = replace(sh, states=0, state_parts=(), kept=0, kept_parts=(),
                        first_state_parts=sh.state_parts if wl.training else ())
-    first = Trace(1, keys)
+    first = Trace(keys)
     replay_step(first, spec, wl.model_copy(update={"keep_grads": False}) if wl.keep_grads else wl, first_sh)
     first.end_step(PERSISTENT, keep=(G,) if wl.keep_grads else ())
-    steady = Trace(1, keys, skip=PERSISTENT)
+    steady = Trace(keys, skip=PERSISTENT)
     replay_step(steady, spec, wl, sh)
     steady.end_step(PERSISTENT)
     return extra + first.events, steady.events

@@ -175,13 +175,14 @@ class Trace(Replay):
     """A replay of every block that writes down each allocation and free in order, as
     ``(key, bytes)`` events (bytes 0: free ``key``), for ``vitcost.allocator``. Parameters,
     optimizer states and kept gradients are one tensor each, as PyTorch allocates them.
-    Allocations of the ``skip`` names (tensors an earlier step made) are not written down."""
+    Allocations of the ``skip`` names (tensors an earlier step made) are not written down.
+    Sizes are as requested: the allocator rounds them itself."""
 
     FULL = True
     __slots__ = ("events", "keys", "parts", "counter", "skip")
 
-    def __init__(self, round_to: int, counter, skip: frozenset = frozenset()) -> None:
-        super().__init__(round_to)
+    def __init__(self, counter, skip: frozenset = frozenset()) -> None:
+        super().__init__(1)
         self.sampling = False  # the allocator reads the events; no totals or peak are kept here
         self.events: list[tuple[int, int]] = []
         self.keys: dict[str, int] = {}

@@ -10,7 +10,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vitcost.errors import ConfigError
+from vitcost.errors import ConfigError, shorten
 
 
 class Mode(str, Enum):
@@ -179,14 +179,11 @@ def _one_line(err: ValidationError) -> str:
     if not loc:
         return msg
     value = first.get("input")
-    shown = "" if value is None or isinstance(value, (dict, list)) else " " + _short(value)
+    shown = "" if value is None or isinstance(value, (dict, list)) else " " + shorten(
+        str(value.value if isinstance(value, Enum) else value))
     flag = {"image_h": "--image height", "image_w": "--image width"}.get(loc, "--" + loc.replace("_", "-"))
     return f"{flag}{shown}: {msg}"
 
-
-def _short(value: object, limit: int = 40) -> str:
-    text = str(value.value if isinstance(value, Enum) else value)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text)} characters)"
 
 
 def make_spec(**fields: object) -> ViTSpec:
