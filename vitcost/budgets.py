@@ -456,10 +456,12 @@ def _peak_caps(limits: Limits, usable: Optional[int]) -> list[int]:
 
 
 def memory_violations(name: str, peak: int, usable: Optional[int], limits: Limits, *,
-                      measured: bool = False, reserved: Optional[int] = None) -> list[Violation]:
+                      measured: bool = False, reserved: Optional[int] = None,
+                      fits: Optional[bool] = None) -> list[Violation]:
     """The memory limits (peak, headroom, must_fit) against a peak in bytes, predicted or measured.
-    ``reserved``: what the caching allocator holds at its peak, which headroom and must_fit
-    are read against when given (a predicted fit on a GPU rests on it)."""
+    ``reserved``: what the caching allocator holds at its peak, which headroom is read
+    against when given; ``fits``: the allocator's verdict, which must_fit then takes, so that
+    a budget never disagrees with ``plan``."""
     what = "measured peak" if measured else "peak"
     prefix = "measured " if measured else ""
     out = []
@@ -490,7 +492,8 @@ def memory_violations(name: str, peak: int, usable: Optional[int], limits: Limit
                 (f"{actual:.2f} GiB", f"{floor:g} GiB", f"{floor - actual:.2f} GiB")
             out.append(Violation(name, prefix + key, actual, floor, floor - actual, unit,
                                  f"headroom at the {what} {shown[0]} is below the minimum {shown[1]} by {shown[2]}"))
-    if limits.must_fit and held > usable:
+    # a predicted fit is the allocator's verdict at the batch; a measured one, the peak itself
+    if limits.must_fit and (held > usable if fits is None else not fits):
         what = what if reserved is None else "reserved peak"
         out.append(Violation(name, prefix + "must_fit", held, usable, held - usable, "bytes",
                              f"does not fit: {what} {_gib(held)} exceeds usable {_gib(usable)} by {_gib(held - usable)}"))
@@ -501,7 +504,7 @@ def limit_violations(e: Evaluated) -> list[Violation]:
     """Every limit of an entry against its predicted figures."""
     report, limits = e.report, e.limits
     out = memory_violations(e.name, report["memory_bytes"]["peak"], _usable(report), limits,
-                            reserved=report["memory_bytes"].get("peak_reserved"))
+                            reserved=report["memory_bytes"].get("peak_reserved"), fits=report.get("fits"))
     gmacs = report["macs"]["forward_per_image"] / 1e9
     cap = limits.max_gmacs_per_image
     if cap is not None and gmacs > cap:
