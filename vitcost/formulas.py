@@ -11,7 +11,7 @@ Conventions, fixed here for the whole package:
 
 from __future__ import annotations
 
-from vitcost.specs import PosEmbed, ViTSpec
+from vitcost.specs import Impl, PosEmbed, ViTSpec
 
 # The order components are listed in, everywhere (params, MACs, tables).
 COMPONENT_ORDER = (
@@ -59,6 +59,8 @@ def pos_embed_tokens(spec: ViTSpec) -> int:
 def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     """(path, elements) of each parameter tensor of one block, in ``parameters()`` order."""
     d, f = spec.dim, spec.mlp_hidden
+    if spec.impl == Impl.hf:
+        return _hf_block_param_tensors(spec)
     tensors = [
         ("norm1/weight", d),
         ("norm1/bias", d),
@@ -80,6 +82,21 @@ def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     if spec.layer_scale:
         tensors.append(("ls2/gamma", d))
     return tensors
+
+
+def _hf_block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
+    """Hugging Face's ``ViTLayer``: attention (q, k, v, o projections), the two norms, the MLP."""
+    d, f = spec.dim, spec.mlp_hidden
+    tensors: list[tuple[str, int]] = []
+    for name in ("q", "k", "v"):
+        tensors.append((f"attn/{name}/weight", d * d))
+        if spec.qkv_bias:
+            tensors.append((f"attn/{name}/bias", d))
+    return tensors + [
+        ("attn/proj/weight", d * d), ("attn/proj/bias", d),
+        ("norm1/weight", d), ("norm1/bias", d), ("norm2/weight", d), ("norm2/bias", d),
+        ("mlp/fc1/weight", f * d), ("mlp/fc1/bias", f), ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d),
+    ]
 
 
 def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:

@@ -33,6 +33,7 @@ from dataclasses import replace
 from functools import lru_cache
 import itertools
 
+from vitcost import vit_hf
 from vitcost.formulas import param_tensors, pos_embed_tokens
 from vitcost.ops import (
     Grads,
@@ -70,6 +71,7 @@ from vitcost.specs import (
     AttentionKernel,
     Checkpointing,
     Device,
+    Impl,
     Optimizer,
     PosEmbed,
     Pooling,
@@ -148,21 +150,48 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
 
 
 def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
-                   checkpointed: bool = False, recompute: bool = False, label: int | None = None) -> None:
+                   checkpointed: bool = False, recompute: bool = False, label: int | None = None,
+                   keep_input: bool = False) -> None:
     """One block's forward. ``grad``: autograd saves what backward needs. ``checkpointed``:
     the forward of a checkpointed block, which saves nothing but its input (so it frees like
     a no_grad forward). ``recompute``: that block rerun in backward, stopping, as PyTorch's
     non-reentrant checkpoint does, once the last tensor backward needs (GELU's output) exists.
+    ``keep_input``: the caller still holds the block's input when it returns.
     """
     p = f"b{i}."
     phase = f"backward: blocks.{label if label is not None else i} (recompute)" if recompute else f"forward: blocks.{i}"
-    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    r.where = phase + ".attn"
+    _ATTENTION[spec.impl][0](r, p, sh, spec, wl, grad)
+    keep = S if grad else F
+    if spec.layer_scale:
+        layer_scale_forward(r, sh, p, "ls1", "proj", grad)
+        r.alloc(p + "x1", sh.tok, keep)
+        r.free(p + "ls1")
+    else:
+        r.alloc(p + "x1", sh.tok, keep)
+        r.free(p + "proj")
+    r.where = phase + ".mlp"
+    if _mlp_forward(r, p, sh, spec, grad, recompute):
+        return
+    if spec.layer_scale:
+        layer_scale_forward(r, sh, p, "ls2", "fc2", grad)
+        r.alloc(nxt, sh.tok, S if checkpointed else keep)
+        r.free(p + "ls2")
+    else:
+        r.alloc(nxt, sh.tok, S if checkpointed else keep)
+        r.free(p + "fc2")
+    if not grad:
+        r.free(p + "x1", p + "probs")  # (probs: what a Hugging Face layer holds until it returns)
+        if not checkpointed and not keep_input:
+            r.free(p + "in")
+
+
+def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool) -> None:
+    """timm's attention half up to the projection: norm1, the fused qkv linear, the kernel, proj."""
+    d, bn = sh.d, sh.b * sh.n
     keep = S if grad else F
     sdpa = wl.attention == AttentionKernel.sdpa
-    # under autocast a LayerNorm output is only an argument: its low-precision copy is saved
-    ln_cat = F if (sh.amp or not grad) else S
-    r.where = phase + ".attn"
-    layernorm_forward(r, sh, p + "ln1", ln_cat, keep, grad)
+    layernorm_forward(r, sh, p + "ln1", _ln_cat(sh, grad), keep, grad)
     # eager attention saves copies of q, k, v, not the qkv output (unless they are views)
     qkv_cat = S if (grad and (sdpa or sh.eager_views)) else F
     linear_forward(r, sh, p, "qkv", 3 * d * d, 3 * d if spec.qkv_bias else 0,
@@ -175,15 +204,18 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
         r.free(p + "qs", p + "qkv")
     if sh.amp:
         r.free(p + "ln1")
-    if spec.layer_scale:
-        layer_scale_forward(r, sh, p, "ls1", "proj", grad)
-        r.alloc(p + "x1", sh.tok, keep)
-        r.free(p + "ls1")
-    else:
-        r.alloc(p + "x1", sh.tok, keep)
-        r.free(p + "proj")
-    r.where = phase + ".mlp"
-    layernorm_forward(r, sh, p + "ln2", ln_cat, keep, grad)
+
+
+def _ln_cat(sh: Shapes, grad: bool) -> int:
+    """Under autocast a LayerNorm output is only an argument: its low-precision copies are saved."""
+    return F if (sh.amp or not grad) else S
+
+
+def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recompute: bool) -> bool:
+    """norm2, fc1, GELU, fc2 (timm's and Hugging Face's alike). True when a recompute stops here."""
+    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    keep = S if grad else F
+    layernorm_forward(r, sh, p + "ln2", _ln_cat(sh, grad), keep, grad)
     linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
     r.alloc(p + "gelu", sh.hid, keep)
     if recompute:
@@ -192,7 +224,7 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
             r.alloc(p + "fc2.wc", d * f * sh.lo, WC)
             r.free_matching(".bc")  # the recompute stops; its autocast region ends
             r.free(p + "ln2")
-        return
+        return True
     if not grad:
         r.free(p + "fc1")
     linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, F, grad)
@@ -200,17 +232,7 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
         r.free(p + "gelu", p + "ln2")
     elif sh.amp:
         r.free(p + "ln2")
-    if spec.layer_scale:
-        layer_scale_forward(r, sh, p, "ls2", "fc2", grad)
-        r.alloc(nxt, sh.tok, S if checkpointed else keep)
-        r.free(p + "ls2")
-    else:
-        r.alloc(nxt, sh.tok, S if checkpointed else keep)
-        r.free(p + "fc2")
-    if not grad:
-        r.free(p + "x1")
-        if not checkpointed:
-            r.free(p + "in")
+    return False
 
 
 def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpointed: bool = False) -> None:
@@ -223,7 +245,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     r.alloc("norm.mean", sh.stats, keep)
     r.alloc("norm.rstd", sh.stats, keep)
     if not grad:
-        r.free("norm.mean", "norm.rstd", "norm.in")
+        r.free("norm.mean", "norm.rstd", "norm.in", "b0.in", "emb")
     if spec.classes:
         pooled_elems = sh.b * sh.d
         if spec.pooling == Pooling.avg:
@@ -292,20 +314,35 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     r.free(p + "g.ln2in", g)
     gr.accumulate(p + "ln2.w", p + "ln2.b")
     r.where = f"backward: blocks.{label}.attn"
-    sdpa = wl.attention == AttentionKernel.sdpa
     if spec.layer_scale:
         layer_scale_backward(r, gr, sh, p, "ls1", "proj")
-    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
-                             () if sdpa else (p + "attn",))
-    attention_core_backward(r, sh, p, gproj, wl.attention)
-    r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
-    r.free(p + "g.stack")
-    gqkv = linear_backward(r, gr, sh, p, "qkv", 3 * bn * d, bn * d, 3 * d * d,
-                            3 * d if spec.qkv_bias else 0, False, amp, (p + "g.qkv", p + "ln1"), early=ck)
-    layernorm_backward(r, gr, sh, p, "ln1", gqkv, p + "in")
+    gln1 = _ATTENTION[spec.impl][1](r, gr, p, sh, spec, wl)
+    layernorm_backward(r, gr, sh, p, "ln1", gln1, p + "in")
     r.alloc(out, sh.tok, B)
     r.free(p + "g.ln1in", p + "g.x1")
     gr.accumulate(p + "ln1.w", p + "ln1.b")
+
+
+def _timm_attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViTSpec, wl: Workload) -> str:
+    """proj, the kernel and the fused qkv linear backward; returns the gradient of norm1's output."""
+    d, bn = sh.d, sh.b * sh.n
+    sdpa = wl.attention == AttentionKernel.sdpa
+    ck = wl.checkpointing == Checkpointing.full
+    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
+                             () if sdpa else (p + "attn",))
+    attention_core_backward(r, sh, p, gproj, wl.attention)
+    r.alloc(p + "g.stack", 3 * sh.tok_lo, B)  # unbind backward: stack
+    r.free(p + "g.q", p + "g.k", p + "g.kT", p + "g.v")
+    r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
+    r.free(p + "g.stack")
+    return linear_backward(r, gr, sh, p, "qkv", 3 * bn * d, bn * d, 3 * d * d,
+                           3 * d if spec.qkv_bias else 0, False, sh.amp, (p + "g.qkv", p + "ln1"), early=ck)
+
+
+_ATTENTION = {
+    Impl.timm: (_timm_attention_forward, _timm_attention_backward),
+    Impl.hf: (vit_hf.attention_forward, vit_hf.attention_backward),
+}
 
 
 def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
@@ -421,8 +458,8 @@ def _param_bytes(spec: ViTSpec, pb: int, round_to: int) -> tuple[int, ...]:
 
 _COMPONENT_OF = {
     "b0.in": "patch_embed",
-    **{k: "blocks/norm1" for k in ("ln1", "ln1.mean", "ln1.rstd", "qkv.ic")},
-    **{k: "blocks/attn/qkv" for k in ("qkv", "qs", "qs.c", "kT.c", "v.c")},
+    **{k: "blocks/norm1" for k in ("ln1", "ln1.mean", "ln1.rstd", "qkv.ic", "q.ic", "k.ic", "v.ic")},
+    **{k: "blocks/attn/qkv" for k in ("qkv", "q", "k", "v", "qs", "qs.c", "kT.c", "v.c")},
     **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
     **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic")},
     **{k: "blocks/mlp" for k in ("fc1", "gelu")},
@@ -525,14 +562,23 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     depth = spec.depth
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full
+    # Hugging Face's encoder keeps its input (``embedding_output``) until it returns
+    keeps_embedding = spec.impl == Impl.hf and not train
     if r.FULL:
         for i in range(depth):
             _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train and not ck,
-                           checkpointed=ck)
+                           checkpointed=ck, keep_input=keeps_embedding and i == 0)
     else:
         state = r.local()
-        _block_forward(r, 0, "b1.in" if depth > 1 else "norm.in", sh, spec, wl, train and not ck, checkpointed=ck)
+        _block_forward(r, 0, "b1.in" if depth > 1 else "norm.in", sh, spec, wl, train and not ck, checkpointed=ck,
+                       keep_input=keeps_embedding and depth == 1)
         block = r.end_local(state)
+        if keeps_embedding and depth > 1:
+            # block 0 stands for every block, each of which frees its input: block 0's is
+            # held again, with no total taken in between, which is the same as never freed
+            r.sampling = False
+            r.alloc("emb", sh.tok, F)
+            r.sampling = True
         if depth > 1:
             _extend_forward(r, depth)
             r.replay_shifted(block, "blocks.0", f"blocks.{depth - 1}", after=True)

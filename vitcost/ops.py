@@ -105,8 +105,19 @@ def linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_ele
         r.free(p + name + ".ic")
 
 
-def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool) -> None:
+def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool,
+                           softmax32: bool | None = None, returns_weights: bool = False) -> None:
+    """q, k, v to the attention output ``attn`` (B, N, D), by kernel.
+
+    ``softmax32``: the softmax runs in fp32 and its output is cast back to the matmul's
+    precision (CUDA autocast's policy; Hugging Face's ``softmax(dtype=float32).to(dtype)``
+    always); by default, CUDA autocast only. ``returns_weights``: the function returns its
+    (cast) attention weights to a caller that holds them (Hugging Face's eager attention),
+    so under no_grad those live on and the fp32 ones die at the cast.
+    """
     t = sh.tok_lo
+    if softmax32 is None:
+        softmax32 = sh.softmax_fp32
     keep = S if grad else F
     if kernel == AttentionKernel.sdpa:
         # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
@@ -133,13 +144,15 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         r.alloc(p + "scaled", sh.amap, F)
         r.free(p + "scores")
         r.rename(p + "scaled", p + "scores")
-    if sh.softmax_fp32:
-        # autocast casts the scores up; softmax saves its fp32 output; the scores themselves
+    if softmax32 and sh.lo == 2:
+        # the scores are cast up; softmax saves its fp32 output; the scores themselves
         # stay referenced by the caller until softmax returns
         r.alloc(p + "scores.32", sh.amap * 2, F)
         r.alloc(p + "probs.32", sh.amap * 2, keep)
         r.free(p + "scores.32", p + "scores")
         r.alloc(p + "probs", sh.amap, keep)  # the matmul's low-precision copy
+        if returns_weights and not grad:
+            r.free(p + "probs.32")
     else:
         r.alloc(p + "probs", sh.amap, keep)  # softmax saves its output, not its input
         r.free(p + "scores")
@@ -148,7 +161,7 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     r.alloc(p + "av", t, F)
     if not grad:
         r.free(p + "v.c")
-        if sh.softmax_fp32:
+        if softmax32 and not returns_weights:
             r.free(p + "probs")  # the cast copy dies with the matmul; the fp32 maps live on
     r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
     r.free(p + "av")
@@ -265,17 +278,22 @@ def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in
     r.free(g_in, x, f"{p}{name}.mean", f"{p}{name}.rstd")
 
 
-def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel) -> None:
+def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel,
+                            softmax32: bool | None = None, qkv: tuple[str, ...] = ("qkv",)) -> None:
+    """The gradients ``g.q``, ``g.k`` (sdpa) or ``g.kT`` (eager), ``g.v`` from the output's;
+    ``qkv``: the tensors q, k and v are views of (freed once the kernel's backward is done
+    with them)."""
     t = sh.tok_lo
+    if softmax32 is None:
+        softmax32 = sh.softmax_fp32
+    qkv = tuple(p + name for name in qkv)
     if kernel == AttentionKernel.sdpa:
         r.alloc(p + "g.q", t, B)
         r.alloc(p + "g.k", t, B)
         r.alloc(p + "g.v", t, B)
-        r.free(gproj, p + "qkv", p + "lse", p + "attn")
+        r.free(gproj, *qkv, p + "lse", p + "attn")
         if sh.cuda:
             cuda_sdpa_backward_workspace(r, p, sh)
-        r.alloc(p + "g.stack", 3 * t, B)  # unbind backward: stack
-        r.free(p + "g.q", p + "g.k", p + "g.v")
         return
     if not sh.eager_views:
         r.alloc(p + "g.av", t, B)  # the transposed gradient, made contiguous for bmm
@@ -283,7 +301,7 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
     r.alloc(p + "g.v", t, B)
     r.alloc(p + "g.probs", sh.amap, B)
     r.free(p + "g.av", p + "v.c", gproj)
-    if sh.softmax_fp32:
+    if softmax32 and sh.lo == 2:
         r.free(p + "probs")  # the low-precision copy, saved by the matmul only
         r.alloc(p + "g.probs.32", 2 * sh.amap, B)
         r.free(p + "g.probs")
@@ -301,17 +319,15 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
         r.alloc(p + "g.kT", t, B)
         r.free(p + "g.raw", p + "qs.c", p + "kT.c")
         if sh.eager_views:
-            r.free(p + "qkv")
+            r.free(*qkv)
     else:
         r.alloc(p + "g.qs", t, B)
         r.alloc(p + "g.kT", t, B)
         r.free(p + "g.scores", p + "qs.c", p + "kT.c")
         if sh.eager_views:
-            r.free(p + "qkv", p + "qs")
+            r.free(*qkv, p + "qs")
         r.alloc(p + "g.q", t, B)  # times the scale
         r.free(p + "g.qs")
-    r.alloc(p + "g.stack", 3 * t, B)
-    r.free(p + "g.q", p + "g.kT", p + "g.v")
 
 
 def cuda_sdpa_backward_workspace(r: Replay, p: str, sh: Shapes) -> None:

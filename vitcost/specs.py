@@ -32,6 +32,14 @@ class AttentionKernel(str, Enum):
     sdpa = "sdpa"
 
 
+class Impl(str, Enum):
+    """Whose code runs the model: timm's (vitcost's reference mirrors it) or Hugging Face
+    transformers' (separate q, k, v projections, its eager attention, its layer order)."""
+
+    timm = "timm"
+    hf = "hf"
+
+
 class Optimizer(str, Enum):
     adamw = "adamw"
     adam = "adam"
@@ -107,6 +115,7 @@ class ViTSpec(BaseModel):
     classes: int = Field(default=1000, ge=0, le=MAX_CLASSES)
     qkv_bias: bool = True
     layer_scale: bool = False  # LayerScale on both residual branches (timm init_values; DINOv2, DeiT III, CaiT)
+    impl: Impl = Impl.timm
 
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":

@@ -1,0 +1,86 @@
+"""Hugging Face transformers' ViT layer: the attention half of a block, as its code runs it.
+
+The MLP half, the embeddings, the final norm and the classifier allocate as timm's do
+(``vitcost.memory`` composes them); the attention differs (``ViTAttention`` and
+``eager_attention_forward`` in ``transformers/models/vit/modeling_vit.py``):
+
+* q, k and v are three linear layers on the same normed input, so under autocast that
+  input is cast three times, and each cast is saved;
+* the eager kernel scales the N x N scores after ``q @ kᵀ`` and runs the softmax in fp32
+  (``softmax(dtype=float32).to(dtype)``): in bf16 both the fp32 and the cast maps are kept;
+* the layer holds the attention weights the attention returns (``hidden_states, _ =``)
+  until it returns, so under no_grad they live through the MLP;
+* in backward, the three input gradients are added one by one (under autocast, each cast
+  back to fp32 first), and the eager kernel's q, k, v gradients are made contiguous before
+  their linear layers read them.
+
+Every size in bytes.
+"""
+
+from __future__ import annotations
+
+from vitcost.ops import (
+    Grads,
+    Shapes,
+    attention_core_backward,
+    attention_core_forward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+)
+from vitcost.replay import B, F, S, Replay
+from vitcost.specs import AttentionKernel, Checkpointing, ViTSpec, Workload
+
+QKV = ("q", "k", "v")
+
+
+def attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool) -> None:
+    """``layernorm_before``, q/k/v projections, the kernel, ``o_proj`` (named ``proj``)."""
+    d, bn = sh.d, sh.b * sh.n
+    keep = S if grad else F
+    sdpa = wl.attention == AttentionKernel.sdpa
+    layernorm_forward(r, sh, p + "ln1", F if (sh.amp or not grad) else S, keep, grad)
+    # SDPA saves q, k, v themselves; eager matmuls save contiguous copies unless they are views
+    out_cat = S if (grad and (sdpa or sh.eager_views)) else F
+    for name in QKV:
+        linear_forward(r, sh, p, name, d * d, d if spec.qkv_bias else 0, bn * d if sh.amp else 0, bn * d,
+                       out_cat, grad)
+    kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
+    attention_core_forward(r, sh, p, kernel, grad, softmax32=True, returns_weights=True)
+    linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
+    if not grad:
+        r.free(p + "attn", *(p + n for n in QKV), p + "ln1")
+        return
+    if not sdpa and not sh.eager_views:
+        r.free(*(p + n for n in QKV))  # locals of the attention: they go when it returns
+    if sh.amp:
+        r.free(p + "ln1")
+
+
+def attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViTSpec, wl: Workload) -> str:
+    """``o_proj``, the kernel, then v, k, q projections; returns the gradient of the normed input."""
+    d, bn = sh.d, sh.b * sh.n
+    sdpa = wl.attention == AttentionKernel.sdpa
+    ck = wl.checkpointing == Checkpointing.full
+    kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
+    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
+                            () if sdpa else (p + "attn",))
+    attention_core_backward(r, sh, p, gproj, kernel, softmax32=True, qkv=QKV)
+    grads = (p + "g.v", p + "g.kT", p + "g.q") if not sdpa else (p + "g.v", p + "g.k", p + "g.q")
+    total = ""
+    for k, (name, g) in enumerate(zip(("v", "k", "q"), grads)):
+        if not sdpa and not sh.one_head:
+            # the (B, H, N, hd) gradient, transposed back, is copied to (B, N, D) for the linear
+            r.alloc(p + "g." + name + ".c", sh.tok_lo, B)
+            r.free(g)
+            g = p + "g." + name + ".c"
+        last = k == 2
+        gin = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if spec.qkv_bias else 0,
+                              False, sh.amp, (g, p + "ln1") if last else (g,), early=ck and last)
+        if not total:
+            total = gin
+            continue
+        r.alloc(p + f"g.sum{k}", sh.tok, B)  # the input's gradients, added as they come
+        r.free(total, gin)
+        total = p + f"g.sum{k}"
+    return total
