@@ -153,6 +153,7 @@ class Report:
                 "classes": s.classes,
                 "qkv_bias": s.qkv_bias,
                 "layer_scale": s.layer_scale,
+                "impl": s.impl.value,
             },
             "tokens": dict(self.tokens),
             "params": {**self.params, "total": self.params_total},

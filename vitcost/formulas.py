@@ -11,13 +11,13 @@ Conventions, fixed here for the whole package:
 
 from __future__ import annotations
 
-from vitcost.specs import Impl, PosEmbed, ViTSpec
+from vitcost.specs import Impl, Pooling, PosEmbed, ViTSpec
 
 # The order components are listed in, everywhere (params, MACs, tables).
 COMPONENT_ORDER = (
-    "patch_embed", "pos_embed", "prefix_tokens", "blocks/norm1", "blocks/attn/qkv",
+    "patch_embed", "pos_embed", "prefix_tokens", "mask_token", "blocks/norm1", "blocks/attn/qkv",
     "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/proj", "blocks/norm2",
-    "blocks/mlp/fc1", "blocks/mlp/fc2", "norm", "head",
+    "blocks/mlp/fc1", "blocks/mlp/fc2", "blocks/layer_scale", "norm", "head",
 )
 
 # --- tokens -------------------------------------------------------------------------
@@ -53,6 +53,8 @@ def pos_embed_tokens(spec: ViTSpec) -> int:
     """Positions a learned embedding holds: grid, plus the prefix tokens unless they get none."""
     if spec.pos_embed != PosEmbed.learned:
         return 0
+    if spec.impl == Impl.hf:  # Hugging Face: the class (and distillation) tokens, never registers
+        return spec.patch_tokens + int(spec.class_token) + int(spec.dist_token)
     return spec.patch_tokens + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
 
 
@@ -85,18 +87,26 @@ def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
 
 
 def _hf_block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
-    """Hugging Face's ``ViTLayer``: attention (q, k, v, o projections), the two norms, the MLP."""
+    """Hugging Face's ``ViTLayer`` (and DeiT's): attention (q, k, v, o projections), the two
+    norms, the MLP. With LayerScale, ``Dinov2Layer``: norm1, attention, LayerScale, norm2,
+    MLP, LayerScale (timm's order, with q, k, v apart)."""
     d, f = spec.dim, spec.mlp_hidden
-    tensors: list[tuple[str, int]] = []
+    attn: list[tuple[str, int]] = []
     for name in ("q", "k", "v"):
-        tensors.append((f"attn/{name}/weight", d * d))
+        attn.append((f"attn/{name}/weight", d * d))
         if spec.qkv_bias:
-            tensors.append((f"attn/{name}/bias", d))
-    return tensors + [
-        ("attn/proj/weight", d * d), ("attn/proj/bias", d),
-        ("norm1/weight", d), ("norm1/bias", d), ("norm2/weight", d), ("norm2/bias", d),
-        ("mlp/fc1/weight", f * d), ("mlp/fc1/bias", f), ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d),
-    ]
+            attn.append((f"attn/{name}/bias", d))
+    attn += [("attn/proj/weight", d * d), ("attn/proj/bias", d)]
+    mlp = [("mlp/fc1/weight", f * d), ("mlp/fc1/bias", f), ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d)]
+    if spec.layer_scale:
+        return [("norm1/weight", d), ("norm1/bias", d), *attn, ("ls1/gamma", d),
+                ("norm2/weight", d), ("norm2/bias", d), *mlp, ("ls2/gamma", d)]
+    return attn + [("norm1/weight", d), ("norm1/bias", d), ("norm2/weight", d), ("norm2/bias", d), *mlp]
+
+
+def head_in(spec: ViTSpec) -> int:
+    """The classifier's input width: D, or 2 D for the class token and mean concatenated."""
+    return 2 * spec.dim if spec.pooling == Pooling.token_avg else spec.dim
 
 
 def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
@@ -111,10 +121,14 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
         tensors.append(("cls_token", d))
     if spec.dist_token:
         tensors.append(("dist_token", d))
-    if spec.registers:
+    if spec.mask_token:
+        tensors.append(("mask_token", d))
+    if spec.registers and spec.impl == Impl.timm:
         tensors.append(("reg_token", spec.registers * d))
     if pos_embed_tokens(spec):
         tensors.append(("pos_embed", pos_embed_tokens(spec) * d))
+    if spec.registers and spec.impl == Impl.hf:  # registered after the position embedding
+        tensors.append(("reg_token", spec.registers * d))
     tensors.append(("patch_embed/weight", d * spec.channels * spec.patch * spec.patch))
     tensors.append(("patch_embed/bias", d))
     block = block_param_tensors(spec)
@@ -122,7 +136,7 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
         tensors += [(f"blocks.{i}/{name}", n) for name, n in block]
     tensors += [("norm/weight", d), ("norm/bias", d)]
     if spec.classes:
-        tensors += [("head/weight", spec.classes * d), ("head/bias", spec.classes)]
+        tensors += [("head/weight", spec.classes * head_in(spec)), ("head/bias", spec.classes)]
         if spec.dist_token:
             tensors += [("head_dist/weight", spec.classes * d), ("head_dist/bias", spec.classes)]
     return tensors
@@ -142,8 +156,10 @@ def param_counts(spec: ViTSpec) -> dict[str, int]:
         "blocks/mlp/fc1": spec.depth * linear_params(d, spec.mlp_hidden),
         "blocks/mlp/fc2": spec.depth * linear_params(spec.mlp_hidden, d),
         "norm": layernorm_params(d),
-        "head": (1 + int(spec.dist_token)) * linear_params(d, spec.classes) if spec.classes else 0,
+        "head": (1 + int(spec.dist_token)) * linear_params(head_in(spec), spec.classes) if spec.classes else 0,
     }
+    if spec.mask_token:
+        counts["mask_token"] = d
     if spec.layer_scale:  # one D-vector per residual branch
         counts["blocks/layer_scale"] = spec.depth * 2 * d
     return counts
@@ -191,7 +207,7 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
         "blocks/attn/proj": depth * linear_macs(n, d, d),
         "blocks/mlp/fc1": depth * linear_macs(n, d, f),
         "blocks/mlp/fc2": depth * linear_macs(n, f, d),
-        "head": heads * linear_macs(1, d, spec.classes),
+        "head": heads * linear_macs(1, head_in(spec), spec.classes),
     }
 
 

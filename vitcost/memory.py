@@ -81,6 +81,7 @@ from vitcost.specs import (
 )
 
 INDEX_BYTES = 8  # int64 class labels
+UNUSED = frozenset(("mask_token",))  # parameters a classification forward never reads
 
 
 def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
@@ -92,8 +93,8 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     cuda = wl.device == Device.cuda
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
-    sizes = _param_bytes(spec, e, round_to)
-    params = sum(sizes)
+    params = sum(_param_bytes(spec, e, round_to))
+    sizes = _param_bytes(spec, e, round_to, used=True)
     train = wl.training
     adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
     return Shapes(
@@ -105,9 +106,9 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
         # inputs) pads N to 32
         lse_n=_round_up(n, 32) if cuda and lo == 4 else n,
         n128=_round_up(n, 128), hd32=_round_up(d // spec.heads, 32),
-        params=params,
+        params=params, grads=sum(sizes),
         states=optimizer_state_bytes(wl, sizes, cuda) if train else 0,
-        kept=_kept_grad_bytes(spec, b, e, params, round_to) if train and wl.keep_grads else 0,
+        kept=_kept_grad_bytes(spec, b, e, sum(sizes), round_to) if train and wl.keep_grads else 0,
         opt_tmp=optimizer_temporary_bytes(sizes, cuda) if train and adam else 0,
         one=b == 1, one_head=spec.heads == 1,
         res=e, lo=lo, par=e,
@@ -127,6 +128,9 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
     patch_elems = sh.b * sh.patches * sh.d
     linear_forward(r, sh, "", "patches", sh.conv_w, sh.d, image_elems, patch_elems, F, grad)
     cur = "patches"
+    if spec.impl == Impl.hf and spec.registers:
+        _hf_register_prologue(r, sh, saved)
+        return
     has_pos = spec.pos_embed != PosEmbed.none
     pos_after_cat = spec.pos_embed == PosEmbed.learned and spec.pos_embed_prefix
     if has_pos and not pos_after_cat:
@@ -147,6 +151,20 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
     if cur != "b0.in":  # no prefix and no position added after: the conv output itself
         r.rename(cur, "b0.in")
         r.retag("b0.in", saved)
+
+
+def _hf_register_prologue(r: Replay, sh: Shapes, saved: int) -> None:
+    """Hugging Face's DINOv2 with registers: the class token and the patches, plus the
+    position embedding, then the registers put in after the class token (a third tensor)."""
+    elems = sh.b * (sh.n - sh.registers) * sh.d
+    if sh.amp:
+        r.alloc("patches.32", sh.b * sh.patches * sh.d * sh.res, F)  # cat promotes to the fp32 tokens
+    r.alloc("cat", elems * sh.res, F)
+    r.free("patches", "patches.32")
+    r.alloc("pos_add", elems * sh.res, F)
+    r.free("cat")
+    r.alloc("b0.in", sh.tok, saved)
+    r.free("pos_add")
 
 
 def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
@@ -181,7 +199,7 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
         r.alloc(nxt, sh.tok, S if checkpointed else keep)
         r.free(p + "fc2")
     if not grad:
-        r.free(p + "x1", p + "probs")  # (probs: what a Hugging Face layer holds until it returns)
+        r.free(p + "x1", p + "probs", p + "probs.32")  # (what a Hugging Face layer holds until it returns)
         if not checkpointed and not keep_input:
             r.free(p + "in")
 
@@ -235,6 +253,11 @@ def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recom
     return False
 
 
+def _head_width(spec: ViTSpec) -> int:
+    """The head's input in widths D: 2 for the class token and mean concatenated."""
+    return 2 if spec.pooling == Pooling.token_avg else 1
+
+
 def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpointed: bool = False) -> None:
     """Final norm, pooling, head(s), and (training) the cross-entropy loss."""
     keep = S if grad else F
@@ -250,9 +273,15 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         pooled_elems = sh.b * sh.d
         if spec.pooling == Pooling.avg:
             r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.amp) else F)
+        elif spec.pooling == Pooling.token_avg:
+            # cat([x[:, 0], x[:, 1:].mean(1)], 1): the mean, then the concatenation the head reads
+            r.alloc("mean", pooled_elems * sh.res, F)
+            pooled_elems *= 2
+            r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.amp) else F)
+            r.free("mean")
         heads = ["head"] + (["head_dist"] if spec.dist_token else [])
         for head in heads:
-            linear_forward(r, sh, "", head, sh.classes * sh.d, sh.classes,
+            linear_forward(r, sh, "", head, sh.classes * sh.d * _head_width(spec), sh.classes,
                             pooled_elems if sh.amp else 0, sh.b * sh.classes, F, grad)
         logits = sh.b * sh.classes * sh.lo
         if spec.dist_token:
@@ -358,21 +387,27 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
         r.alloc("g.logits_avg", sh.b * sh.classes * sh.lo, B)
         r.free("g.logits")
         r.rename("g.logits_avg", "g.logits")
-    pooled = sh.b * sh.d
+    width = _head_width(spec)
+    pooled = sh.b * sh.d * width
     for k, head in enumerate(heads):
         last = k == len(heads) - 1
         frees = ("g.logits", "norm.out", "pooled") if last else ()
         gin = linear_backward(r, gr, sh, "", head, sh.b * sh.classes, pooled,
-                               sh.classes * sh.d, sh.classes, sh.amp and k == 0,
+                               sh.classes * sh.d * width, sh.classes, sh.amp and k == 0,
                                sh.amp, frees, free_first=("g.logits",))
+        if spec.pooling == Pooling.token_avg:
+            # the mean's half: its backward (B, P, D), then the slice's, a (B, N, D) tensor
+            r.alloc("g.mean", sh.b * sh.patches * sh.d * sh.res, B)
+            r.alloc("g.slice", sh.tok, B)
+            r.free("g.mean")
         # select_backward (or mean backward): a (B, N, D) tensor per head, summed after
         r.alloc(f"g.sel{k}", sh.tok, B)
         r.free(gin)
-    if len(heads) == 1:
+    if len(heads) == 1 and spec.pooling != Pooling.token_avg:
         r.rename("g.sel0", "g.norm")
     else:
         r.alloc("g.norm", sh.tok, B)
-        r.free(*(f"g.sel{k}" for k in range(len(heads))))
+        r.free(*(f"g.sel{k}" for k in range(len(heads))), "g.slice")
     r.where = "backward: norm"
     layernorm_backward(r, gr, sh, "", "norm", "g.norm", "norm.in")
     gr.accumulate("norm.w", "norm.b")
@@ -390,6 +425,8 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     d = sh.d
     r.where = "backward: patch embedding"
     views = _prefix_grads_are_views(spec, sh.one) and not gr.keep
+    if spec.impl == Impl.hf and spec.registers:
+        g = _hf_register_prologue_backward(r, sh, g, gr, views)
     if spec.pos_embed == PosEmbed.learned:
         if views and sh.amp and not spec.pos_embed_prefix:
             # added to the patches only, its gradient is a slice of ``g`` too; under autocast
@@ -401,8 +438,9 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     patch_elems = sh.b * sh.patches * d
     if sh.amp:
         r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
+    hf_registers = spec.impl == Impl.hf and spec.registers  # done above
     for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)),
-                     ("reg_token", sh.registers)):
+                     ("reg_token", 0 if hf_registers else sh.registers)):
         if n:
             if views:
                 r.retag(g, G)
@@ -423,6 +461,26 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     else:
         gr.accumulate("patch.w", "patch.b")
     r.free("total_weight")
+
+
+def _hf_register_prologue_backward(r: Replay, sh: Shapes, g: str, gr: Grads, views: bool) -> str:
+    """The registers' concatenation backward: the registers' gradient (summed over the batch;
+    at batch 1 a slice of ``g`` that keeps it alive), and the two slices around them, each
+    put back in a zero tensor and added; returns the gradient of the class token and
+    patches with the position embedding added."""
+    elems = sh.b * (sh.n - sh.registers) * sh.d * sh.res
+    r.alloc("g.rest", elems, B)
+    if views:
+        r.retag(g, G)
+    else:
+        gr.make_param("reg_token", sh.registers * sh.d)
+        gr.accumulate("reg_token")
+    r.alloc("g.first", elems, B)
+    if not views:
+        r.free(g)
+    r.alloc("g.emb", elems, B)
+    r.free("g.rest", "g.first")
+    return "g.emb"
 
 
 def _prefix_grads_are_views(spec: ViTSpec, batch_one: bool) -> bool:
@@ -448,9 +506,10 @@ def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_
 
 
 @lru_cache(maxsize=4096)
-def _param_bytes(spec: ViTSpec, pb: int, round_to: int) -> tuple[int, ...]:
-    """Bytes of each parameter tensor as allocated, in ``parameters()`` order."""
-    return tuple(_round_up(n * pb, round_to) for _, n in param_tensors(spec))
+def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False) -> tuple[int, ...]:
+    """Bytes of each parameter tensor as allocated, in ``parameters()`` order; ``used``: only
+    those the forward uses, which get gradients and optimizer states."""
+    return tuple(_round_up(n * pb, round_to) for name, n in param_tensors(spec) if not (used and name in UNUSED))
 
 
 # --- the whole step ---------------------------------------------------------------------------
@@ -562,8 +621,9 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     depth = spec.depth
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full
-    # Hugging Face's encoder keeps its input (``embedding_output``) until it returns
-    keeps_embedding = spec.impl == Impl.hf and not train
+    # timm's ``self.blocks(x)`` (an nn.Sequential) and Hugging Face's encoder
+    # (``embedding_output``) hold their input until the last block returns
+    keeps_embedding = not train
     if r.FULL:
         for i in range(depth):
             _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train and not ck,
@@ -595,7 +655,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
                 g = f"g.b{i}.in"
             _prologue_backward(r, spec, sh, g, gr, image_elems)
             optimizer_step(r, sh)
-            return (weights, sh.params if train else 0, sh.states, inputs, saved, copies), components
+            return (weights, sh.grads if train else 0, sh.states, inputs, saved, copies), components
         last = depth - 1
         state = r.local()
         _block_backward(r, 0, g, f"g.b{last}.in", sh, spec, wl, gr, label=last)
@@ -608,7 +668,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
             g = _finish_block_backward(r, g, block.change)
         _prologue_backward(r, spec, sh, g, gr, image_elems)
         optimizer_step(r, sh)
-    return (weights, sh.params if train else 0, sh.states, inputs, saved, copies), components
+    return (weights, sh.grads if train else 0, sh.states, inputs, saved, copies), components
 
 
 def replay_memory(spec: ViTSpec, wl: Workload) -> tuple[MemoryResult, tuple[int, ...]]:
@@ -629,9 +689,10 @@ PERSISTENT = frozenset(("weights", "sincos", "opt.states", "grads.kept", "x", "y
 def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:
     """``shapes_of`` with every parameter, optimizer state and kept gradient as its own tensor."""
     sh = shapes_of(spec, wl)
-    sizes = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
+    parts = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
+    sizes = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1, used=True)
     if not wl.training:
-        return replace(sh, param_parts=sizes)
+        return replace(sh, param_parts=parts)
     if wl.optimizer in (Optimizer.adamw, Optimizer.adam):
         # per parameter, as the first step creates them: (a CPU ``step``), exp_avg, exp_avg_sq
         states = tuple(x for s in sizes for x in ((s, s) if sh.cuda else (4, s, s)))
@@ -640,7 +701,7 @@ def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:
         states = sizes if wl.optimizer == Optimizer.sgd_momentum else ()
         tmp = ()
     kept = () if not sh.kept else (sh.kept,) if _prefix_grads_are_views(spec, sh.one) else sizes
-    return replace(sh, param_parts=sizes, state_parts=states, kept_parts=kept, opt_tmp_parts=tmp)
+    return replace(sh, param_parts=parts, state_parts=states, kept_parts=kept, opt_tmp_parts=tmp)
 
 
 def trace(spec: ViTSpec, wl: Workload, extra_bytes: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

@@ -36,6 +36,7 @@ class Shapes:
     n128: int  # tokens rounded up to 128 (CUDA flash backward workspaces)
     hd32: int  # head width rounded up to 32 (CUDA flash backward workspaces)
     params: int  # bytes of every parameter tensor as allocated
+    grads: int  # bytes of the gradients a step makes (of every parameter the forward uses)
     states: int  # bytes of the optimizer states
     kept: int  # bytes of gradients kept between steps (zero_grad(set_to_none=False))
     opt_tmp: int  # bytes of the optimizer step's temporaries at their most
@@ -106,18 +107,17 @@ def linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_ele
 
 
 def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool,
-                           softmax32: bool | None = None, returns_weights: bool = False) -> None:
+                           explicit32: bool = False) -> None:
     """q, k, v to the attention output ``attn`` (B, N, D), by kernel.
 
-    ``softmax32``: the softmax runs in fp32 and its output is cast back to the matmul's
-    precision (CUDA autocast's policy; Hugging Face's ``softmax(dtype=float32).to(dtype)``
-    always); by default, CUDA autocast only. ``returns_weights``: the function returns its
-    (cast) attention weights to a caller that holds them (Hugging Face's eager attention),
-    so under no_grad those live on and the fp32 ones die at the cast.
+    The softmax runs in fp32 and its output is cast back to the matmul's precision under
+    CUDA autocast (its policy), or always with ``explicit32``: Hugging Face's
+    ``softmax(dtype=float32).to(dtype)``, one expression, so the low-precision scores die
+    only after the cast. Under no_grad the attention weights (``probs``, and ``probs.32``
+    when autocast made them) are left to the caller, which may hold them.
     """
     t = sh.tok_lo
-    if softmax32 is None:
-        softmax32 = sh.softmax_fp32
+    softmax32 = explicit32 or sh.softmax_fp32
     keep = S if grad else F
     if kernel == AttentionKernel.sdpa:
         # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
@@ -149,10 +149,13 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         # stay referenced by the caller until softmax returns
         r.alloc(p + "scores.32", sh.amap * 2, F)
         r.alloc(p + "probs.32", sh.amap * 2, keep)
-        r.free(p + "scores.32", p + "scores")
+        r.free(p + "scores.32")
+        if not explicit32:
+            r.free(p + "scores")
         r.alloc(p + "probs", sh.amap, keep)  # the matmul's low-precision copy
-        if returns_weights and not grad:
-            r.free(p + "probs.32")
+        r.free(p + "scores")  # (an explicit cast back is in softmax's expression: they die now)
+        if explicit32 and not grad:
+            r.free(p + "probs.32")  # a temporary of that expression
     else:
         r.alloc(p + "probs", sh.amap, keep)  # softmax saves its output, not its input
         r.free(p + "scores")
@@ -161,7 +164,7 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     r.alloc(p + "av", t, F)
     if not grad:
         r.free(p + "v.c")
-        if softmax32 and not returns_weights:
+        if softmax32 and not explicit32:
             r.free(p + "probs")  # the cast copy dies with the matmul; the fp32 maps live on
     r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
     r.free(p + "av")
@@ -238,12 +241,15 @@ class Grads:
 
 def linear_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, out_elems: int,
                      in_elems: int, w_elems: int, b_elems: int, cast_grad: bool, input_cast: bool,
-                     frees: tuple[str, ...], free_first: tuple[str, ...] = (), early: bool = False) -> str:
+                     frees: tuple[str, ...], free_first: tuple[str, ...] = (), early: bool = False,
+                     into: str = "") -> str:
     """Backward of a linear layer; returns the name of the gradient of its input.
 
     Under autocast: a gradient arriving in fp32 (from a residual add) is first cast down;
     the input gradient is cast back up when the input was cast down in forward; the
-    weight and bias gradients are computed low and cast to fp32.
+    weight and bias gradients are computed low and cast to fp32. ``into``: the gradient
+    the input already has from another layer that reads it; the engine adds the two as soon
+    as this one is ready, before the weight's and bias's gradients are done.
     """
     gc = p + name + ".gc"
     if sh.amp and cast_grad and gc not in r.live:
@@ -257,13 +263,17 @@ def linear_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, out_ele
         r.free(p + name + ".wc", *frees[-1:])
     gr.make(p + name + ".b", b_elems)  # grad_output summed over rows
     r.free(gc, p + name + ".wc", p + name + ".ic", *frees)
-    if not sh.amp:
-        gr.accumulate(p + name + ".b", p + name + ".w")
-        return gin
-    if input_cast:
+    if sh.amp and input_cast:
         r.alloc(gin + ".32", in_elems * sh.res, B)
         r.free(gin)
         gin = gin + ".32"
+    if into:
+        r.alloc(gin + ".sum", in_elems * (sh.res if sh.amp and input_cast else sh.lo), B)
+        r.free(into, gin)
+        gin = gin + ".sum"
+    if not sh.amp:
+        gr.accumulate(p + name + ".b", p + name + ".w")
+        return gin
     gr.finish(p + name + ".w", w_elems)
     gr.finish(p + name + ".b", b_elems)
     return gin
@@ -279,13 +289,12 @@ def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in
 
 
 def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel,
-                            softmax32: bool | None = None, qkv: tuple[str, ...] = ("qkv",)) -> None:
+                            explicit32: bool = False, qkv: tuple[str, ...] = ("qkv",)) -> None:
     """The gradients ``g.q``, ``g.k`` (sdpa) or ``g.kT`` (eager), ``g.v`` from the output's;
     ``qkv``: the tensors q, k and v are views of (freed once the kernel's backward is done
     with them)."""
     t = sh.tok_lo
-    if softmax32 is None:
-        softmax32 = sh.softmax_fp32
+    softmax32 = explicit32 or sh.softmax_fp32
     qkv = tuple(p + name for name in qkv)
     if kernel == AttentionKernel.sdpa:
         r.alloc(p + "g.q", t, B)
@@ -301,6 +310,8 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
     r.alloc(p + "g.v", t, B)
     r.alloc(p + "g.probs", sh.amap, B)
     r.free(p + "g.av", p + "v.c", gproj)
+    if sh.eager_views and len(qkv) == 3:
+        r.free(qkv[2])  # v apart from q and k (a tensor of its own): its matmul is done with it
     if softmax32 and sh.lo == 2:
         r.free(p + "probs")  # the low-precision copy, saved by the matmul only
         r.alloc(p + "g.probs.32", 2 * sh.amap, B)

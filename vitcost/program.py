@@ -25,7 +25,7 @@ from vitcost.specs import Device, ViTSpec, Workload
 
 # The sizes a program takes, in order: ``ops.Shapes`` says what each one is, and the depth.
 SHAPE_SIZES = ("b", "n", "d", "f", "h", "patches", "image", "conv_w", "pos", "classes", "registers",
-               "lse_n", "n128", "hd32", "params", "states", "kept", "opt_tmp")
+               "lse_n", "n128", "hd32", "params", "grads", "states", "kept", "opt_tmp")
 SIZES = SHAPE_SIZES + ("depth",)
 
 
@@ -387,7 +387,8 @@ def structure_key(spec: ViTSpec, wl: Workload, one: Optional[bool] = None) -> tu
     """What decides which tensors a step makes: configurations that agree on it share a
     program. ``one``: at batch 1 (else ``wl.batch`` says)."""
     return (min(spec.depth, 3), spec.class_token, spec.dist_token, spec.registers > 0, spec.pos_embed,
-            spec.pos_embed_prefix, spec.pooling, spec.classes > 0, spec.qkv_bias, spec.layer_scale, spec.impl, spec.heads == 1,
+            spec.pos_embed_prefix, spec.pooling, spec.classes > 0, spec.qkv_bias, spec.layer_scale, spec.impl,
+            spec.mask_token, spec.heads == 1,
             wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device,
             wl.batch == 1 if one is None else one)
 

@@ -136,10 +136,10 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
         else:
             self.pos_embed = None
-        self.blocks = nn.ModuleList(
+        self.blocks = nn.Sequential(*(
             Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale)
             for _ in range(spec.depth)
-        )
+        ))
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.head = nn.Linear(d, spec.classes) if spec.classes else None
         self.head_dist = nn.Linear(d, spec.classes) if spec.classes and spec.dist_token else None
@@ -173,11 +173,13 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._pos_embed(self.patch_embed(x))
-        for blk in self.blocks:
-            if self.checkpointing == "full" and torch.is_grad_enabled():
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            for blk in self.blocks:
                 x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+        else:
+            # as timm: the Sequential's call holds its input (the embedding) until the last
+            # block returns, which under no_grad keeps one more (B, N, D) tensor alive
+            x = self.blocks(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ class PosEmbed(str, Enum):
 class Pooling(str, Enum):
     token = "token"
     avg = "avg"
+    token_avg = "token+avg"  # the class token and the patch tokens' mean, concatenated (DINOv2's linear head)
 
 
 class Device(str, Enum):
@@ -116,6 +117,7 @@ class ViTSpec(BaseModel):
     qkv_bias: bool = True
     layer_scale: bool = False  # LayerScale on both residual branches (timm init_values; DINOv2, DeiT III, CaiT)
     impl: Impl = Impl.timm
+    mask_token: bool = False  # a mask-token parameter the forward does not use (HF DINOv2's use_mask_token)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":
@@ -125,7 +127,7 @@ class ViTSpec(BaseModel):
             raise ValueError(
                 f"image {self.image_h}x{self.image_w} is smaller than patch {self.patch}"
             )
-        if self.pooling == Pooling.token and self.classes and not self.class_token:
+        if self.pooling in (Pooling.token, Pooling.token_avg) and self.classes and not self.class_token:
             raise ValueError("a class-token head needs the class token: use --pool avg or --class-token")
         if self.pos_embed == PosEmbed.sincos and self.dim % 4:
             raise ValueError(f"sin-cos position embedding needs --dim divisible by 4, got {self.dim}")

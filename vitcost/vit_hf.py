@@ -6,8 +6,9 @@ The MLP half, the embeddings, the final norm and the classifier allocate as timm
 
 * q, k and v are three linear layers on the same normed input, so under autocast that
   input is cast three times, and each cast is saved;
-* the eager kernel scales the N x N scores after ``q @ kᵀ`` and runs the softmax in fp32
-  (``softmax(dtype=float32).to(dtype)``): in bf16 both the fp32 and the cast maps are kept;
+* the eager kernel scales the N x N scores after ``q @ kᵀ``; ViT's and DeiT's run the
+  softmax in fp32 (``softmax(dtype=float32).to(dtype)``): in bf16 both the fp32 and the cast
+  maps are kept (DINOv2's, the layer with LayerScale, is a plain softmax);
 * the layer holds the attention weights the attention returns (``hidden_states, _ =``)
   until it returns, so under no_grad they live through the MLP;
 * in backward, the three input gradients are added one by one (under autocast, each cast
@@ -34,6 +35,12 @@ from vitcost.specs import AttentionKernel, Checkpointing, ViTSpec, Workload
 QKV = ("q", "k", "v")
 
 
+def _explicit32(spec: ViTSpec) -> bool:
+    """ViT's and DeiT's eager softmax runs in fp32 and casts back; DINOv2's (the layer with
+    LayerScale) is a plain softmax, fp32 under CUDA autocast only."""
+    return not spec.layer_scale
+
+
 def attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool) -> None:
     """``layernorm_before``, q/k/v projections, the kernel, ``o_proj`` (named ``proj``)."""
     d, bn = sh.d, sh.b * sh.n
@@ -46,7 +53,8 @@ def attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload
         linear_forward(r, sh, p, name, d * d, d if spec.qkv_bias else 0, bn * d if sh.amp else 0, bn * d,
                        out_cat, grad)
     kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
-    attention_core_forward(r, sh, p, kernel, grad, softmax32=True, returns_weights=True)
+    attention_core_forward(r, sh, p, kernel, grad, explicit32=_explicit32(spec))
+    # the layer holds the weights it is returned (``hidden_states, _ = ...``) until it returns
     linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
     if not grad:
         r.free(p + "attn", *(p + n for n in QKV), p + "ln1")
@@ -65,22 +73,18 @@ def attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViTSpec, 
     kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
     gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
                             () if sdpa else (p + "attn",))
-    attention_core_backward(r, sh, p, gproj, kernel, softmax32=True, qkv=QKV)
+    attention_core_backward(r, sh, p, gproj, kernel, explicit32=_explicit32(spec), qkv=QKV)
     grads = (p + "g.v", p + "g.kT", p + "g.q") if not sdpa else (p + "g.v", p + "g.k", p + "g.q")
     total = ""
     for k, (name, g) in enumerate(zip(("v", "k", "q"), grads)):
-        if not sdpa and not sh.one_head:
+        if not sdpa and not sh.one_head and not (name == "k" and sh.one):
             # the (B, H, N, hd) gradient, transposed back, is copied to (B, N, D) for the linear
+            # (k's, from q @ kᵀ, is (B H, hd, N): at batch 1 a transposed matrix the linear reads)
             r.alloc(p + "g." + name + ".c", sh.tok_lo, B)
             r.free(g)
             g = p + "g." + name + ".c"
         last = k == 2
-        gin = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if spec.qkv_bias else 0,
-                              False, sh.amp, (g, p + "ln1") if last else (g,), early=ck and last)
-        if not total:
-            total = gin
-            continue
-        r.alloc(p + f"g.sum{k}", sh.tok, B)  # the input's gradients, added as they come
-        r.free(total, gin)
-        total = p + f"g.sum{k}"
+        # the three gradients of the normed input are added as they come
+        total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if spec.qkv_bias else 0,
+                                False, sh.amp, (g, p + "ln1") if last else (g,), early=ck and last, into=total)
     return total
