@@ -89,6 +89,8 @@ CASES = [
     ("layer-scale-b1-registers-sgd", dict(layer_scale=True, registers=4, pos_embed_prefix=False), dict(batch=1, optimizer="sgd"), ()),
     ("layer-scale-depth1-adam", dict(layer_scale=True, depth=1), dict(optimizer="adam"), ()),
     ("layer-scale-depth4-amp-keep", dict(layer_scale=True, depth=4), dict(precision="amp-bf16", keep_grads=True, optimizer="sgd-momentum"), ()),
+    ("layer-scale-checkpointing-amp", dict(layer_scale=True, depth=3), dict(precision="amp-bf16", checkpointing="full"), ()),
+    ("layer-scale-checkpointing-fp32-eager-b1", dict(layer_scale=True), dict(checkpointing="full", attention="eager", batch=1), ()),
     ("amp-no-pos-no-prefix-infer", dict(pos_embed="none", class_token=False, pooling="avg"),
      dict(precision="amp-bf16", mode="infer", batch=8), (BUG_AMP_BF16_RESIDUAL,)),
     ("amp-no-pos-no-prefix-sgd-eager", dict(pos_embed="none", class_token=False, pooling="avg"),

@@ -153,9 +153,6 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         wl = _workload(*values)
     except TypeError:  # an unhashable argument: validation says what is wrong with it
         wl = _workload.__wrapped__(*values)
-    if spec.layer_scale and wl.training and wl.checkpointing.value != "none":
-        raise ConfigError("--layer-scale with --checkpointing full is not modelled yet (where the recompute "
-                          "stops changes); use --checkpointing none")
     if wl.training and not spec.classes:
         raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
                           "pass --classes N, or use --mode infer")

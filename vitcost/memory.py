@@ -237,7 +237,12 @@ def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recom
     linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
     r.alloc(p + "gelu", sh.hid, keep)
     if recompute:
-        if sh.amp:  # fc2 saves a weight copy too: the recompute goes on until it exists
+        if spec.layer_scale:  # LayerScale saves fc2's output: the recompute runs fc2 too
+            linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, S, True)
+            if sh.amp:
+                r.free_matching(".bc")
+                r.free(p + "ln2")
+        elif sh.amp:  # fc2 saves a weight copy too: the recompute goes on until it exists
             r.alloc(p + "fc2.bc", d * sh.lo, WC)
             r.alloc(p + "fc2.wc", d * f * sh.lo, WC)
             r.free_matching(".bc")  # the recompute stops; its autocast region ends
@@ -327,7 +332,8 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     amp = sh.amp
     ck = wl.checkpointing == Checkpointing.full
     if ck:
-        if amp:  # the residual add casts the gradient down before fc2's node asks for recompute
+        if amp and not spec.layer_scale:
+            # the residual add casts the gradient down before fc2's node asks for recompute
             r.alloc(p + "fc2.gc", sh.tok_lo, B)
         _block_forward(r, i, "", sh, spec, wl, True, recompute=True, label=label)
     r.where = f"backward: blocks.{label}.mlp"
