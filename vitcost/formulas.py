@@ -117,9 +117,10 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     """
     d = spec.dim
     tensors: list[tuple[str, int]] = []
+    hf = spec.impl == Impl.hf
     if spec.class_token:
         tensors.append(("cls_token", d))
-    if spec.dist_token:
+    if spec.dist_token and not hf:
         tensors.append(("dist_token", d))
     if spec.mask_token:
         tensors.append(("mask_token", d))
@@ -127,7 +128,9 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
         tensors.append(("reg_token", spec.registers * d))
     if pos_embed_tokens(spec):
         tensors.append(("pos_embed", pos_embed_tokens(spec) * d))
-    if spec.registers and spec.impl == Impl.hf:  # registered after the position embedding
+    if spec.dist_token and hf:  # Hugging Face registers these after the position embedding
+        tensors.append(("dist_token", d))
+    if spec.registers and hf:
         tensors.append(("reg_token", spec.registers * d))
     tensors.append(("patch_embed/weight", d * spec.channels * spec.patch * spec.patch))
     tensors.append(("patch_embed/bias", d))

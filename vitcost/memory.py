@@ -290,10 +290,13 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
                             pooled_elems if sh.amp else 0, sh.b * sh.classes, F, grad)
         logits = sh.b * sh.classes * sh.lo
         if spec.dist_token:
+            # Hugging Face's output holds both heads' logits until the forward returns
+            held = spec.impl == Impl.hf
             r.alloc("logits_sum", logits, F)
-            r.free("head", "head_dist")
+            if not held:
+                r.free("head", "head_dist")
             r.alloc("logits_avg", logits, F)
-            r.free("logits_sum")
+            r.free("logits_sum", "head", "head_dist")
             r.rename("logits_avg", "head")
     if not head_saves_norm:
         r.free("norm.out")  # forward returns: only what backward saved survives
