@@ -43,7 +43,8 @@ FLAGS = {
     "--pos-embed": st.sampled_from(["learned", "sincos", "none", "rope"]),
     "--pool": st.sampled_from(["token", "avg", "max"]),
 }
-SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale"]
+SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale",
+            "--impl=hf", "--pool=token+avg"]
 
 
 @st.composite
@@ -162,3 +163,39 @@ def test_fuzzed_profile_files(tmp_path, text):
 
         data = json.loads(result.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
         assert math.isfinite(data["gpu"]["step_seconds_lower_bound"])
+
+
+# a small valid config of each modelled architecture; the fuzzer breaks them
+HF_CONFIGS = [
+    {"architectures": ["ViTForImageClassification"], "hidden_size": 64, "num_hidden_layers": 2,
+     "num_attention_heads": 2, "intermediate_size": 256, "image_size": 64, "patch_size": 16, "num_channels": 3,
+     "qkv_bias": True, "hidden_act": "gelu", "id2label": {"0": "a", "1": "b"}},
+    {"architectures": ["Dinov2WithRegistersModel"], "hidden_size": 64, "num_hidden_layers": 2,
+     "num_attention_heads": 2, "mlp_ratio": 4, "image_size": 56, "patch_size": 14, "num_channels": 3,
+     "qkv_bias": True, "hidden_act": "gelu", "num_register_tokens": 4, "use_swiglu_ffn": False},
+]
+
+
+@st.composite
+def hf_config_texts(draw):
+    import json
+
+    data = dict(draw(st.sampled_from(HF_CONFIGS)))
+    for key in draw(st.lists(st.sampled_from(sorted({k for c in HF_CONFIGS for k in c})), max_size=3, unique=True)):
+        if draw(st.booleans()):
+            data.pop(key, None)
+        else:
+            data[key] = draw(st.one_of(VALUES, st.integers(-(10**30), 10**30)))
+    try:
+        return json.dumps(data)
+    except (TypeError, ValueError):
+        return "{"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=hf_config_texts(), mode=st.sampled_from(["train", "infer"]))
+def test_fuzzed_hf_configs(tmp_path, text, mode):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    args = ["plan", "--hf-config", str(path), "--mode", mode, "--device", "cpu"]
+    assert_clean(runner.invoke(app, args), args)

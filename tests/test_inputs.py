@@ -145,3 +145,16 @@ def test_a_budget_file_that_is_a_fifo_is_refused_unread(tmp_path):
 ])
 def test_compare_lists_take_sizes_only(args, fragment):
     assert fragment in one_line_error(*args, code=2)
+
+
+def test_a_directory_named_as_a_file_is_one_line(tmp_path):
+    """os.fdopen refuses a directory with IsADirectoryError: it is checked before."""
+    from typer.testing import CliRunner
+
+    from vitcost.cli import app
+
+    for args in (["check", str(tmp_path)], ["plan", "--gpu", str(tmp_path)], ["plan", "--hf-config", str(tmp_path)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code in (1, 2) and result.exception is None or isinstance(result.exception, SystemExit)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "not a regular file" in lines[0], (args, result.stderr)

@@ -30,6 +30,10 @@ _SPEC_VARIANTS = [
     dict(pos_embed="none"), dict(pos_embed="none", class_token=False, pooling="avg"),
     dict(qkv_bias=False), dict(pos_embed_prefix=False), dict(classes=0), dict(layer_scale=True),
     dict(layer_scale=True, registers=4, pos_embed_prefix=False),
+    # Hugging Face's code: ViT, DeiT distilled, DINOv2 with and without registers
+    dict(impl="hf"), dict(impl="hf", dist_token=True),
+    dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True),
+    dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, registers=4),
 ]
 
 

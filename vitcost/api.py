@@ -24,7 +24,7 @@ BACKBONE_TRAINING_CLASSES = 1000  # timm's num_classes when a backbone is fine-t
 _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
-    "impl",
+    "impl", "mask_token",
 )
 
 
@@ -113,6 +113,7 @@ def plan(
     device: Optional[str] = None,
     allocator: str = "native",
     strict: bool = False,
+    hf_config: Optional[str] = None,
     **arch: Any,
 ) -> Report:
     """Tokens, parameters, MACs, attention maps and memory of one configuration.
@@ -122,19 +123,50 @@ def plan(
     policy and 512-byte allocator blocks; ``cpu``: what a CPU run allocates); it defaults to
     ``cuda``. With ``gpu`` (a profile name or YAML path) the report says whether the step fits
     and the largest batch that does, on the caching allocator's rules (``allocator``:
-    ``native``, or ``expandable`` for ``expandable_segments:True``).
+    ``native``, or ``expandable`` for ``expandable_segments:True``). ``hf_config``: a Hugging
+    Face ``config.json`` as the architecture, run by Hugging Face's code; explicit options
+    override what it says.
     """
+    explicit_classes = arch.get("classes")
+    notes: tuple[str, ...] = ()
+    name = None
+    if hf_config is not None:
+        model, image, patch, arch, notes, name = _from_hf_config(hf_config, model, image, patch, arch)
     spec, warnings = make_model_spec(model, image=image, patch=patch, strict=strict, **arch)
-    if mode == "train" and not spec.classes and arch.get("classes") is None:
+    if name:
+        spec = spec.model_copy(update={"name": name})
+    warnings = notes + warnings
+    if mode == "train" and not spec.classes and explicit_classes is None:
         # a feature backbone (DINOv2) has no loss of its own: train it as timm would fine-tune it
         spec = spec.model_copy(update={"classes": BACKBONE_TRAINING_CLASSES})
+        on = "the class token and the patch tokens' mean" if spec.pooling.value == "token+avg" else "the class token"
         warnings = warnings + (f"{spec.name} is a feature backbone with no head: training is planned with "
-                               f"a {BACKBONE_TRAINING_CLASSES}-class linear head on the class token and "
-                               "cross-entropy (timm's default); --classes N for another head, --mode infer "
+                               f"a {BACKBONE_TRAINING_CLASSES}-class linear head on {on} and "
+                               "cross-entropy; --classes N for another head, --mode infer "
                                "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing,
                       gpu=gpu, device=device, allocator=allocator)
+
+
+def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Optional[int],
+                    arch: dict[str, Any]) -> tuple:
+    """``plan``'s model arguments from a config file, explicit ones on top."""
+    from vitcost.hf_config import read_hf_config
+
+    if model is not None and model != "vit-b":
+        raise ConfigError(f"--model {shorten(model, quote=True)} and --hf-config {shorten(str(path))}: give one of them")
+    cfg = read_hf_config(path)
+    merged = dict(cfg.arch)
+    cfg_image, cfg_patch = merged.pop("image"), merged.pop("patch")
+    merged.update({k: v for k, v in arch.items() if v is not None})
+    notes = cfg.notes
+    if image is not None and parse_image(image) != cfg_image:
+        notes = notes + (f"--image {image} is not the config's image_size {cfg_image[0]}x{cfg_image[1]}: "
+                         "Hugging Face's code then interpolates the position embedding every step (not "
+                         "modelled), and parameters are counted at the new size",)
+    return (None, image if image is not None else cfg_image, patch if patch is not None else cfg_patch, merged,
+            notes, cfg.architecture)
 
 
 def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],

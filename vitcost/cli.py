@@ -206,13 +206,14 @@ def _console() -> Console:
 def plan(
     image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
     patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
+    hf_config: Annotated[Optional[str], typer.Option("--hf-config", help="A Hugging Face config.json (ViT, DeiT distilled, DINOv2 with or without registers): the architecture, run by Hugging Face's code (--impl hf); other model options override it.", rich_help_panel="Model")] = None,
     opts: Any = None,
 ) -> None:
     """Tokens, parameters, MACs/FLOPs, attention maps and memory of one configuration; fit on a GPU."""
     from vitcost.api import plan as run_plan
     from vitcost.render import render_plan
 
-    report = run_plan(image=image, patch=patch, **plan_kwargs(opts))
+    report = run_plan(image=image, patch=patch, hf_config=hf_config, **plan_kwargs(opts))
     if opts["json_out"]:
         print_json(report.to_dict())
     else:

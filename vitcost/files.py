@@ -37,9 +37,10 @@ def read_text(path: Union[str, Path], error: type[VitcostError], where: str = ""
         raise error(f"{where}file not found") from None
     except OSError as err:
         raise error(f"{where}cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory itself
+        os.close(fd)
+        raise error(f"{where}not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise error(f"{where}not a regular file")
         try:
             data = fh.read(MAX_FILE_BYTES + 1)
         except OSError as err:

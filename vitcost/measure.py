@@ -166,12 +166,22 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=not wl.keep_grads)
 
 
-def build_runner(spec: ViTSpec, workload: Workload, device: str = "cpu", model=None) -> Runner:
+def build_model(spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none") -> "torch.nn.Module":
+    """The model ``spec`` describes, by implementation: vitcost's reference (timm's code) or
+    the Hugging Face class (``vitcost.hf_models``)."""
+    if spec.impl.value == "hf":
+        from vitcost.hf_models import build_hf
+
+        return build_hf(spec, attention=attention, checkpointing=checkpointing)
     from vitcost.reference_vit import build
 
+    return build(spec, attention=attention, checkpointing=checkpointing)
+
+
+def build_runner(spec: ViTSpec, workload: Workload, device: str = "cpu", model=None) -> Runner:
     torch.manual_seed(0)
     if model is None:
-        model = build(spec, attention=workload.attention.value, checkpointing=workload.checkpointing.value)
+        model = build_model(spec, attention=workload.attention.value, checkpointing=workload.checkpointing.value)
     model = model.to(device=device, dtype=param_dtype(workload))
     return Runner(model, spec, workload, device)
 
@@ -223,13 +233,11 @@ def _fake_mode():
 
 
 def build_meta(spec: ViTSpec, workload: Optional[Workload] = None) -> "torch.nn.Module":
-    """The reference model on the meta device: shapes only, nothing allocated."""
-    from vitcost.reference_vit import build
-
+    """The spec's model on the meta device: shapes only, nothing allocated."""
     attention = workload.attention.value if workload else "sdpa"
     checkpointing = workload.checkpointing.value if workload else "none"
     with torch.device("meta"):
-        return build(spec, attention=attention, checkpointing=checkpointing)
+        return build_model(spec, attention=attention, checkpointing=checkpointing)
 
 
 def measure_cpu(spec: ViTSpec, workload: Workload, warmup: int = 1, model=None, fake: bool = False) -> MeasuredMemory:
@@ -366,10 +374,8 @@ def count_forward_macs(spec: ViTSpec, attention: str = "eager", device: str = "m
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vitcost.reference_vit import build
-
     with torch.device(device):
-        model = build(spec, attention=attention)
+        model = build_model(spec, attention=attention)
         x = torch.randn(1, spec.channels, spec.image_h, spec.image_w)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -378,11 +384,9 @@ def count_forward_macs(spec: ViTSpec, attention: str = "eager", device: str = "m
 
 
 def count_params(spec: ViTSpec) -> int:
-    """``sum(p.numel())`` of the reference model, built on the meta device."""
-    from vitcost.reference_vit import build
-
+    """``sum(p.numel())`` of the spec's model, built on the meta device."""
     with torch.device("meta"):
-        model = build(spec)
+        model = build_model(spec)
     return sum(p.numel() for p in model.parameters())
 
 

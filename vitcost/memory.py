@@ -129,7 +129,7 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
     linear_forward(r, sh, "", "patches", sh.conv_w, sh.d, image_elems, patch_elems, F, grad)
     cur = "patches"
     if spec.impl == Impl.hf and spec.registers:
-        _hf_register_prologue(r, sh, saved)
+        _hf_register_prologue(r, spec, sh, saved)
         return
     has_pos = spec.pos_embed != PosEmbed.none
     pos_after_cat = spec.pos_embed == PosEmbed.learned and spec.pos_embed_prefix
@@ -153,10 +153,15 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
         r.retag("b0.in", saved)
 
 
-def _hf_register_prologue(r: Replay, sh: Shapes, saved: int) -> None:
+def _positioned_prefix(spec: ViTSpec) -> int:
+    """Prefix tokens with a position (Hugging Face: all but the registers)."""
+    return int(spec.class_token) + int(spec.dist_token)
+
+
+def _hf_register_prologue(r: Replay, spec: ViTSpec, sh: Shapes, saved: int) -> None:
     """Hugging Face's DINOv2 with registers: the class token and the patches, plus the
     position embedding, then the registers put in after the class token (a third tensor)."""
-    elems = sh.b * (sh.n - sh.registers) * sh.d
+    elems = sh.b * (sh.patches + _positioned_prefix(spec)) * sh.d
     if sh.amp:
         r.alloc("patches.32", sh.b * sh.patches * sh.d * sh.res, F)  # cat promotes to the fp32 tokens
     r.alloc("cat", elems * sh.res, F)
@@ -435,7 +440,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     r.where = "backward: patch embedding"
     views = _prefix_grads_are_views(spec, sh.one) and not gr.keep
     if spec.impl == Impl.hf and spec.registers:
-        g = _hf_register_prologue_backward(r, sh, g, gr, views)
+        g = _hf_register_prologue_backward(r, spec, sh, g, gr, views)
     if spec.pos_embed == PosEmbed.learned:
         if views and sh.amp and not spec.pos_embed_prefix:
             # added to the patches only, its gradient is a slice of ``g`` too; under autocast
@@ -472,12 +477,12 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     r.free("total_weight")
 
 
-def _hf_register_prologue_backward(r: Replay, sh: Shapes, g: str, gr: Grads, views: bool) -> str:
+def _hf_register_prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, views: bool) -> str:
     """The registers' concatenation backward: the registers' gradient (summed over the batch;
     at batch 1 a slice of ``g`` that keeps it alive), and the two slices around them, each
     put back in a zero tensor and added; returns the gradient of the class token and
     patches with the position embedding added."""
-    elems = sh.b * (sh.n - sh.registers) * sh.d * sh.res
+    elems = sh.b * (sh.patches + _positioned_prefix(spec)) * sh.d * sh.res
     r.alloc("g.rest", elems, B)
     if views:
         r.retag(g, G)

@@ -1,0 +1,191 @@
+"""``--hf-config``: a Hugging Face ``config.json`` (what ``config.save_pretrained()`` writes)
+as vitcost's architecture, run by Hugging Face's code (``impl: hf``).
+
+The ``architectures`` field picks the model class, and with it the head: ViT and DeiT
+(distilled) classifiers, DINOv2 with and without registers (classifier or backbone).
+Every key read is checked: a missing key or a value of the wrong kind is a one-line
+:class:`~vitcost.errors.ConfigError` naming the file and the key. Pure: no torch, no
+transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from vitcost.errors import ConfigError, shorten
+from vitcost.files import load_json, read_text
+from vitcost.specs import MAX_CLASSES, MAX_DEPTH, MAX_DIM, MAX_MLP_HIDDEN, MAX_PIXELS, MAX_TOKENS_EXTRA
+
+# architecture -> (family, has a classification head)
+ARCHITECTURES = {
+    "ViTForImageClassification": ("vit", True),
+    "DeiTForImageClassificationWithTeacher": ("deit", True),
+    "Dinov2ForImageClassification": ("dinov2", True),
+    "Dinov2Model": ("dinov2", False),
+    "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", True),
+    "Dinov2WithRegistersModel": ("dinov2_with_registers", False),
+}
+# classes that exist but whose code vitcost does not model, and why
+NOT_MODELLED = {
+    "ViTModel": "its pooler (a dense layer and tanh on the class token) is not modelled; "
+                "use ViTForImageClassification, or Dinov2Model for a backbone",
+    "DeiTModel": "its pooler is not modelled; use DeiTForImageClassificationWithTeacher",
+    "DeiTForImageClassification": "its single head beside a distillation token is not modelled; "
+                                  "use DeiTForImageClassificationWithTeacher",
+    "ViTMAEForPreTraining": "MAE pretraining is not modelled yet",
+    "ViTMAEModel": "MAE is not modelled yet",
+    "VideoMAEForPreTraining": "video models are not modelled yet",
+    "VideoMAEForVideoClassification": "video models are not modelled yet",
+    "VideoMAEModel": "video models are not modelled yet",
+}
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
+_HF_DEFAULT_LABELS = 2  # PretrainedConfig's num_labels when a config names none
+
+
+@dataclass(frozen=True)
+class HFModel:
+    """What a config file says: the architecture class, ``plan``'s model options, notes."""
+
+    architecture: str
+    arch: dict[str, Any]  # make_model_spec's keyword arguments (image as (h, w), patch)
+    notes: tuple[str, ...]
+
+
+def read_hf_config(path: Union[str, Path]) -> HFModel:
+    where = f"--hf-config {path}"
+    data = load_json(read_text(path, ConfigError, where + ": "), where, ConfigError)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object (a config.json), got {type(data).__name__}")
+    return parse_hf_config(data, where)
+
+
+def parse_hf_config(data: dict, where: str) -> HFModel:
+    get = _Reader(data, where)
+    archs = get.value("architectures", list)
+    if not archs or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: 'architectures' should name the model class, e.g. [\"ViTForImageClassification\"]")
+    name = archs[0]
+    if name in NOT_MODELLED:
+        raise ConfigError(f"{where}: architectures {name}: {NOT_MODELLED[name]}")
+    if name not in ARCHITECTURES:
+        known = ", ".join(ARCHITECTURES)
+        raise ConfigError(f"{where}: architectures {shorten(name, quote=True)} is not one vitcost models ({known})")
+    family, head = ARCHITECTURES[name]
+    dim = get.int("hidden_size", MAX_DIM)
+    heads = get.int("num_attention_heads", MAX_DIM)
+    arch: dict[str, Any] = {
+        "dim": dim,
+        "depth": get.int("num_hidden_layers", MAX_DEPTH),
+        "heads": heads,
+        "channels": get.int("num_channels", 1024),
+        "qkv_bias": get.bool("qkv_bias"),
+        "impl": "hf",
+        "image": _pair(get, "image_size"),
+        "patch": _patch(get),
+        "classes": _classes(get) if head else 0,
+        "pos_embed": "learned",
+        "pos_embed_prefix": True,
+        "class_token": True,
+    }
+    act = get.value("hidden_act", str)
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"{where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
+    if family in ("vit", "deit"):
+        arch["mlp_hidden"] = get.int("intermediate_size", MAX_MLP_HIDDEN)
+        arch["dist_token"] = family == "deit"
+    else:
+        ratio = get.value("mlp_ratio", (int, float))
+        if isinstance(ratio, bool) or not 0 < ratio <= 64:
+            raise ConfigError(f"{where}: mlp_ratio {ratio!r}: expected a number above 0 and at most 64")
+        if get.bool("use_swiglu_ffn", default=False):
+            raise ConfigError(f"{where}: use_swiglu_ffn true: the SwiGLU MLP is not modelled yet")
+        arch["mlp_hidden"] = int(dim * ratio)  # as Dinov2MLP sizes fc1
+        arch["layer_scale"] = True
+        arch["pooling"] = "token+avg"  # Dinov2ForImageClassification's head (and the one assumed to train a backbone)
+        if family == "dinov2":
+            arch["mask_token"] = get.bool("use_mask_token", default=True)
+        else:
+            arch["mask_token"] = True
+            arch["registers"] = get.int("num_register_tokens", MAX_TOKENS_EXTRA, minimum=0)
+    notes = []
+    dropout = [k for k in _DROPOUT_KEYS if k in data and _positive(data[k])]
+    if dropout:
+        notes.append(f"{', '.join(dropout)} above 0 in {where.split(' ', 1)[1]}: the dropout masks a training step "
+                     "keeps are not modelled (memory is planned as at 0)")
+    return HFModel(architecture=name, arch=arch, notes=tuple(notes))
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _classes(get: "_Reader") -> int:
+    labels = get.data.get("id2label")
+    if labels is not None:
+        if not isinstance(labels, dict) or not labels:
+            raise ConfigError(f"{get.where}: id2label: expected a mapping of class ids to names")
+        if len(labels) > MAX_CLASSES:
+            raise ConfigError(f"{get.where}: id2label: more than {MAX_CLASSES} classes")
+        return len(labels)
+    if "num_labels" in get.data:
+        return get.int("num_labels", MAX_CLASSES)
+    return _HF_DEFAULT_LABELS
+
+
+def _pair(get: "_Reader", key: str) -> tuple[int, int]:
+    value = get.value(key, (int, list))
+    if isinstance(value, list):
+        if len(value) != 2 or not all(type(v) is int and 0 < v <= MAX_PIXELS for v in value):
+            raise ConfigError(f"{get.where}: {key}: expected a size or [height, width], got {shorten(str(value))}")
+        return value[0], value[1]
+    return (get.int(key, MAX_PIXELS),) * 2
+
+
+def _patch(get: "_Reader") -> int:
+    h, w = _pair(get, "patch_size")
+    if h != w:
+        raise ConfigError(f"{get.where}: patch_size {h}x{w}: vitcost models square patches")
+    return h
+
+
+class _Reader:
+    """Typed reads of a config's keys; a missing or mistyped key is a one-line error."""
+
+    def __init__(self, data: dict, where: str) -> None:
+        self.data = data
+        self.where = where
+
+    def value(self, key: str, kind):
+        if key not in self.data:
+            raise ConfigError(f"{self.where}: missing key '{key}'")
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            raise ConfigError(f"{self.where}: {key}: expected {names}, got {shorten(json_repr(value))}")
+        return value
+
+    def int(self, key: str, maximum: int, minimum: int = 1) -> int:
+        value = self.value(key, int)
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{self.where}: {key} {value}: expected {minimum} to {maximum}")
+        return value
+
+    def bool(self, key: str, default: bool | None = None) -> bool:
+        if default is not None and key not in self.data:
+            return default
+        return self.value(key, bool)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "true or false"}
+
+
+def json_repr(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)

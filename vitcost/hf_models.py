@@ -1,0 +1,65 @@
+"""Hugging Face models for a spec (``impl: hf``), built from a config with random weights,
+to measure what their code allocates. Needs torch and transformers (the ``test`` extra);
+``plan`` never imports this.
+"""
+
+from __future__ import annotations
+
+from vitcost.errors import MeasurementError
+from vitcost.specs import Pooling, ViTSpec
+
+
+def hf_config(spec: ViTSpec, attention: str = "sdpa"):
+    """The ``transformers`` config of the model class ``spec`` describes, and that class."""
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - the test extra installs it
+        raise MeasurementError("measuring a Hugging Face model needs transformers: "
+                               "pip install -e '.[test]'") from None
+    if spec.pos_embed.value != "learned" or not spec.class_token or not spec.pos_embed_prefix:
+        raise MeasurementError("Hugging Face's ViT, DeiT and DINOv2 have a class token and a learned "
+                               "position embedding on it")
+    common = dict(hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
+                  image_size=[spec.image_h, spec.image_w], patch_size=spec.patch, num_channels=spec.channels,
+                  qkv_bias=spec.qkv_bias, num_labels=max(spec.classes, 1),
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if spec.layer_scale:  # DINOv2
+        if spec.mlp_hidden % spec.dim:
+            raise MeasurementError("DINOv2's MLP width is a whole multiple of its width (mlp_ratio)")
+        if spec.dist_token or spec.pooling != Pooling.token_avg:
+            raise MeasurementError("DINOv2 (LayerScale under --impl hf) has no distillation token and its "
+                                   "head reads the class token and the patch tokens' mean (--pool token+avg)")
+        common.update(mlp_ratio=spec.mlp_hidden // spec.dim, drop_path_rate=0.0)
+        if spec.registers:
+            if not spec.mask_token:
+                raise MeasurementError("Hugging Face's DINOv2 with registers always has a mask token")
+            cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=spec.registers, **common)
+            cls = (transformers.Dinov2WithRegistersForImageClassification if spec.classes
+                   else transformers.Dinov2WithRegistersModel)
+        else:
+            cfg = transformers.Dinov2Config(use_mask_token=spec.mask_token, **common)
+            cls = transformers.Dinov2ForImageClassification if spec.classes else transformers.Dinov2Model
+    else:
+        if spec.registers or spec.mask_token or spec.pooling != Pooling.token or not spec.classes:
+            raise MeasurementError("Hugging Face's ViT and DeiT classifiers have no registers or mask token, "
+                                   "and a head on the class token")
+        common["intermediate_size"] = spec.mlp_hidden
+        if spec.dist_token:
+            cfg = transformers.DeiTConfig(**common)
+            cls = transformers.DeiTForImageClassificationWithTeacher
+        else:
+            cfg = transformers.ViTConfig(**common)
+            cls = transformers.ViTForImageClassification
+    cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
+    cfg.architectures = [cls.__name__]
+    return cfg, cls
+
+
+def build_hf(spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none"):
+    """The Hugging Face model ``spec`` describes (random weights); ``eager-postscale`` is
+    what Hugging Face's eager attention is, so ``eager`` and it build the same model."""
+    cfg, cls = hf_config(spec, attention)
+    model = cls(cfg)
+    if checkpointing == "full":
+        model.activation_checkpointing_enable()  # non-reentrant, as gradient_checkpointing_enable
+    return model
