@@ -161,7 +161,21 @@ def main() -> None:
     sys.exit(1 if bad else 0)
 
 
-def write_markdown(path: Path, results, seconds: float, torch_version: str, threads: int) -> None:
+INTRO = [
+    "# Accuracy: predicted against measured",
+    "",
+    "Written by `python benchmarks/accuracy.py` (do not edit by hand). Each row is the reference",
+    "ViT (vitcost/reference_vit.py, mirrors timm) run for real by `vitcost calibrate` on the CPU:",
+    "one warm-up step, then one steady-state step measured by PyTorch's MemTracker (bytes of",
+    "every live tensor, by category, at the peak); parameters and MACs by `numel()` and",
+    "FlopCounterMode on the meta device. The prediction is `vitcost plan --device cpu` (the CPU",
+    "rules: CPU autocast policy, no allocator rounding, single-tensor optimizer).",
+]
+
+
+def write_markdown(path: Path, results, seconds: float, torch_version: str, threads: int,
+                   intro: list[str] = INTRO, tolerance: float = TOLERANCE) -> None:
+    """The report; ``intro``: its title and first paragraph (what was run, and how)."""
     def row_error(cal):
         w = cal.worst
         return float("inf") if w is None or w.error is None else abs(w.error)
@@ -174,21 +188,14 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
     exact = sum(all(f.measured == f.predicted for f in r.figures) for r in results)
     figures = sum(len(r.figures) for r in results)
     lines = [
-        "# Accuracy: predicted against measured",
-        "",
-        "Written by `python benchmarks/accuracy.py` (do not edit by hand). Each row is the reference",
-        "ViT (vitcost/reference_vit.py, mirrors timm) run for real by `vitcost calibrate` on the CPU:",
-        "one warm-up step, then one steady-state step measured by PyTorch's MemTracker (bytes of",
-        "every live tensor, by category, at the peak); parameters and MACs by `numel()` and",
-        "FlopCounterMode on the meta device. The prediction is `vitcost plan --device cpu` (the CPU",
-        "rules: CPU autocast policy, no allocator rounding, single-tensor optimizer).",
+        *intro,
         "",
         f"- machine: {cpu_name()}, {threads} torch threads, no GPU; torch {torch_version}",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- grid: {len(results)} configurations in **{seconds:.0f} s** ({seconds / 60:.1f} min), "
-        f"{figures} figures compared, tolerance ±{100 * TOLERANCE:g}%",
+        f"{figures} figures compared, tolerance ±{100 * tolerance:g}%",
         f"- rows where every figure matches to the byte / MAC: **{exact} of {len(results)}**; "
-        f"rows with a figure outside ±{100 * TOLERANCE:g}%: **{sum(bool(r.failures) for r in results)}**",
+        f"rows with a figure outside ±{100 * tolerance:g}%: **{sum(bool(r.failures) for r in results)}**",
         ("- worst figure: none, every figure of every row is exact" if worst_fig.error == 0 else
          f"- worst figure: **{worst_cal.label}, {worst_cal.report.workload.mode.value}, "
          f"{worst_cal.report.workload.precision.value}, {worst_cal.report.workload.attention.value}**: "
@@ -197,10 +204,10 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
         f"- worst peak: **{peak_cal.label}, {peak_cal.report.workload.mode.value}, "
         f"{peak_cal.report.workload.precision.value}, {peak_cal.report.workload.attention.value}**: "
         f"{pct(peak_fig.error)} (predicted {peak_fig.predicted:,}, measured {peak_fig.measured:,}); "
-        f"training peaks within ±{100 * TOLERANCE:g}%: "
-        f"{sum(r.figure('peak_bytes').within(TOLERANCE) for r in measured if r.report.workload.training)} of "
+        f"training peaks within ±{100 * tolerance:g}%: "
+        f"{sum(r.figure('peak_bytes').within(tolerance) for r in measured if r.report.workload.training)} of "
         f"{sum(r.report.workload.training for r in measured)}, inference peaks: "
-        f"{sum(r.figure('peak_bytes').within(TOLERANCE) for r in measured if not r.report.workload.training)} of "
+        f"{sum(r.figure('peak_bytes').within(tolerance) for r in measured if not r.report.workload.training)} of "
         f"{sum(not r.report.workload.training for r in measured)}",
         "",
         "Columns: `peak` is the largest total of live tensors during the step; `saved` is what is",
@@ -212,8 +219,9 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
         "`set_to_none=False`.",
         "",
         "| # | model | image | patch | tokens | batch | mode | precision | attention | zero_grad "
-        "| predicted peak (bytes) | measured peak (bytes) | peak error | saved error | worst figure | s |",
-        "|--:|---|--:|--:|--:|--:|---|---|---|---|--:|--:|--:|--:|---|--:|",
+        "| checkpointing | predicted peak (bytes) | measured peak (bytes) | peak error | saved error "
+        "| worst figure | s |",
+        "|--:|---|--:|--:|--:|--:|---|---|---|---|---|--:|--:|--:|--:|---|--:|",
     ]
     for i, r in enumerate(results, 1):
         s, w = r.report.spec, r.report.workload
@@ -221,15 +229,14 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
         saved = r.figure("end_of_forward_bytes") if r.status in ("ok", "off") else None
         worst = r.worst
         zero_grad = ("keep" if w.keep_grads else "none") if w.training else "-"
+        size = f"{s.image_h}" if s.image_h == s.image_w else f"{s.image_h}x{s.image_w}"
+        head = (f"| {i} | {s.name} | {size} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
+                f"{w.precision.value} | {w.attention.value} | {zero_grad} | {w.checkpointing.value} | "
+                f"{r.report.memory.peak:,} | ")
         lines.append(
-            f"| {i} | {s.name} | {s.image_h} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
-            f"{w.precision.value} | {w.attention.value} | {zero_grad} | {r.report.memory.peak:,} | "
-            f"{peak.measured:,} | {pct(peak.error)} | {pct(saved.error)} | "
+            head + f"{peak.measured:,} | {pct(peak.error)} | {pct(saved.error)} | "
             f"{'exact' if worst.error == 0 else f'{worst.name} {pct(worst.error)}'} | {r.seconds:.1f} |"
-            if peak else
-            f"| {i} | {s.name} | {s.image_h} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
-            f"{w.precision.value} | {w.attention.value} | {zero_grad} | {r.report.memory.peak:,} | "
-            f"{r.message} | - | - | - | {r.seconds:.1f} |"
+            if peak else head + f"{r.message} | - | - | - | {r.seconds:.1f} |"
         )
     inexact = [(i, r) for i, r in enumerate(results, 1) if any(f.measured != f.predicted for f in r.figures)]
     if inexact:
@@ -238,7 +245,7 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
             "## Every figure that differs",
             "",
             f"{len(inexact)} row(s) have a figure that is not exact; "
-            f"{sum(bool(r.failures) for _, r in inexact)} of them are outside ±{100 * TOLERANCE:g}% (marked **off**).",
+            f"{sum(bool(r.failures) for _, r in inexact)} of them are outside ±{100 * tolerance:g}% (marked **off**).",
             "",
             "| # | row | figure | predicted | measured | difference | error |",
             "|--:|---|---|--:|--:|--:|--:|",
@@ -248,7 +255,7 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
             what = f"{r.label} {w.mode.value} {w.precision.value} {w.attention.value}"
             for f in r.figures:
                 if f.measured != f.predicted:
-                    mark = "" if f.within(TOLERANCE) else " **off**"
+                    mark = "" if f.within(tolerance) else " **off**"
                     lines.append(f"| {i} | {what} | {f.name} | {f.predicted:,} | {f.measured:,} | "
                                  f"{f.difference:+,} | {pct(f.error)}{mark} |")
     lines += [

@@ -66,7 +66,23 @@ def test_the_replay_equals_memtracker_on_the_hf_model(family, spec_kw, wl_kw):
     measured = measure_cpu(spec, wl)  # builds the Hugging Face class the spec describes
     predicted = replay_memory(spec, wl)[0]
     assert predicted.peak == measured.peak_bytes
+    assert predicted.at_peak == {"weights": measured.weights_bytes, "gradients": measured.gradients_bytes,
+                                 "optimizer": measured.optimizer_bytes, "activations": measured.activations_bytes,
+                                 "temporaries": measured.temporaries_bytes}
     assert estimate_memory(spec, wl) == predicted
+
+
+def test_checkpointing_with_layer_scale_reruns_fc2():
+    """Training MACs of a checkpointed DINOv2 step, as FlopCounterMode counts them: LayerScale
+    saves fc2's output, so the recompute runs fc2 as well."""
+    from vitcost.measure import build_meta, count_macs
+
+    spec = tiny(patch=8, **FAMILIES["dinov2"])
+    wl = cpu_workload(checkpointing="full")
+    report = vitcost.api._plan_spec(spec, (), batch=2, gpu=None, device="cpu", mode="train", precision="fp32",
+                                    attention="sdpa", optimizer="adamw", keep_grads=False, checkpointing="full")
+    counted = count_macs(build_meta(spec, wl), spec, training=True)
+    assert report.macs_training_per_image == counted.training_macs
 
 
 def test_hf_and_timm_differ_by_what_their_code_allocates():

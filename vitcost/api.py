@@ -85,10 +85,14 @@ def _make_model_spec(model: Optional[str], image: ImageSize, patch: Optional[int
     if model is None and not {"dim", "depth", "heads"} <= overrides.keys():
         model = "vit-b"
     spec = build_spec(model, overrides=overrides)
-    if spec.impl.value == "hf" and spec.layer_scale:
+    if spec.impl.value == "hf":
+        if overrides.get("pos_embed_prefix") is False:
+            raise ConfigError("--no-pos-embed-prefix with --impl hf: Hugging Face's models give the class "
+                              "token a position (and registers none)")
         # Hugging Face's layer with LayerScale is DINOv2's: its classifier reads the class token
         # and the patch tokens' mean, and the model has a mask token, unless told otherwise
-        spec = build_spec(model, overrides={"pooling": "token+avg", "mask_token": True, **overrides})
+        hf = {"pooling": "token+avg", "mask_token": True} if spec.layer_scale else {}
+        spec = build_spec(model, overrides={**hf, **overrides, "pos_embed_prefix": True})
     warnings: list[str] = []
     if not spec.divisible:
         lost_h, lost_w = spec.image_h % spec.patch, spec.image_w % spec.patch

@@ -244,7 +244,8 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
-    train = formulas.training_macs(fwd, recompute_blocks=workload.checkpointing == Checkpointing.full)
+    train = formulas.training_macs(fwd, recompute_blocks=workload.checkpointing == Checkpointing.full,
+                                   recompute_fc2=spec.layer_scale)
     memory = estimate_memory(spec, workload)
     ddp = ddp_bucket_bytes(memory, gpus, workload)
     gpu = None

@@ -214,7 +214,8 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
     }
 
 
-def training_macs(forward: dict[str, int], recompute_blocks: bool = False) -> dict[str, int]:
+def training_macs(forward: dict[str, int], recompute_blocks: bool = False,
+                  recompute_fc2: bool = False) -> dict[str, int]:
     """Forward + backward MACs per image for one training step, by component.
 
     Rule: every matmul's backward costs two matmuls of the forward's size (gradient of the
@@ -223,11 +224,12 @@ def training_macs(forward: dict[str, int], recompute_blocks: bool = False) -> di
     needs none), so it costs 2x. With full activation checkpointing each block's forward is
     run again in backward, but PyTorch's non-reentrant checkpoint stops once the last saved
     tensor (GELU's output) exists, so fc2 is not rerun: 4x for the blocks, 3x for fc2.
+    ``recompute_fc2``: LayerScale saves fc2's output, so fc2 is rerun too.
     """
     out = {}
     for path, macs in forward.items():
         factor = 2 if path == "patch_embed" else 3
-        if recompute_blocks and path.startswith("blocks/") and path != "blocks/mlp/fc2":
+        if recompute_blocks and path.startswith("blocks/") and (path != "blocks/mlp/fc2" or recompute_fc2):
             factor += 1
         out[path] = factor * macs
     return out

@@ -106,13 +106,14 @@ def _autocast(workload: Workload, device: str):
 
 
 def logits(out) -> "torch.Tensor":
-    """The logits of a model's output: a tensor, or Hugging Face's ``ModelOutput.logits``,
-    or the first element of a tuple."""
+    """The logits of a model's output: a tensor, or Hugging Face's ``ModelOutput.logits``
+    (a backbone's ``last_hidden_state``), or the first element of a tuple."""
     if isinstance(out, torch.Tensor):
         return out
-    value = getattr(out, "logits", None)
-    if isinstance(value, torch.Tensor):
-        return value
+    for name in ("logits", "last_hidden_state"):  # a classifier's output, or a backbone's features
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise MeasurementError(

@@ -188,10 +188,10 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
     keep = S if grad else F
     if spec.layer_scale:
         layer_scale_forward(r, sh, p, "ls1", "proj", grad)
-        r.alloc(p + "x1", sh.tok, keep)
+        r.alloc(p + "x1", sh.tok, _x1_cat(spec, keep, recompute))
         r.free(p + "ls1")
     else:
-        r.alloc(p + "x1", sh.tok, keep)
+        r.alloc(p + "x1", sh.tok, _x1_cat(spec, keep, recompute))
         r.free(p + "proj")
     r.where = phase + ".mlp"
     if _mlp_forward(r, p, sh, spec, grad, recompute):
@@ -207,6 +207,12 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
         r.free(p + "x1", p + "probs", p + "probs.32")  # (what a Hugging Face layer holds until it returns)
         if not checkpointed and not keep_input:
             r.free(p + "in")
+
+
+def _x1_cat(spec: ViTSpec, keep: int, recompute: bool) -> int:
+    """Hugging Face checkpoints a layer's ``forward``, not its call: recomputed, the residual
+    add (made by the layer itself, in no submodule) is a temporary of backward to MemTracker."""
+    return B if recompute and spec.impl == Impl.hf else keep
 
 
 def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool) -> None:
