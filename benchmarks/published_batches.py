@@ -213,14 +213,18 @@ EXPLANATIONS = [
   gigabytes less of its memory for PyTorch than the 3090 run (a display, another process: none
   of it is in the published data). The 3090 row is inside."""),
     (lambda r: r.attention == "eager-postscale" and r.mode == "infer", """\
-- **RTX 3090, torch 1.13, eager inference bound by the N×N maps (785 tokens).** At the
+- **RTX 3090, torch 1.13, eager inference bound by the N×N maps (577 and 785 tokens).** At the
   published batch the tensors fit with gigabytes to spare, but the allocator model runs out:
   best fit hands a smaller tensor (a (B, N, D) copy, a score map) a piece of a cached
   segment of a larger map, the segment stays pinned, and the next map needs a segment of its
   own. Which block a tensor lands in turns on the order of every allocation and free inside
   autocast's casts and softmax, down to the small ones; torch 1.13's exact order cannot be
   observed without a GPU, and a different one lets the same tensors fit. These rows sit where
-  the outcome turns on it. `benchmarks/cuda_check.py` measures the allocator on a GPU."""),
+  the outcome turns on it. `benchmarks/cuda_check.py` measures the allocator on a GPU.
+  `vit_small_patch16_384` joined these rows when the replay learnt that timm's
+  `nn.Sequential` holds the embedding (one more (B, N, D) fp32 tensor, measured on timm
+  1.0.31's own code): the tensors allow 975, the allocator 764, four images under the
+  published 768."""),
     (lambda r: r.mode == "train", """\
 - **RTX 3090, torch 1.12 (CUDA 11.3), training.** CUDA before 11.7 loads every kernel module
   of PyTorch's libraries when the context starts (lazy loading came with 11.7 and became
