@@ -269,6 +269,11 @@ def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recom
     return False
 
 
+def _fc_norm(spec: ViTSpec) -> bool:
+    """timm's average pooling normalises the pooled vector, not the tokens."""
+    return spec.classes > 0 and spec.pooling == Pooling.avg
+
+
 def _head_width(spec: ViTSpec) -> int:
     """The head's input in widths D: 2 for the class token and mean concatenated."""
     return 2 if spec.pooling == Pooling.token_avg else 1
@@ -280,15 +285,27 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     r.where = "forward: norm + head"
     # the head saves the class-token row, a view that keeps the whole norm output alive
     head_saves_norm = grad and not sh.amp and spec.pooling == Pooling.token
-    r.alloc("norm.out", sh.tok, S if head_saves_norm else F)
-    r.alloc("norm.mean", sh.stats, keep)
-    r.alloc("norm.rstd", sh.stats, keep)
-    if not grad:
-        r.free("norm.mean", "norm.rstd", "norm.in", "b0.in", "emb")
+    fc_norm = _fc_norm(spec)
+    if fc_norm:
+        # timm's average pooling: no norm on the tokens; their mean, then the norm on it
+        # (fc_norm, which saves its input); the features live until the forward returns
+        if not grad:
+            r.free("b0.in", "emb")
+        pooled_elems = sh.b * sh.d
+        r.alloc("mean", pooled_elems * sh.res, keep)
+        layernorm_forward(r, sh, "norm", S if (grad and not sh.amp) else F, keep, grad, rows=sh.b)
+        if not grad:
+            r.free("mean")
+    else:
+        r.alloc("norm.out", sh.tok, S if head_saves_norm else F)
+        r.alloc("norm.mean", sh.stats, keep)
+        r.alloc("norm.rstd", sh.stats, keep)
+        if not grad:
+            r.free("norm.mean", "norm.rstd", "norm.in", "b0.in", "emb")
     if spec.classes:
         pooled_elems = sh.b * sh.d
-        if spec.pooling == Pooling.avg:
-            r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.amp) else F)
+        if fc_norm:
+            r.rename("norm", "pooled")
         elif spec.pooling == Pooling.token_avg:
             # cat([x[:, 0], x[:, 1:].mean(1)], 1): the mean, then the concatenation the head reads
             r.alloc("mean", pooled_elems * sh.res, F)
@@ -313,6 +330,8 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         r.free("norm.out")  # forward returns: only what backward saved survives
         if sh.amp or not grad:
             r.free("pooled")
+    if fc_norm:
+        r.free("norm.in")
     if not grad:
         r.free_matching(".bc")  # autocast exits: its cache of weight copies goes
         r.free_matching(".wc")
@@ -409,6 +428,22 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
         r.rename("g.logits_avg", "g.logits")
     width = _head_width(spec)
     pooled = sh.b * sh.d * width
+    if _fc_norm(spec):
+        gin = linear_backward(r, gr, sh, "", "head", sh.b * sh.classes, pooled, sh.classes * sh.d, sh.classes,
+                              sh.amp, sh.amp, ("g.logits", "pooled"), free_first=("g.logits",))
+        r.where = "backward: norm"
+        layernorm_backward(r, gr, sh, "", "norm", gin, "mean", rows=sh.b)
+        gr.accumulate("norm.w", "norm.b")
+        # the mean's backward: the gradient spread over the patch tokens (B, P, D); put into
+        # a zero (B, N, D) tensor when prefix tokens were sliced off
+        r.alloc("g.mean", sh.b * sh.patches * sh.d * sh.res, B)
+        r.free("g.normin")
+        if not spec.prefix_tokens:
+            r.rename("g.mean", "g.features")
+            return "g.features"
+        r.alloc("g.features", sh.tok, B)
+        r.free("g.mean")
+        return "g.features"
     for k, head in enumerate(heads):
         last = k == len(heads) - 1
         frees = ("g.logits", "norm.out", "pooled") if last else ()
@@ -544,7 +579,7 @@ _COMPONENT_OF = {
     **{k: "blocks/mlp" for k in ("fc1", "gelu")},
     **{k: "blocks/layer_scale" for k in ("proj", "fc2")},  # branch outputs LayerScale saves
     "in": "blocks/residual",
-    **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled",
+    **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled", "mean",
                                   "logp", "total_weight", "head.ic", "head_dist.ic")},
     "patches.ic": "patch_embed",
 }

@@ -170,11 +170,13 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     r.free(p + "av")
 
 
-def layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool) -> None:
-    """A LayerNorm's output and its (B, N) mean and rstd, which only backward keeps."""
-    r.alloc(name, sh.tok, out_cat)
-    r.alloc(name + ".mean", sh.stats, stats_cat)
-    r.alloc(name + ".rstd", sh.stats, stats_cat)
+def layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool,
+                      rows=None) -> None:
+    """A LayerNorm's output and its (B, N) mean and rstd, which only backward keeps;
+    ``rows``: over so many rows of D instead of B N (a pooled (B, D) vector)."""
+    r.alloc(name, sh.tok if rows is None else rows * sh.d * sh.res, out_cat)
+    r.alloc(name + ".mean", sh.stats if rows is None else rows * sh.stat, stats_cat)
+    r.alloc(name + ".rstd", sh.stats if rows is None else rows * sh.stat, stats_cat)
     if not grad:
         r.free(name + ".mean", name + ".rstd")
 
@@ -279,10 +281,11 @@ def linear_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, out_ele
     return gin
 
 
-def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in: str, x: str) -> None:
+def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in: str, x: str,
+                       rows=None) -> None:
     """LayerNorm backward: the input gradient and the two parameter gradients; then the
-    gradient it was given, its saved input and its statistics go."""
-    r.alloc(f"{p}g.{name}in", sh.tok, B)
+    gradient it was given, its saved input and its statistics go (``rows``: as forward)."""
+    r.alloc(f"{p}g.{name}in", sh.tok if rows is None else rows * sh.d * sh.res, B)
     gr.make_param(f"{p}{name}.w", sh.d)
     gr.make_param(f"{p}{name}.b", sh.d)
     r.free(g_in, x, f"{p}{name}.mean", f"{p}{name}.rstd")

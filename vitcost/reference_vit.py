@@ -140,7 +140,11 @@ class VisionTransformer(nn.Module):
             Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale)
             for _ in range(spec.depth)
         ))
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        # timm: with average pooling the final norm runs on the pooled vector (fc_norm), not
+        # on every token
+        avg = spec.pooling == "avg" and spec.classes
+        self.norm = nn.Identity() if avg else nn.LayerNorm(d, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(d, eps=1e-6) if avg else nn.Identity()
         self.head = nn.Linear(d, spec.classes) if spec.classes else None
         self.head_dist = nn.Linear(d, spec.classes) if spec.classes and spec.dist_token else None
         for m in self.modules():
@@ -187,7 +191,7 @@ class VisionTransformer(nn.Module):
         if self.head is None:
             return x
         if self.spec.pooling == "avg":
-            return self.head(x[:, self.spec.prefix_tokens :].mean(dim=1))
+            return self.head(self.fc_norm(x[:, self.spec.prefix_tokens :].mean(dim=1)))
         out = self.head(x[:, 0])
         if self.head_dist is not None:
             # timm's VisionTransformerDistilled outside distilled training: mean of both heads.
