@@ -173,6 +173,10 @@ HF_CONFIGS = [
     {"architectures": ["Dinov2WithRegistersModel"], "hidden_size": 64, "num_hidden_layers": 2,
      "num_attention_heads": 2, "mlp_ratio": 4, "image_size": 56, "patch_size": 14, "num_channels": 3,
      "qkv_bias": True, "hidden_act": "gelu", "num_register_tokens": 4, "use_swiglu_ffn": False},
+    {"architectures": ["ViTMAEForPreTraining"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+     "intermediate_size": 256, "image_size": 64, "patch_size": 16, "num_channels": 3, "qkv_bias": True,
+     "hidden_act": "gelu", "mask_ratio": 0.75, "decoder_hidden_size": 32, "decoder_num_hidden_layers": 1,
+     "decoder_num_attention_heads": 2, "decoder_intermediate_size": 128, "norm_pix_loss": False},
 ]
 
 

@@ -30,6 +30,8 @@ FAMILIES = {
     "deit-distilled": dict(impl="hf", dist_token=True),
     "dinov2": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True),
     "dinov2-registers": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, registers=4),
+    "mae": dict(impl="hf", classes=0, image_h=56, image_w=56,
+                mae=dict(mask_ratio=0.6, decoder_dim=32, decoder_depth=2, decoder_heads=2, decoder_mlp_hidden=128)),
 }
 
 
@@ -56,6 +58,10 @@ GRID = [
     ("dinov2-registers", {}, dict(batch=1, attention="eager")),
     ("dinov2-registers", dict(depth=3), dict(precision="amp-bf16", batch=3, attention="eager")),
     ("dinov2-registers", {}, dict(mode="infer", precision="bf16", batch=4)),
+    ("mae", {}, dict(precision="amp-bf16", attention="eager", batch=3)),
+    ("mae", dict(depth=3), dict(batch=1, checkpointing="full")),
+    ("mae", {}, dict(precision="bf16", batch=1, attention="eager")),
+    ("mae", {}, dict(mode="infer", precision="amp-bf16", batch=4)),
 ]
 
 
@@ -105,6 +111,7 @@ CONFIGS = [
     ("Dinov2Config", "Dinov2Model", dict(image_size=518, use_mask_token=False)),
     ("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification", {}),
     ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", {}),
+    ("ViTMAEConfig", "ViTMAEForPreTraining", {}),
 ]
 
 
@@ -160,7 +167,8 @@ def test_a_backbone_trains_with_a_stated_head(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ('{"architectures": ["ViTForImageClassification"], "hidden_size": 768}', "missing key 'num_attention_heads'"),
-    ('{"architectures": ["ViTMAEForPreTraining"]}', "MAE pretraining is not modelled yet"),
+    ('{"architectures": ["ViTMAEForPreTraining"]}', "missing key 'hidden_size'"),
+    ('{"architectures": ["VideoMAEForVideoClassification"]}', "video models are not modelled yet"),
     ('{"architectures": ["BertModel"]}', "is not one vitcost models"),
     ('{"hidden_size": 768}', "missing key 'architectures'"),
     ('[1, 2]', "expected a JSON object"),

@@ -24,7 +24,7 @@ BACKBONE_TRAINING_CLASSES = 1000  # timm's num_classes when a backbone is fine-t
 _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
-    "impl", "mask_token",
+    "impl", "mask_token", "mae",
 )
 
 
@@ -144,7 +144,7 @@ def plan(
     if name:
         spec = spec.model_copy(update={"name": name})
     warnings = notes + warnings
-    if mode == "train" and not spec.classes and explicit_classes is None:
+    if mode == "train" and not spec.classes and explicit_classes is None and spec.mae is None:
         # a feature backbone (DINOv2) has no loss of its own: train it as timm would fine-tune it
         spec = spec.model_copy(update={"classes": BACKBONE_TRAINING_CLASSES})
         on = "the class token and the patch tokens' mean" if spec.pooling.value == "token+avg" else "the class token"
@@ -193,7 +193,7 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         wl = _workload(*values)
     except TypeError:  # an unhashable argument: validation says what is wrong with it
         wl = _workload.__wrapped__(*values)
-    if wl.training and not spec.classes:
+    if wl.training and not spec.classes and spec.mae is None:
         raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
                           "pass --classes N, or use --mode infer")
     if gpus > 1 and batch % gpus:

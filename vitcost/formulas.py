@@ -109,12 +109,39 @@ def head_in(spec: ViTSpec) -> int:
     return 2 * spec.dim if spec.pooling == Pooling.token_avg else spec.dim
 
 
+FROZEN = " (frozen)"  # a parameter with requires_grad=False: a weight, no gradient, no optimizer state
+
+
+def _mae_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
+    """``ViTMAEForPreTraining``: the encoder (its position embedding a frozen sin-cos table),
+    then the decoder: its mask token, its frozen table, the embedding linear, its layers
+    (Hugging Face's ViT layer at the decoder's width), its norm, the pixel predictor."""
+    m, d, L = spec.mae, spec.dim, spec.patch_tokens
+    dd, fd = m.decoder_dim, m.decoder_mlp_hidden
+    tensors = [("cls_token", d), ("pos_embed" + FROZEN, (L + 1) * d),
+               ("patch_embed/weight", d * spec.channels * spec.patch * spec.patch), ("patch_embed/bias", d)]
+    block = _hf_block_param_tensors(spec)
+    for i in range(spec.depth):
+        tensors += [(f"blocks.{i}/{name}", n) for name, n in block]
+    tensors += [("norm/weight", d), ("norm/bias", d),
+                ("decoder/mask_token", dd), ("decoder/pos_embed" + FROZEN, (L + 1) * dd),
+                ("decoder/embed/weight", dd * d), ("decoder/embed/bias", dd)]
+    decoder = _hf_block_param_tensors(spec.model_copy(update={"dim": dd, "mlp_hidden": fd}))
+    for i in range(m.decoder_depth):
+        tensors += [(f"decoder/blocks.{i}/{name}", n) for name, n in decoder]
+    pixels = spec.patch * spec.patch * spec.channels
+    return tensors + [("decoder/norm/weight", dd), ("decoder/norm/bias", dd),
+                      ("decoder/pred/weight", pixels * dd), ("decoder/pred/bias", pixels)]
+
+
 def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     """(path, elements) of every parameter tensor, in the reference model's ``parameters()`` order.
 
     timm's order: the model's own tensors (class, distillation, register tokens, position
     embedding), then patch embedding, blocks, final norm, heads.
     """
+    if spec.mae is not None:
+        return _mae_param_tensors(spec)
     d = spec.dim
     tensors: list[tuple[str, int]] = []
     hf = spec.impl == Impl.hf
@@ -145,6 +172,19 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     return tensors
 
 
+def _mae_decoder_param_counts(spec: ViTSpec) -> dict[str, int]:
+    """MAE's decoder parameters by component (its blocks summed over its depth)."""
+    m, L = spec.mae, spec.patch_tokens
+    dd, fd = m.decoder_dim, m.decoder_mlp_hidden
+    block = 3 * linear_params(dd, dd, spec.qkv_bias) + linear_params(dd, dd) + 2 * layernorm_params(dd) \
+        + linear_params(dd, fd) \
+        + linear_params(fd, dd)
+    pixels = spec.patch * spec.patch * spec.channels
+    return {"decoder/mask_token": dd, "decoder/pos_embed": (L + 1) * dd, "decoder/embed": linear_params(spec.dim, dd),
+            "decoder/blocks": m.decoder_depth * block, "decoder/norm": layernorm_params(dd),
+            "decoder/pred": linear_params(dd, pixels)}
+
+
 def param_counts(spec: ViTSpec) -> dict[str, int]:
     """Parameters by component; blocks are summed over depth (``blocks/attn/qkv``)."""
     d = spec.dim
@@ -165,6 +205,8 @@ def param_counts(spec: ViTSpec) -> dict[str, int]:
         counts["mask_token"] = d
     if spec.layer_scale:  # one D-vector per residual branch
         counts["blocks/layer_scale"] = spec.depth * 2 * d
+    if spec.mae is not None:
+        counts.update(_mae_decoder_param_counts(spec))
     return counts
 
 
@@ -200,6 +242,8 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
 
     Per block with a 4x MLP this is 12 N D^2 + 2 N^2 D.
     """
+    if spec.mae is not None:
+        return _mae_mac_counts(spec)
     n, d, f, depth = spec.tokens, spec.dim, spec.mlp_hidden, spec.depth
     heads = 1 + int(spec.dist_token)
     return {
@@ -211,6 +255,26 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
         "blocks/mlp/fc1": depth * linear_macs(n, d, f),
         "blocks/mlp/fc2": depth * linear_macs(n, f, d),
         "head": heads * linear_macs(1, head_in(spec), spec.classes),
+    }
+
+
+def _mae_mac_counts(spec: ViTSpec) -> dict[str, int]:
+    """MAE: the encoder on the visible patches and the class token, the decoder on every patch."""
+    m = spec.mae
+    n, d, f, depth = spec.kept_patches + 1, spec.dim, spec.mlp_hidden, spec.depth
+    nd, dd, fd, ddepth = spec.patch_tokens + 1, m.decoder_dim, m.decoder_mlp_hidden, m.decoder_depth
+    return {
+        "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels, spec.patch, d),
+        "blocks/attn/qkv": depth * qkv_macs(n, d),
+        "blocks/attn/q_kT": depth * attention_score_macs(n, d),
+        "blocks/attn/attn_v": depth * attention_value_macs(n, d),
+        "blocks/attn/proj": depth * linear_macs(n, d, d),
+        "blocks/mlp/fc1": depth * linear_macs(n, d, f),
+        "blocks/mlp/fc2": depth * linear_macs(n, f, d),
+        "decoder/embed": linear_macs(n, d, dd),
+        "decoder/blocks": ddepth * (qkv_macs(nd, dd) + attention_score_macs(nd, dd) + attention_value_macs(nd, dd)
+                                    + linear_macs(nd, dd, dd) + 2 * linear_macs(nd, dd, fd)),
+        "decoder/pred": linear_macs(nd, dd, spec.patch * spec.patch * spec.channels),
     }
 
 

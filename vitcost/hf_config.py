@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "Dinov2Model": ("dinov2", False),
     "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", True),
     "Dinov2WithRegistersModel": ("dinov2_with_registers", False),
+    "ViTMAEForPreTraining": ("vit_mae", False),
 }
 # classes that exist but whose code vitcost does not model, and why
 NOT_MODELLED = {
@@ -34,8 +35,7 @@ NOT_MODELLED = {
     "DeiTModel": "its pooler is not modelled; use DeiTForImageClassificationWithTeacher",
     "DeiTForImageClassification": "its single head beside a distillation token is not modelled; "
                                   "use DeiTForImageClassificationWithTeacher",
-    "ViTMAEForPreTraining": "MAE pretraining is not modelled yet",
-    "ViTMAEModel": "MAE is not modelled yet",
+    "ViTMAEModel": "its random masking without the decoder is not modelled; use ViTMAEForPreTraining",
     "VideoMAEForPreTraining": "video models are not modelled yet",
     "VideoMAEForVideoClassification": "video models are not modelled yet",
     "VideoMAEModel": "video models are not modelled yet",
@@ -84,7 +84,7 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         "impl": "hf",
         "image": _pair(get, "image_size"),
         "patch": _patch(get),
-        "classes": _classes(get) if head else 0,
+        "classes": _classes(get) if head else 0,  # (MAE: no head, its own loss)
         "pos_embed": "learned",
         "pos_embed_prefix": True,
         "class_token": True,
@@ -92,10 +92,20 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
     act = get.value("hidden_act", str)
     if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
         raise ConfigError(f"{where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
-    if family in ("vit", "deit"):
+    if family in ("vit", "deit", "vit_mae"):
         arch["mlp_hidden"] = get.int("intermediate_size", MAX_MLP_HIDDEN)
         arch["dist_token"] = family == "deit"
-    else:
+    if family == "vit_mae":
+        ratio = get.value("mask_ratio", (int, float))
+        if isinstance(ratio, bool) or not 0 < ratio < 1:
+            raise ConfigError(f"{where}: mask_ratio {ratio!r}: expected a number between 0 and 1")
+        if get.bool("norm_pix_loss", default=False):
+            raise ConfigError(f"{where}: norm_pix_loss true: the per-patch normalised target is not modelled yet")
+        arch["mae"] = {"mask_ratio": float(ratio), "decoder_dim": get.int("decoder_hidden_size", MAX_DIM),
+                       "decoder_depth": get.int("decoder_num_hidden_layers", MAX_DEPTH),
+                       "decoder_heads": get.int("decoder_num_attention_heads", MAX_DIM),
+                       "decoder_mlp_hidden": get.int("decoder_intermediate_size", MAX_MLP_HIDDEN)}
+    if family.startswith("dinov2"):
         ratio = get.value("mlp_ratio", (int, float))
         if isinstance(ratio, bool) or not 0 < ratio <= 64:
             raise ConfigError(f"{where}: mlp_ratio {ratio!r}: expected a number above 0 and at most 64")

@@ -19,6 +19,18 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
     if spec.pos_embed.value != "learned" or not spec.class_token or not spec.pos_embed_prefix:
         raise MeasurementError("Hugging Face's ViT, DeiT and DINOv2 have a class token and a learned "
                                "position embedding on it")
+    if spec.mae is not None:
+        m = spec.mae
+        cfg = transformers.ViTMAEConfig(
+            hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
+            intermediate_size=spec.mlp_hidden, image_size=[spec.image_h, spec.image_w], patch_size=spec.patch,
+            num_channels=spec.channels, qkv_bias=spec.qkv_bias, mask_ratio=m.mask_ratio,
+            decoder_hidden_size=m.decoder_dim, decoder_num_hidden_layers=m.decoder_depth,
+            decoder_num_attention_heads=m.decoder_heads, decoder_intermediate_size=m.decoder_mlp_hidden,
+            norm_pix_loss=m.norm_pix_loss, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
+        cfg.architectures = ["ViTMAEForPreTraining"]
+        return cfg, transformers.ViTMAEForPreTraining
     common = dict(hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
                   image_size=[spec.image_h, spec.image_w], patch_size=spec.patch, num_channels=spec.channels,
                   qkv_bias=spec.qkv_bias, num_labels=max(spec.classes, 1),

@@ -93,8 +93,8 @@ def make_optimizer(model: "torch.nn.Module", workload: Workload) -> "torch.optim
 def make_batch(spec: ViTSpec, workload: Workload, device: str):
     dtype = param_dtype(workload)
     x = torch.randn(workload.batch, spec.channels, spec.image_h, spec.image_w, dtype=dtype, device=device)
-    if not workload.training:
-        return x, None  # serving has no labels
+    if not workload.training or spec.mae is not None:
+        return x, None  # serving, and MAE pretraining, have no labels
     y = torch.randint(0, max(spec.classes, 1), (workload.batch,), device=device)
     return x, y
 
@@ -158,7 +158,10 @@ class Runner:
             del out
             return
         with _autocast(wl, self.device):
-            loss = _loss(logits(self.model(x)), y)
+            if self.spec.mae is not None:  # the model computes its own loss (MAE pretraining)
+                loss = self.model(x).loss
+            else:
+                loss = _loss(logits(self.model(x)), y)
         self.output_bytes = _storage_bytes(loss)
         if probe:
             probe()
@@ -212,6 +215,13 @@ def _mem_tracker():
                     self._peak_mem_snap[dev] = dict(snap)
 
     return GlobalPeakTracker
+
+
+class _NoHook:
+    """Stands for a hook handle MemTracker removes when it is done."""
+
+    def remove(self) -> None:
+        pass
 
 
 def _category_bytes(snapshot: dict, device: "torch.device") -> dict[str, int]:
@@ -270,6 +280,11 @@ def _track_cpu(spec: ViTSpec, workload: Workload, warmup: int, model, traced: bo
         runner.step()
     runner.workload = workload
     tracker = _mem_tracker()()
+    for param in runner.model.parameters():
+        if not param.requires_grad and hasattr(tracker, "_param_to_grad_hook_handles"):
+            # a frozen parameter (MAE's sin-cos tables) takes no gradient hook: MemTracker would
+            # try to install one and fail; mark it as done
+            tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
     tracker.track_external(runner.model, *([runner.optimizer] if runner.optimizer else []))
     dev = torch.device("cpu")
     after_forward: dict[str, int] = {}
@@ -362,7 +377,10 @@ def count_macs(model: "torch.nn.Module", spec: ViTSpec, training: bool = True) -
         model.train()
         counter = FlopCounterMode(display=False)
         with torch.device("meta"), counter:
-            _loss(logits(model(x)), y).backward()
+            out = model(x)
+            loss = out.loss if spec.mae is not None else _loss(logits(out), y)
+            del out
+            loss.backward()
         train = counter.get_total_flops() // 2
     return TracedCounts(params=params, forward_macs=forward, training_macs=train)
 

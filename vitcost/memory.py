@@ -33,8 +33,8 @@ from dataclasses import replace
 from functools import lru_cache
 import itertools
 
-from vitcost import vit_hf
-from vitcost.formulas import param_tensors, pos_embed_tokens
+from vitcost import mae, vit_hf
+from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens
 from vitcost.ops import (
     Grads,
     Shapes,
@@ -564,7 +564,8 @@ def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_
 def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False) -> tuple[int, ...]:
     """Bytes of each parameter tensor as allocated, in ``parameters()`` order; ``used``: only
     those the forward uses, which get gradients and optimizer states."""
-    return tuple(_round_up(n * pb, round_to) for name, n in param_tensors(spec) if not (used and name in UNUSED))
+    return tuple(_round_up(n * pb, round_to) for name, n in param_tensors(spec)
+                 if not (used and (name in UNUSED or name.endswith(FROZEN))))
 
 
 # --- the whole step ---------------------------------------------------------------------------
@@ -671,8 +672,10 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     image_elems = sh.b * sh.image
     r.where = "forward: input batch"
     r.alloc("x", image_elems * sh.res, I)  # images arrive in fp32 under autocast
-    r.alloc("y", sh.b * INDEX_BYTES if train else 0, I)
+    r.alloc("y", sh.b * INDEX_BYTES if train and spec.mae is None else 0, I)
     inputs = r.cat[I]
+    if spec.mae is not None:
+        return _replay_mae(r, spec, wl, sh, image_elems, weights, inputs)
     depth = spec.depth
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full
@@ -724,6 +727,34 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
         _prologue_backward(r, spec, sh, g, gr, image_elems)
         optimizer_step(r, sh)
     return (weights, sh.grads if train else 0, sh.states, inputs, saved, copies), components
+
+
+def _replay_mae(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, image_elems: int, weights: int,
+                inputs: int) -> tuple:
+    """``vitcost.mae``'s step, its blocks this module's (every one replayed)."""
+    train = wl.training
+    ck = train and wl.checkpointing == Checkpointing.full
+
+    def forward(i: int, nxt: str, shapes: Shapes, keep_input: bool) -> None:
+        _block_forward(r, i, nxt, shapes, spec, wl, train and not ck, checkpointed=ck,
+                       keep_input=keep_input and not train)
+
+    mae.forward(r, spec, wl, sh, train, image_elems, forward)
+    saved, copies = r.cat[S], r.cat[WC]
+    r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved (none in no_grad)
+    if not train or ck:
+        r.free(*[n for n in r.live if n.endswith(".wc") and (not train or n[0] == "b")])
+    figures = (weights, sh.grads if train else 0, sh.states, inputs, saved, copies)
+    if not train:
+        return figures, {}
+    gr = Grads(r, sh, wl.keep_grads)
+
+    def backward(i: int, g: str, out: str, shapes: Shapes, label: int) -> None:
+        _block_backward(r, i, g, out, shapes, spec, wl, gr, label=label)
+
+    mae.backward(r, spec, wl, sh, gr, backward)
+    optimizer_step(r, sh)
+    return figures, {}
 
 
 def replay_memory(spec: ViTSpec, wl: Workload) -> tuple[MemoryResult, tuple[int, ...]]:

@@ -7,6 +7,7 @@ errors into one-line :class:`~vitcost.errors.ConfigError` messages.
 from __future__ import annotations
 
 from enum import Enum
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -93,6 +94,27 @@ MAX_CLASSES = 10**7
 MAX_BATCH = 1 << 24
 
 
+class MAE(BaseModel):
+    """Masked-autoencoder pretraining (Hugging Face's ``ViTMAEForPreTraining``): the encoder
+    runs on the visible patches, a decoder of its own width, depth and heads on all of them,
+    and the loss is the squared error on the masked patches' pixels."""
+
+    model_config = _FROZEN
+
+    mask_ratio: float = Field(gt=0, lt=1, allow_inf_nan=False)
+    decoder_dim: int = Field(gt=0, le=MAX_DIM)
+    decoder_depth: int = Field(gt=0, le=MAX_DEPTH)
+    decoder_heads: int = Field(gt=0, le=MAX_DIM)
+    decoder_mlp_hidden: int = Field(gt=0, le=MAX_MLP_HIDDEN)
+    norm_pix_loss: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MAE":
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder heads {self.decoder_heads} do not divide the decoder width {self.decoder_dim}")
+        return self
+
+
 class ViTSpec(BaseModel):
     """A timm-style Vision Transformer and the image it is fed."""
 
@@ -118,6 +140,7 @@ class ViTSpec(BaseModel):
     layer_scale: bool = False  # LayerScale on both residual branches (timm init_values; DINOv2, DeiT III, CaiT)
     impl: Impl = Impl.timm
     mask_token: bool = False  # a mask-token parameter the forward does not use (HF DINOv2's use_mask_token)
+    mae: Optional[MAE] = None  # masked-autoencoder pretraining instead of classification
 
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":
@@ -131,7 +154,24 @@ class ViTSpec(BaseModel):
             raise ValueError("a class-token head needs the class token: use --pool avg or --class-token")
         if self.pos_embed == PosEmbed.sincos and self.dim % 4:
             raise ValueError(f"sin-cos position embedding needs --dim divisible by 4, got {self.dim}")
+        if self.mae is not None:
+            if self.impl != Impl.hf:
+                raise ValueError("MAE pretraining is modelled as Hugging Face's ViTMAEForPreTraining: use --impl hf")
+            if (not self.class_token or self.dist_token or self.registers or self.layer_scale or self.classes
+                    or self.pos_embed != PosEmbed.learned or self.mask_token):
+                raise ValueError("MAE pretraining: a class token, a (frozen) learned position embedding, "
+                                 "no head, registers, distillation token or LayerScale")
+            if not self.divisible or self.grid_h != self.grid_w:
+                raise ValueError(f"MAE pretraining cuts a square image into whole patches (its sin-cos tables are "
+                                 f"square): {self.image_h}x{self.image_w} with patch {self.patch}")
+            if self.kept_patches < 1:
+                raise ValueError(f"mask ratio {self.mae.mask_ratio} leaves no patch visible")
         return self
+
+    @property
+    def kept_patches(self) -> int:
+        """Patches the MAE encoder sees: ``int(L * (1 - mask_ratio))``, as Hugging Face rounds."""
+        return int(self.patch_tokens * (1 - self.mae.mask_ratio)) if self.mae else self.patch_tokens
 
     @property
     def grid_h(self) -> int:
@@ -151,7 +191,8 @@ class ViTSpec(BaseModel):
 
     @property
     def tokens(self) -> int:
-        return self.patch_tokens + self.prefix_tokens
+        """Tokens the (encoder's) blocks run on: under MAE, the visible patches only."""
+        return (self.kept_patches if self.mae else self.patch_tokens) + self.prefix_tokens
 
     @property
     def head_dim(self) -> int:
