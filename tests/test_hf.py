@@ -30,6 +30,8 @@ FAMILIES = {
     "deit-distilled": dict(impl="hf", dist_token=True),
     "dinov2": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True),
     "dinov2-registers": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, registers=4),
+    "dinov2-swiglu": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, mlp="swiglu",
+                          mlp_hidden=176),  # (int(64 * 4 * 2 / 3) + 7) // 8 * 8
     "mae": dict(impl="hf", classes=0, image_h=56, image_w=56,
                 mae=dict(mask_ratio=0.6, decoder_dim=32, decoder_depth=2, decoder_heads=2, decoder_mlp_hidden=128)),
 }
@@ -58,6 +60,9 @@ GRID = [
     ("dinov2-registers", {}, dict(batch=1, attention="eager")),
     ("dinov2-registers", dict(depth=3), dict(precision="amp-bf16", batch=3, attention="eager")),
     ("dinov2-registers", {}, dict(mode="infer", precision="bf16", batch=4)),
+    ("dinov2-swiglu", dict(depth=3), dict(precision="amp-bf16", attention="eager", batch=3, checkpointing="full")),
+    ("dinov2-swiglu", {}, dict(precision="bf16", batch=1)),
+    ("dinov2-swiglu", {}, dict(mode="infer", precision="amp-bf16", attention="eager")),
     ("mae", {}, dict(precision="amp-bf16", attention="eager", batch=3)),
     ("mae", dict(depth=3), dict(batch=1, checkpointing="full")),
     ("mae", {}, dict(precision="bf16", batch=1, attention="eager")),
@@ -109,6 +114,7 @@ CONFIGS = [
     ("DeiTConfig", "DeiTForImageClassificationWithTeacher", {}),
     ("Dinov2Config", "Dinov2ForImageClassification", dict(num_labels=7)),
     ("Dinov2Config", "Dinov2Model", dict(image_size=518, use_mask_token=False)),
+    ("Dinov2Config", "Dinov2ForImageClassification", dict(use_swiglu_ffn=True, hidden_size=96, num_attention_heads=4)),
     ("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification", {}),
     ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", {}),
     ("ViTMAEConfig", "ViTMAEForPreTraining", {}),

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vitcost.errors import BudgetFileError, ConfigError, ProfileError, UnknownNameError
 from vitcost.files import load_json, load_yaml, read_text
-from vitcost.specs import AttentionKernel, Checkpointing, Device, Impl, Mode, Optimizer, Pooling, PosEmbed, Precision
+from vitcost.specs import AttentionKernel, Checkpointing, Device, Impl, Mlp, Mode, Optimizer, Pooling, PosEmbed, Precision
 
 SCHEMA_VERSION = 1
 GIB = 2**30
@@ -130,6 +130,7 @@ class BudgetEntry(BaseModel):
     qkv_bias: Optional[StrictBool] = None
     layer_scale: Optional[StrictBool] = None
     impl: Optional[Impl] = None
+    mlp: Optional[Mlp] = None
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("image", mode="before")
@@ -579,7 +580,7 @@ def _parse_json(path: Path, what: str) -> Any:
 _MATCH_KEYS = ("model", "image", "image_h", "image_w", "patch", "batch", "mode", "precision", "attention",
                "optimizer", "keep_grads", "checkpointing", "device", "dim", "depth", "heads", "mlp_hidden",
                "channels", "class_token", "dist_token", "registers", "pos_embed", "pos_embed_prefix", "pooling",
-               "classes", "qkv_bias", "layer_scale", "impl")
+               "classes", "qkv_bias", "layer_scale", "impl", "mlp")
 # calibrate's row statuses: a step that ran has figures; these did not
 OUT_OF_MEMORY = "out of memory"
 _RAN = ("ok", "off")

@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from vitcost.errors import BudgetFileError, VitcostError, shorten
 from vitcost.render import escape_control
-from vitcost.specs import Allocator, AttentionKernel, Checkpointing, Device, Impl, Mode, Optimizer, Pooling, PosEmbed, Precision
+from vitcost.specs import Allocator, AttentionKernel, Checkpointing, Device, Impl, Mlp, Mode, Optimizer, Pooling, PosEmbed, Precision
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
@@ -140,6 +140,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("classes", Annotated[Optional[int], typer.Option(help="Classes of the head (0: no head).", rich_help_panel="Model")], None),
     ("qkv_bias", Annotated[Optional[bool], typer.Option("--qkv-bias/--no-qkv-bias", help="Bias on the fused qkv projection.", rich_help_panel="Model")], None),
     ("layer_scale", Annotated[Optional[bool], typer.Option("--layer-scale/--no-layer-scale", help="LayerScale on both residual branches (DINOv2, DeiT III).", rich_help_panel="Model")], None),
+    ("mlp", Annotated[Optional[Mlp], typer.Option(help="gelu: fc1, GELU, fc2; swiglu: down(silu(gate(x)) * up(x)) (Hugging Face's DINOv2-giant; --impl hf).", rich_help_panel="Model", show_default="gelu")], None),
     ("impl", Annotated[Optional[Impl], typer.Option(help="Whose code runs the model: timm (vitcost's reference mirrors it) or hf (Hugging Face transformers).", rich_help_panel="Model", show_default="timm")], None),
 ]
 
@@ -167,7 +168,7 @@ def plan_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     kw.pop("json_out", None)
     kw["pooling"] = kw.pop("pool", None)
     for key in ("mode", "precision", "attention", "optimizer", "checkpointing", "device", "pos_embed", "pooling",
-                "allocator", "impl"):
+                "allocator", "impl", "mlp"):
         if kw.get(key) is not None:
             kw[key] = kw[key].value
     return kw

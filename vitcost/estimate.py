@@ -154,6 +154,7 @@ class Report:
                 "qkv_bias": s.qkv_bias,
                 "layer_scale": s.layer_scale,
                 "impl": s.impl.value,
+                "mlp": s.mlp.value,
             },
             "tokens": dict(self.tokens),
             "params": {**self.params, "total": self.params_total},

@@ -11,13 +11,17 @@ Conventions, fixed here for the whole package:
 
 from __future__ import annotations
 
-from vitcost.specs import Impl, Pooling, PosEmbed, ViTSpec
+from vitcost.specs import Impl, Mlp, Pooling, PosEmbed, ViTSpec
 
 # The order components are listed in, everywhere (params, MACs, tables).
 COMPONENT_ORDER = (
     "patch_embed", "pos_embed", "prefix_tokens", "mask_token", "blocks/norm1", "blocks/attn/qkv",
     "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/proj", "blocks/norm2",
     "blocks/mlp/fc1", "blocks/mlp/fc2", "blocks/layer_scale", "norm", "head",
+    # MAE's decoder
+    "decoder/embed", "decoder/mask_token", "decoder/pos_embed", "decoder/blocks", "decoder/blocks/attn/qkv",
+    "decoder/blocks/attn/q_kT", "decoder/blocks/attn/attn_v", "decoder/blocks/attn/proj", "decoder/blocks/mlp/fc1",
+    "decoder/blocks/mlp/fc2", "decoder/norm", "decoder/pred",
 )
 
 # --- tokens -------------------------------------------------------------------------
@@ -98,10 +102,18 @@ def _hf_block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
             attn.append((f"attn/{name}/bias", d))
     attn += [("attn/proj/weight", d * d), ("attn/proj/bias", d)]
     mlp = [("mlp/fc1/weight", f * d), ("mlp/fc1/bias", f), ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d)]
+    if spec.mlp == Mlp.swiglu:  # Dinov2SwiGLUFFN: gate_proj, up_proj, down_proj
+        mlp = [("mlp/gate/weight", f * d), ("mlp/gate/bias", f), ("mlp/up/weight", f * d), ("mlp/up/bias", f),
+               ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d)]
     if spec.layer_scale:
         return [("norm1/weight", d), ("norm1/bias", d), *attn, ("ls1/gamma", d),
                 ("norm2/weight", d), ("norm2/bias", d), *mlp, ("ls2/gamma", d)]
     return attn + [("norm1/weight", d), ("norm1/bias", d), ("norm2/weight", d), ("norm2/bias", d), *mlp]
+
+
+def _fc1s(spec: ViTSpec) -> int:
+    """Linear layers into the MLP's hidden width: SwiGLU has two (gate and up)."""
+    return 2 if spec.mlp == Mlp.swiglu else 1
 
 
 def head_in(spec: ViTSpec) -> int:
@@ -196,7 +208,7 @@ def param_counts(spec: ViTSpec) -> dict[str, int]:
         "blocks/attn/qkv": spec.depth * linear_params(d, 3 * d, spec.qkv_bias),
         "blocks/attn/proj": spec.depth * linear_params(d, d),
         "blocks/norm2": spec.depth * layernorm_params(d),
-        "blocks/mlp/fc1": spec.depth * linear_params(d, spec.mlp_hidden),
+        "blocks/mlp/fc1": spec.depth * linear_params(d, spec.mlp_hidden) * _fc1s(spec),
         "blocks/mlp/fc2": spec.depth * linear_params(spec.mlp_hidden, d),
         "norm": layernorm_params(d),
         "head": (1 + int(spec.dist_token)) * linear_params(head_in(spec), spec.classes) if spec.classes else 0,
@@ -252,7 +264,7 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
         "blocks/attn/q_kT": depth * attention_score_macs(n, d),
         "blocks/attn/attn_v": depth * attention_value_macs(n, d),
         "blocks/attn/proj": depth * linear_macs(n, d, d),
-        "blocks/mlp/fc1": depth * linear_macs(n, d, f),
+        "blocks/mlp/fc1": depth * linear_macs(n, d, f) * _fc1s(spec),
         "blocks/mlp/fc2": depth * linear_macs(n, f, d),
         "head": heads * linear_macs(1, head_in(spec), spec.classes),
     }
@@ -272,8 +284,12 @@ def _mae_mac_counts(spec: ViTSpec) -> dict[str, int]:
         "blocks/mlp/fc1": depth * linear_macs(n, d, f),
         "blocks/mlp/fc2": depth * linear_macs(n, f, d),
         "decoder/embed": linear_macs(n, d, dd),
-        "decoder/blocks": ddepth * (qkv_macs(nd, dd) + attention_score_macs(nd, dd) + attention_value_macs(nd, dd)
-                                    + linear_macs(nd, dd, dd) + 2 * linear_macs(nd, dd, fd)),
+        "decoder/blocks/attn/qkv": ddepth * qkv_macs(nd, dd),
+        "decoder/blocks/attn/q_kT": ddepth * attention_score_macs(nd, dd),
+        "decoder/blocks/attn/attn_v": ddepth * attention_value_macs(nd, dd),
+        "decoder/blocks/attn/proj": ddepth * linear_macs(nd, dd, dd),
+        "decoder/blocks/mlp/fc1": ddepth * linear_macs(nd, dd, fd),
+        "decoder/blocks/mlp/fc2": ddepth * linear_macs(nd, fd, dd),
         "decoder/pred": linear_macs(nd, dd, spec.patch * spec.patch * spec.channels),
     }
 
@@ -293,7 +309,8 @@ def training_macs(forward: dict[str, int], recompute_blocks: bool = False,
     out = {}
     for path, macs in forward.items():
         factor = 2 if path == "patch_embed" else 3
-        if recompute_blocks and path.startswith("blocks/") and (path != "blocks/mlp/fc2" or recompute_fc2):
+        in_block = path.startswith(("blocks/", "decoder/blocks/"))
+        if recompute_blocks and in_block and (not path.endswith("blocks/mlp/fc2") or recompute_fc2):
             factor += 1
         out[path] = factor * macs
     return out

@@ -110,8 +110,10 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         if isinstance(ratio, bool) or not 0 < ratio <= 64:
             raise ConfigError(f"{where}: mlp_ratio {ratio!r}: expected a number above 0 and at most 64")
         if get.bool("use_swiglu_ffn", default=False):
-            raise ConfigError(f"{where}: use_swiglu_ffn true: the SwiGLU MLP is not modelled yet")
-        arch["mlp_hidden"] = int(dim * ratio)  # as Dinov2MLP sizes fc1
+            arch["mlp"] = "swiglu"
+            arch["mlp_hidden"] = swiglu_hidden(dim, ratio)
+        else:
+            arch["mlp_hidden"] = int(dim * ratio)  # as Dinov2MLP sizes fc1
         arch["layer_scale"] = True
         arch["pooling"] = "token+avg"  # Dinov2ForImageClassification's head (and the one assumed to train a backbone)
         if family == "dinov2":
@@ -125,6 +127,11 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         notes.append(f"{', '.join(dropout)} above 0 in {where.split(' ', 1)[1]}: the dropout masks a training step "
                      "keeps are not modelled (memory is planned as at 0)")
     return HFModel(architecture=name, arch=arch, notes=tuple(notes))
+
+
+def swiglu_hidden(dim: int, ratio: float) -> int:
+    """Dinov2SwiGLUFFN's hidden width: two thirds of ``dim * ratio``, rounded up to 8."""
+    return (int(int(dim * ratio) * 2 / 3) + 7) // 8 * 8
 
 
 def _positive(value: Any) -> bool:

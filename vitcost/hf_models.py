@@ -36,12 +36,10 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
                   qkv_bias=spec.qkv_bias, num_labels=max(spec.classes, 1),
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if spec.layer_scale:  # DINOv2
-        if spec.mlp_hidden % spec.dim:
-            raise MeasurementError("DINOv2's MLP width is a whole multiple of its width (mlp_ratio)")
         if spec.dist_token or spec.pooling != Pooling.token_avg:
             raise MeasurementError("DINOv2 (LayerScale under --impl hf) has no distillation token and its "
                                    "head reads the class token and the patch tokens' mean (--pool token+avg)")
-        common.update(mlp_ratio=spec.mlp_hidden // spec.dim, drop_path_rate=0.0)
+        common.update(mlp_ratio=_mlp_ratio(spec), drop_path_rate=0.0, use_swiglu_ffn=spec.mlp.value == "swiglu")
         if spec.registers:
             if not spec.mask_token:
                 raise MeasurementError("Hugging Face's DINOv2 with registers always has a mask token")
@@ -65,6 +63,18 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
     cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
     cfg.architectures = [cls.__name__]
     return cfg, cls
+
+
+def _mlp_ratio(spec: ViTSpec) -> int:
+    """The whole ``mlp_ratio`` Hugging Face's DINOv2 config takes for the spec's MLP width."""
+    from vitcost.hf_config import swiglu_hidden
+
+    for ratio in range(1, 65):
+        width = swiglu_hidden(spec.dim, ratio) if spec.mlp.value == "swiglu" else spec.dim * ratio
+        if width == spec.mlp_hidden:
+            return ratio
+    raise MeasurementError(f"no whole mlp_ratio gives Hugging Face's DINOv2 an MLP {spec.mlp_hidden} wide at "
+                           f"width {spec.dim}")
 
 
 def build_hf(spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none"):

@@ -72,6 +72,7 @@ from vitcost.specs import (
     Checkpointing,
     Device,
     Impl,
+    Mlp,
     Optimizer,
     PosEmbed,
     Pooling,
@@ -240,13 +241,44 @@ def _ln_cat(sh: Shapes, grad: bool) -> int:
     return F if (sh.amp or not grad) else S
 
 
+def _swiglu_forward(r: Replay, p: str, sh: Shapes, grad: bool) -> None:
+    """``down(silu(gate(x)) * up(x))`` up to down's input (named ``gelu``, as the GELU MLP's):
+    silu saves the gate, the product saves both its factors (each linear casts x itself)."""
+    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    keep = S if grad else F
+    linear_forward(r, sh, p, "gate", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+    r.alloc(p + "act", sh.hid, keep)
+    if not grad:
+        r.free(p + "gate")
+    linear_forward(r, sh, p, "up", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+    r.alloc(p + "gelu", sh.hid, keep)
+    if not grad:
+        r.free(p + "act", p + "up")
+
+
+def _swiglu_backward(r: Replay, gr: Grads, p: str, sh: Shapes, ck: bool) -> str:
+    """The product's, up's, silu's and gate's backward; returns the normed input's gradient."""
+    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    r.alloc(p + "g.act", sh.hid, B)  # g * up
+    r.alloc(p + "g.up", sh.hid, B)  # g * silu(gate)
+    r.free(p + "g.fc2in", p + "act", p + "up")  # the product's node is done: both factors go
+    gup = linear_backward(r, gr, sh, p, "up", bn * f, bn * d, f * d, f, False, sh.amp, (p + "g.up",), early=ck)
+    r.alloc(p + "g.gate", sh.hid, B)  # silu backward reads the gate
+    r.free(p + "g.act", p + "gate")
+    return linear_backward(r, gr, sh, p, "gate", bn * f, bn * d, f * d, f, False, sh.amp,
+                           (p + "g.gate", p + "ln2"), early=ck, into=gup)
+
+
 def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recompute: bool) -> bool:
     """norm2, fc1, GELU, fc2 (timm's and Hugging Face's alike). True when a recompute stops here."""
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     keep = S if grad else F
     layernorm_forward(r, sh, p + "ln2", _ln_cat(sh, grad), keep, grad)
-    linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
-    r.alloc(p + "gelu", sh.hid, keep)
+    if spec.mlp == Mlp.swiglu:
+        _swiglu_forward(r, p, sh, grad)
+    else:
+        linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+        r.alloc(p + "gelu", sh.hid, keep)
     if recompute:
         if spec.layer_scale:  # LayerScale saves fc2's output: the recompute runs fc2 too
             linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, S, True)
@@ -373,10 +405,13 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     if spec.layer_scale:
         layer_scale_backward(r, gr, sh, p, "ls2", "fc2")
     gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",), early=ck)
-    r.alloc(p + "g.gelu", sh.hid, B)
-    r.free(gfc2, p + "fc1")
-    gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, amp,
-                            (p + "g.gelu", p + "ln2"), early=ck)
+    if spec.mlp == Mlp.swiglu:
+        gfc1 = _swiglu_backward(r, gr, p, sh, ck)
+    else:
+        r.alloc(p + "g.gelu", sh.hid, B)
+        r.free(gfc2, p + "fc1")
+        gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, amp,
+                                (p + "g.gelu", p + "ln2"), early=ck)
     layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1")
     r.alloc(p + "g.x1", sh.tok, B)  # residual: the incoming gradient plus the MLP branch's
     r.free(p + "g.ln2in", g)
@@ -576,8 +611,8 @@ _COMPONENT_OF = {
     **{k: "blocks/norm1" for k in ("ln1", "ln1.mean", "ln1.rstd", "qkv.ic", "q.ic", "k.ic", "v.ic")},
     **{k: "blocks/attn/qkv" for k in ("qkv", "q", "k", "v", "qs", "qs.c", "kT.c", "v.c")},
     **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
-    **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic")},
-    **{k: "blocks/mlp" for k in ("fc1", "gelu")},
+    **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic", "gate.ic", "up.ic")},
+    **{k: "blocks/mlp" for k in ("fc1", "gelu", "gate", "act", "up")},
     **{k: "blocks/layer_scale" for k in ("proj", "fc2")},  # branch outputs LayerScale saves
     "in": "blocks/residual",
     **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled", "mean",
@@ -740,10 +775,10 @@ def _replay_mae(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, image_elems:
                        keep_input=keep_input and not train)
 
     mae.forward(r, spec, wl, sh, train, image_elems, forward)
-    saved, copies = r.cat[S], r.cat[WC]
     r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved (none in no_grad)
     if not train or ck:
         r.free(*[n for n in r.live if n.endswith(".wc") and (not train or n[0] == "b")])
+    saved, copies = r.cat[S], r.cat[WC]
     figures = (weights, sh.grads if train else 0, sh.states, inputs, saved, copies)
     if not train:
         return figures, {}

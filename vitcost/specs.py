@@ -41,6 +41,13 @@ class Impl(str, Enum):
     hf = "hf"
 
 
+class Mlp(str, Enum):
+    """The MLP: fc1, GELU, fc2; or SwiGLU, ``down(silu(gate(x)) * up(x))`` (DINOv2-giant)."""
+
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
 class Optimizer(str, Enum):
     adamw = "adamw"
     adam = "adam"
@@ -139,6 +146,7 @@ class ViTSpec(BaseModel):
     qkv_bias: bool = True
     layer_scale: bool = False  # LayerScale on both residual branches (timm init_values; DINOv2, DeiT III, CaiT)
     impl: Impl = Impl.timm
+    mlp: Mlp = Mlp.gelu
     mask_token: bool = False  # a mask-token parameter the forward does not use (HF DINOv2's use_mask_token)
     mae: Optional[MAE] = None  # masked-autoencoder pretraining instead of classification
 
@@ -154,6 +162,9 @@ class ViTSpec(BaseModel):
             raise ValueError("a class-token head needs the class token: use --pool avg or --class-token")
         if self.pos_embed == PosEmbed.sincos and self.dim % 4:
             raise ValueError(f"sin-cos position embedding needs --dim divisible by 4, got {self.dim}")
+        if self.mlp == Mlp.swiglu and not (self.impl == Impl.hf and self.layer_scale):
+            raise ValueError("--mlp swiglu is modelled as Hugging Face's DINOv2 SwiGLU (--impl hf, LayerScale); "
+                             "timm's SwiGLU variants are not modelled yet")
         if self.mae is not None:
             if self.impl != Impl.hf:
                 raise ValueError("MAE pretraining is modelled as Hugging Face's ViTMAEForPreTraining: use --impl hf")
