@@ -32,6 +32,8 @@ FAMILIES = {
     "dinov2-registers": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, registers=4),
     "dinov2-swiglu": dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, mlp="swiglu",
                           mlp_hidden=176),  # (int(64 * 4 * 2 / 3) + 7) // 8 * 8
+    "videomae": dict(impl="hf", frames=4, tubelet=2, class_token=False, pos_embed="sincos", pooling="avg",
+                     image_h=32, image_w=32),
     "mae": dict(impl="hf", classes=0, image_h=56, image_w=56,
                 mae=dict(mask_ratio=0.6, decoder_dim=32, decoder_depth=2, decoder_heads=2, decoder_mlp_hidden=128)),
 }
@@ -63,6 +65,10 @@ GRID = [
     ("dinov2-swiglu", dict(depth=3), dict(precision="amp-bf16", attention="eager", batch=3, checkpointing="full")),
     ("dinov2-swiglu", {}, dict(precision="bf16", batch=1)),
     ("dinov2-swiglu", {}, dict(mode="infer", precision="amp-bf16", attention="eager")),
+    ("videomae", {}, dict(precision="amp-bf16", attention="eager", batch=3)),
+    ("videomae", dict(depth=3, qkv_bias=False), dict(precision="bf16", checkpointing="full")),
+    ("videomae", dict(heads=1), dict(batch=1, attention="eager")),
+    ("videomae", {}, dict(mode="infer", precision="amp-bf16", batch=4)),
     ("mae", {}, dict(precision="amp-bf16", attention="eager", batch=3)),
     ("mae", dict(depth=3), dict(batch=1, checkpointing="full")),
     ("mae", {}, dict(precision="bf16", batch=1, attention="eager")),
@@ -118,6 +124,7 @@ CONFIGS = [
     ("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification", {}),
     ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", {}),
     ("ViTMAEConfig", "ViTMAEForPreTraining", {}),
+    ("VideoMAEConfig", "VideoMAEForVideoClassification", dict(num_labels=5)),
 ]
 
 
@@ -174,7 +181,7 @@ def test_a_backbone_trains_with_a_stated_head(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ('{"architectures": ["ViTForImageClassification"], "hidden_size": 768}', "missing key 'num_attention_heads'"),
     ('{"architectures": ["ViTMAEForPreTraining"]}', "missing key 'hidden_size'"),
-    ('{"architectures": ["VideoMAEForVideoClassification"]}', "video models are not modelled yet"),
+    ('{"architectures": ["VideoMAEForPreTraining"]}', "VideoMAE pretraining is not modelled yet"),
     ('{"architectures": ["BertModel"]}', "is not one vitcost models"),
     ('{"hidden_size": 768}', "missing key 'architectures'"),
     ('[1, 2]', "expected a JSON object"),

@@ -24,7 +24,7 @@ BACKBONE_TRAINING_CLASSES = 1000  # timm's num_classes when a backbone is fine-t
 _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
-    "impl", "mask_token", "mae", "mlp",
+    "impl", "mask_token", "mae", "mlp", "frames", "tubelet",
 )
 
 
@@ -193,6 +193,9 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         wl = _workload(*values)
     except TypeError:  # an unhashable argument: validation says what is wrong with it
         wl = _workload.__wrapped__(*values)
+    if spec.video and wl.device.value == "cuda" and wl.precision.value.startswith("amp"):
+        raise ConfigError("VideoMAE under CUDA autocast is not modelled yet (CUDA autocast runs LayerNorm in fp32 on "
+                          "VideoMAE's bf16 stream, the CPU's does not): use --device cpu, or --precision fp32/bf16")
     if wl.training and not spec.classes and spec.mae is None:
         raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
                           "pass --classes N, or use --mode infer")

@@ -49,6 +49,7 @@ def layernorm_params(dim: int) -> int:
 
 
 def patch_embed_params(channels: int, patch: int, dim: int) -> int:
+    """(A video's tubelet of ``t`` frames counts as ``t`` times the channels.)"""
     """Conv2d(C, D, P, stride P) with bias: D * (P^2 * C + 1)."""
     return dim * (patch * patch * channels + 1)
 
@@ -95,6 +96,13 @@ def _hf_block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     norms, the MLP. With LayerScale, ``Dinov2Layer``: norm1, attention, LayerScale, norm2,
     MLP, LayerScale (timm's order, with q, k, v apart)."""
     d, f = spec.dim, spec.mlp_hidden
+    if spec.video:  # VideoMAELayer: query (bias), key (none), value (bias), dense; MLP; the two norms
+        qb = [d] if spec.qkv_bias else []
+        return [("attn/q/weight", d * d), *[("attn/q/bias", n) for n in qb], ("attn/k/weight", d * d),
+                ("attn/v/weight", d * d), *[("attn/v/bias", n) for n in qb],
+                ("attn/proj/weight", d * d), ("attn/proj/bias", d),
+                ("mlp/fc1/weight", f * d), ("mlp/fc1/bias", f), ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d),
+                ("norm1/weight", d), ("norm1/bias", d), ("norm2/weight", d), ("norm2/bias", d)]
     attn: list[tuple[str, int]] = []
     for name in ("q", "k", "v"):
         attn.append((f"attn/{name}/weight", d * d))
@@ -171,7 +179,7 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
         tensors.append(("dist_token", d))
     if spec.registers and hf:
         tensors.append(("reg_token", spec.registers * d))
-    tensors.append(("patch_embed/weight", d * spec.channels * spec.patch * spec.patch))
+    tensors.append(("patch_embed/weight", d * spec.channels * spec.patch * spec.patch * spec.tubelet))
     tensors.append(("patch_embed/bias", d))
     block = block_param_tensors(spec)
     for i in range(spec.depth):
@@ -201,11 +209,11 @@ def param_counts(spec: ViTSpec) -> dict[str, int]:
     """Parameters by component; blocks are summed over depth (``blocks/attn/qkv``)."""
     d = spec.dim
     counts = {
-        "patch_embed": patch_embed_params(spec.channels, spec.patch, d),
+        "patch_embed": patch_embed_params(spec.channels * spec.tubelet, spec.patch, d),
         "pos_embed": pos_embed_tokens(spec) * d,
         "prefix_tokens": spec.prefix_tokens * d,
         "blocks/norm1": spec.depth * layernorm_params(d),
-        "blocks/attn/qkv": spec.depth * linear_params(d, 3 * d, spec.qkv_bias),
+        "blocks/attn/qkv": spec.depth * (linear_params(d, 3 * d, spec.qkv_bias) - (d if spec.video and spec.qkv_bias else 0)),
         "blocks/attn/proj": spec.depth * linear_params(d, d),
         "blocks/norm2": spec.depth * layernorm_params(d),
         "blocks/mlp/fc1": spec.depth * linear_params(d, spec.mlp_hidden) * _fc1s(spec),
@@ -259,7 +267,7 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
     n, d, f, depth = spec.tokens, spec.dim, spec.mlp_hidden, spec.depth
     heads = 1 + int(spec.dist_token)
     return {
-        "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels, spec.patch, d),
+        "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels * spec.tubelet, spec.patch, d),
         "blocks/attn/qkv": depth * qkv_macs(n, d),
         "blocks/attn/q_kT": depth * attention_score_macs(n, d),
         "blocks/attn/attn_v": depth * attention_value_macs(n, d),

@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "Dinov2WithRegistersForImageClassification": ("dinov2_with_registers", True),
     "Dinov2WithRegistersModel": ("dinov2_with_registers", False),
     "ViTMAEForPreTraining": ("vit_mae", False),
+    "VideoMAEForVideoClassification": ("videomae", True),
 }
 # classes that exist but whose code vitcost does not model, and why
 NOT_MODELLED = {
@@ -36,9 +37,8 @@ NOT_MODELLED = {
     "DeiTForImageClassification": "its single head beside a distillation token is not modelled; "
                                   "use DeiTForImageClassificationWithTeacher",
     "ViTMAEModel": "its random masking without the decoder is not modelled; use ViTMAEForPreTraining",
-    "VideoMAEForPreTraining": "video models are not modelled yet",
-    "VideoMAEForVideoClassification": "video models are not modelled yet",
-    "VideoMAEModel": "video models are not modelled yet",
+    "VideoMAEForPreTraining": "VideoMAE pretraining is not modelled yet; use VideoMAEForVideoClassification",
+    "VideoMAEModel": "VideoMAE's backbone is not modelled yet; use VideoMAEForVideoClassification",
 }
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
 _HF_DEFAULT_LABELS = 2  # PretrainedConfig's num_labels when a config names none
@@ -80,7 +80,7 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         "depth": get.int("num_hidden_layers", MAX_DEPTH),
         "heads": heads,
         "channels": get.int("num_channels", 1024),
-        "qkv_bias": get.bool("qkv_bias"),
+        "qkv_bias": get.bool("qv_bias" if family == "videomae" else "qkv_bias"),
         "impl": "hf",
         "image": _pair(get, "image_size"),
         "patch": _patch(get),
@@ -88,11 +88,18 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         "pos_embed": "learned",
         "pos_embed_prefix": True,
         "class_token": True,
-    }
+    }  # (VideoMAE's are set below)
     act = get.value("hidden_act", str)
     if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
         raise ConfigError(f"{where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
-    if family in ("vit", "deit", "vit_mae"):
+    if family == "videomae":
+        if not get.bool("use_mean_pooling", default=True):
+            raise ConfigError(f"{where}: use_mean_pooling false: VideoMAE's head on the first token is not modelled")
+        arch.update(class_token=False, pos_embed="sincos", pooling="avg", frames=get.int("num_frames", 4096),
+                    tubelet=get.int("tubelet_size", 4096))
+        if arch["frames"] < arch["tubelet"]:
+            raise ConfigError(f"{where}: num_frames {arch['frames']} is fewer than tubelet_size {arch['tubelet']}")
+    if family in ("vit", "deit", "vit_mae", "videomae"):
         arch["mlp_hidden"] = get.int("intermediate_size", MAX_MLP_HIDDEN)
         arch["dist_token"] = family == "deit"
     if family == "vit_mae":

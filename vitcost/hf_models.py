@@ -16,9 +16,21 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
     except ImportError:  # pragma: no cover - the test extra installs it
         raise MeasurementError("measuring a Hugging Face model needs transformers: "
                                "pip install -e '.[test]'") from None
-    if spec.pos_embed.value != "learned" or not spec.class_token or not spec.pos_embed_prefix:
+    if not spec.video and (spec.pos_embed.value != "learned" or not spec.class_token or not spec.pos_embed_prefix):
         raise MeasurementError("Hugging Face's ViT, DeiT and DINOv2 have a class token and a learned "
                                "position embedding on it")
+    if spec.video:
+        cfg = transformers.VideoMAEConfig(
+            hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
+            intermediate_size=spec.mlp_hidden, image_size=spec.image_h, patch_size=spec.patch,
+            num_channels=spec.channels, num_frames=spec.frames, tubelet_size=spec.tubelet, qv_bias=spec.qkv_bias,
+            num_labels=max(spec.classes, 1), use_mean_pooling=True, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0)
+        if spec.image_h != spec.image_w:
+            raise MeasurementError("Hugging Face's VideoMAE takes square frames")
+        cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
+        cfg.architectures = ["VideoMAEForVideoClassification"]
+        return cfg, transformers.VideoMAEForVideoClassification
     if spec.mae is not None:
         m = spec.mae
         cfg = transformers.ViTMAEConfig(

@@ -92,7 +92,10 @@ def make_optimizer(model: "torch.nn.Module", workload: Workload) -> "torch.optim
 
 def make_batch(spec: ViTSpec, workload: Workload, device: str):
     dtype = param_dtype(workload)
-    x = torch.randn(workload.batch, spec.channels, spec.image_h, spec.image_w, dtype=dtype, device=device)
+    shape = (spec.channels, spec.image_h, spec.image_w)
+    if spec.video:  # VideoMAE takes (batch, frames, channels, height, width)
+        shape = (spec.frames, *shape)
+    x = torch.randn(workload.batch, *shape, dtype=dtype, device=device)
     if not workload.training or spec.mae is not None:
         return x, None  # serving, and MAE pretraining, have no labels
     y = torch.randint(0, max(spec.classes, 1), (workload.batch,), device=device)
@@ -364,7 +367,7 @@ def count_macs(model: "torch.nn.Module", spec: ViTSpec, training: bool = True) -
 
     params = sum(p.numel() for p in model.parameters())
     with torch.device("meta"):
-        x = torch.randn(1, spec.channels, spec.image_h, spec.image_w)
+        x = torch.randn(1, *([spec.frames] if spec.video else []), spec.channels, spec.image_h, spec.image_w)
         y = torch.zeros(1, dtype=torch.long)
     model = model.to(dtype=torch.float32)
     counter = FlopCounterMode(display=False)
@@ -395,7 +398,7 @@ def count_forward_macs(spec: ViTSpec, attention: str = "eager", device: str = "m
 
     with torch.device(device):
         model = build_model(spec, attention=attention)
-        x = torch.randn(1, spec.channels, spec.image_h, spec.image_w)
+        x = torch.randn(1, *([spec.frames] if spec.video else []), spec.channels, spec.image_h, spec.image_w)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)

@@ -33,7 +33,7 @@ from dataclasses import replace
 from functools import lru_cache
 import itertools
 
-from vitcost import mae, vit_hf
+from vitcost import mae, videomae, vit_hf
 from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens
 from vitcost.ops import (
     Grads,
@@ -91,6 +91,9 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     amp = wl.precision in (Precision.amp_bf16, Precision.amp_fp16)
     e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
     lo = 2 if amp else e
+    # VideoMAE's stream is made by a low-precision conv and never meets an fp32 parameter:
+    # under autocast it stays low, LayerNorm included (on the CPU: its statistics fp32)
+    stream = lo if spec.video else e
     cuda = wl.device == Device.cuda
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
@@ -100,8 +103,8 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
     return Shapes(
         b=b, n=n, d=d, f=spec.mlp_hidden, h=spec.heads,
-        patches=spec.patch_tokens, image=spec.channels * spec.image_h * spec.image_w,
-        conv_w=d * spec.channels * spec.patch * spec.patch, pos=pos_embed_tokens(spec),
+        patches=spec.patch_tokens, image=spec.channels * spec.frames * spec.image_h * spec.image_w,
+        conv_w=d * spec.channels * spec.patch * spec.patch * spec.tubelet, pos=pos_embed_tokens(spec),
         classes=spec.classes, registers=spec.registers,
         # CPU flash and CUDA flash keep (B, H, N) statistics; CUDA memory-efficient (fp32
         # inputs) pads N to 32
@@ -112,7 +115,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
         kept=_kept_grad_bytes(spec, b, e, sum(sizes), round_to) if train and wl.keep_grads else 0,
         opt_tmp=optimizer_temporary_bytes(sizes, cuda) if train and adam else 0,
         one=b == 1, one_head=spec.heads == 1,
-        res=e, lo=lo, par=e,
+        res=stream, lo=lo, par=e,
         # LayerNorm keeps its statistics in the input dtype on the CPU, fp32 on CUDA
         stat=4 if cuda else e,
         amp=amp, cuda=cuda,
@@ -124,6 +127,9 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
 
 def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_elems: int) -> None:
     """Patch embedding, prefix tokens, position embedding; leaves ``b0.in``."""
+    if spec.video:
+        videomae.prologue_forward(r, spec, sh, grad, image_elems)
+        return
     saved = S if grad else F
     r.where = "forward: patch embedding"
     patch_elems = sh.b * sh.patches * sh.d
@@ -182,6 +188,9 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
     non-reentrant checkpoint does, once the last tensor backward needs (GELU's output) exists.
     ``keep_input``: the caller still holds the block's input when it returns.
     """
+    if spec.video:
+        videomae.block_forward(r, i, nxt, sh, spec, wl, grad, checkpointed, recompute, label, keep_input)
+        return
     p = f"b{i}."
     phase = f"backward: blocks.{label if label is not None else i} (recompute)" if recompute else f"forward: blocks.{i}"
     r.where = phase + ".attn"
@@ -325,7 +334,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
             r.free("b0.in", "emb")
         pooled_elems = sh.b * sh.d
         r.alloc("mean", pooled_elems * sh.res, keep)
-        layernorm_forward(r, sh, "norm", S if (grad and not sh.amp) else F, keep, grad, rows=sh.b)
+        layernorm_forward(r, sh, "norm", S if (grad and not sh.casts) else F, keep, grad, rows=sh.b)
         if not grad:
             r.free("mean")
     else:
@@ -347,7 +356,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         heads = ["head"] + (["head_dist"] if spec.dist_token else [])
         for head in heads:
             linear_forward(r, sh, "", head, sh.classes * sh.d * _head_width(spec), sh.classes,
-                            pooled_elems if sh.amp else 0, sh.b * sh.classes, F, grad)
+                            pooled_elems if sh.casts else 0, sh.b * sh.classes, F, grad)
         logits = sh.b * sh.classes * sh.lo
         if spec.dist_token:
             # Hugging Face's output holds both heads' logits until the forward returns
@@ -360,7 +369,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
             r.rename("logits_avg", "head")
     if not head_saves_norm:
         r.free("norm.out")  # forward returns: only what backward saved survives
-        if sh.amp or not grad:
+        if sh.casts or not grad:
             r.free("pooled")
     if fc_norm:
         r.free("norm.in")
@@ -371,18 +380,18 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         return
     if not spec.classes:
         return
-    logits_hi = sh.b * sh.classes * sh.res
+    logits_hi = sh.b * sh.classes * sh.par  # the loss runs in fp32 under autocast
     if sh.amp:
         r.alloc("logits.32", logits_hi, F)  # cross-entropy runs in fp32 under autocast
     r.alloc("logp", logits_hi, S)  # log_softmax saves its output
-    r.alloc("loss", sh.res, F)
-    r.alloc("total_weight", sh.res, S)
+    r.alloc("loss", sh.par, F)
+    r.alloc("total_weight", sh.par, S)
     r.free("logits.32", "head")
     r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved
     r.free("mid.bc", "first.bc")
     if checkpointed:  # ... except in checkpointed blocks, which saved none
         r.free(*[n for n in r.live if n[0] == "b" and n.endswith(".wc")], "mid.wc", "first.wc")
-    r.alloc("seed", sh.res, F)  # ones_like(loss), the gradient backward starts from
+    r.alloc("seed", sh.par, F)  # ones_like(loss), the gradient backward starts from
 
 
 # --- backward -----------------------------------------------------------------------------
@@ -391,6 +400,9 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
 def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpec, wl: Workload, gr: Grads,
                     label: int | None = None) -> None:
     """One block's backward on block ``i``'s tensors; ``label`` names the block in ``where``."""
+    if spec.video:
+        videomae.block_backward(r, i, g, out, sh, spec, wl, gr, label)
+        return
     p = f"b{i}."
     label = i if label is None else label
     d, f, bn = sh.d, sh.f, sh.b * sh.n
@@ -449,7 +461,7 @@ _ATTENTION = {
 
 
 def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
-    logits_hi = sh.b * sh.classes * sh.res
+    logits_hi = sh.b * sh.classes * sh.par
     r.where = "backward: loss + head"
     r.alloc("g.nll", logits_hi, B)
     r.free("seed")
@@ -465,7 +477,7 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
     pooled = sh.b * sh.d * width
     if _fc_norm(spec):
         gin = linear_backward(r, gr, sh, "", "head", sh.b * sh.classes, pooled, sh.classes * sh.d, sh.classes,
-                              sh.amp, sh.amp, ("g.logits", "pooled"), free_first=("g.logits",))
+                              sh.amp, sh.casts, ("g.logits", "pooled"), free_first=("g.logits",))
         r.where = "backward: norm"
         layernorm_backward(r, gr, sh, "", "norm", gin, "mean", rows=sh.b)
         gr.accumulate("norm.w", "norm.b")
@@ -526,7 +538,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
             gr.make_param("pos_embed", sh.pos * d)  # summed over the batch
             gr.accumulate("pos_embed")
     patch_elems = sh.b * sh.patches * d
-    if sh.amp:
+    if sh.casts:
         r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
     hf_registers = spec.impl == Impl.hf and spec.registers  # done above
     for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)),
@@ -537,7 +549,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
                 continue
             gr.make_param(token, n * d)
             gr.accumulate(token)
-    if sh.amp and not views:
+    if sh.casts and not views:
         r.free(g)
     conv_w = sh.conv_w
     gr.make("patch.w", conv_w)
@@ -699,14 +711,19 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     train = wl.training
     r.where = "weights"
     r.alloc_parts("weights", sh.params, sh.param_parts, W)
-    if spec.pos_embed == PosEmbed.sincos:
+    if spec.video:
+        # VideoMAE's table is a plain attribute: it stays in fp32 on the CPU, where the step
+        # reads it (a GPU holds only the step's copy of it)
+        if not sh.cuda:  # (MemTracker counts it with the activations once the step reads it)
+            r.alloc("sincos", sh.patches * sh.d * 4, I)
+    elif spec.pos_embed == PosEmbed.sincos:
         r.alloc("sincos", sh.patches * sh.d * sh.par, W)  # a buffer, moved with the model
     weights = r.cat[W]
     r.alloc_parts("opt.states", sh.states, sh.state_parts, O)
     r.alloc_parts("grads.kept", sh.kept, sh.kept_parts, G)
     image_elems = sh.b * sh.image
     r.where = "forward: input batch"
-    r.alloc("x", image_elems * sh.res, I)  # images arrive in fp32 under autocast
+    r.alloc("x", image_elems * sh.par, I)  # images arrive in fp32 under autocast
     r.alloc("y", sh.b * INDEX_BYTES if train and spec.mae is None else 0, I)
     inputs = r.cat[I]
     if spec.mae is not None:

@@ -82,6 +82,12 @@ class Shapes:
         return self.one or self.one_head
 
     @property
+    def casts(self) -> bool:
+        """Under autocast, what reaches a linear from the residual stream is cast down (the
+        stream is fp32); VideoMAE's stream is low precision itself, so nothing is cast."""
+        return self.amp and self.res != self.lo
+
+    @property
     def softmax_fp32(self) -> bool:
         """CUDA autocast runs softmax in fp32; CPU autocast (bf16) does not."""
         return self.amp and self.cuda
@@ -258,8 +264,11 @@ def linear_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, out_ele
         r.alloc(gc, out_elems * sh.lo, B)
         r.free(*free_first)
     gin = f"{p}g.{name}in"
+    if not b_elems:  # without a bias the linear is a matmul, whose backward makes the weight's first
+        gr.make(p + name + ".w", w_elems)
     r.alloc(gin, in_elems * sh.lo, B)  # grad_output @ W
-    gr.make(p + name + ".w", w_elems)  # grad_output^T @ input
+    if b_elems:
+        gr.make(p + name + ".w", w_elems)  # grad_output^T @ input
     if early:
         # a recomputed tensor dies when backward unpacks it, not when the node finishes
         r.free(p + name + ".wc", *frees[-1:])

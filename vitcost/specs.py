@@ -149,6 +149,8 @@ class ViTSpec(BaseModel):
     mlp: Mlp = Mlp.gelu
     mask_token: bool = False  # a mask-token parameter the forward does not use (HF DINOv2's use_mask_token)
     mae: Optional[MAE] = None  # masked-autoencoder pretraining instead of classification
+    frames: int = Field(default=1, gt=0, le=4096)  # a video's frames (VideoMAE)
+    tubelet: int = Field(default=1, gt=0, le=4096)  # frames per patch (VideoMAE's tubelet_size)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":
@@ -162,6 +164,15 @@ class ViTSpec(BaseModel):
             raise ValueError("a class-token head needs the class token: use --pool avg or --class-token")
         if self.pos_embed == PosEmbed.sincos and self.dim % 4:
             raise ValueError(f"sin-cos position embedding needs --dim divisible by 4, got {self.dim}")
+        if self.video:
+            if self.impl != Impl.hf:
+                raise ValueError("a video model (--frames, --tubelet) is modelled as Hugging Face's VideoMAE: use --impl hf")
+            if (self.class_token or self.dist_token or self.registers or self.layer_scale or self.mae
+                    or self.pos_embed != PosEmbed.sincos or self.pooling != Pooling.avg or self.mlp != Mlp.gelu):
+                raise ValueError("VideoMAE: no class token, a fixed sin-cos table, the tokens' mean (--pool avg), "
+                                 "a GELU MLP")
+            if self.frames < self.tubelet:
+                raise ValueError(f"--frames {self.frames} is fewer than one tubelet of {self.tubelet}")
         if self.mlp == Mlp.swiglu and not (self.impl == Impl.hf and self.layer_scale):
             raise ValueError("--mlp swiglu is modelled as Hugging Face's DINOv2 SwiGLU (--impl hf, LayerScale); "
                              "timm's SwiGLU variants are not modelled yet")
@@ -194,7 +205,12 @@ class ViTSpec(BaseModel):
 
     @property
     def patch_tokens(self) -> int:
-        return self.grid_h * self.grid_w
+        return self.grid_h * self.grid_w * (self.frames // self.tubelet)
+
+    @property
+    def video(self) -> bool:
+        """Frames in tubelets (VideoMAE), not one image."""
+        return self.frames > 1 or self.tubelet > 1
 
     @property
     def prefix_tokens(self) -> int:
