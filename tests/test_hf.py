@@ -36,6 +36,9 @@ FAMILIES = {
                      image_h=32, image_w=32),
     "mae": dict(impl="hf", classes=0, image_h=56, image_w=56,
                 mae=dict(mask_ratio=0.6, decoder_dim=32, decoder_depth=2, decoder_heads=2, decoder_mlp_hidden=128)),
+    "mae-norm-pix": dict(impl="hf", classes=0, image_h=56, image_w=56,
+                         mae=dict(mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                                  decoder_mlp_hidden=128, norm_pix_loss=True)),
 }
 
 
@@ -73,6 +76,8 @@ GRID = [
     ("mae", dict(depth=3), dict(batch=1, checkpointing="full")),
     ("mae", {}, dict(precision="bf16", batch=1, attention="eager")),
     ("mae", {}, dict(mode="infer", precision="amp-bf16", batch=4)),
+    ("mae-norm-pix", {}, dict(precision="bf16", batch=3)),
+    ("mae-norm-pix", {}, dict(precision="amp-bf16", attention="eager", batch=1)),
 ]
 
 

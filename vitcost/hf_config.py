@@ -106,9 +106,8 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         ratio = get.value("mask_ratio", (int, float))
         if isinstance(ratio, bool) or not 0 < ratio < 1:
             raise ConfigError(f"{where}: mask_ratio {ratio!r}: expected a number between 0 and 1")
-        if get.bool("norm_pix_loss", default=False):
-            raise ConfigError(f"{where}: norm_pix_loss true: the per-patch normalised target is not modelled yet")
-        arch["mae"] = {"mask_ratio": float(ratio), "decoder_dim": get.int("decoder_hidden_size", MAX_DIM),
+        arch["mae"] = {"norm_pix_loss": get.bool("norm_pix_loss", default=False), "mask_ratio": float(ratio),
+                       "decoder_dim": get.int("decoder_hidden_size", MAX_DIM),
                        "decoder_depth": get.int("decoder_num_hidden_layers", MAX_DEPTH),
                        "decoder_heads": get.int("decoder_num_attention_heads", MAX_DIM),
                        "decoder_mlp_hidden": get.int("decoder_intermediate_size", MAX_MLP_HIDDEN)}

@@ -105,8 +105,16 @@ def forward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, grad: bool, imag
     r.where = "forward: loss"
     xe = 4 if sh.amp else sh.res  # the images' dtype
     r.alloc("target", b * L * pixels * xe, F)  # patchify: a permuted copy of the images
-    if m.norm_pix_loss:
-        raise NotImplementedError("norm_pix_loss")  # refused before a replay (hf_config, api)
+    if m.norm_pix_loss:  # (target - mean) / (var + eps) ** 0.5, per patch: nothing of it needs a gradient
+        r.alloc("pix.mean", b * L * xe, F)
+        r.alloc("pix.var", b * L * xe, F)
+        r.alloc("pix.centred", b * L * pixels * xe, F)
+        r.alloc("pix.eps", b * L * xe, F)
+        r.alloc("pix.std", b * L * xe, F)
+        r.free("pix.eps")
+        r.alloc("target.norm", b * L * pixels * xe, F)
+        r.free("pix.centred", "pix.std", "target")
+        r.rename("target.norm", "target")
     diff_e = max(sh.lo, xe)  # logits - target: the larger of the two dtypes
     r.alloc("diff", b * L * pixels * diff_e, keep)  # ** 2 saves it
     r.alloc("sq", b * L * pixels * diff_e, F)
@@ -119,7 +127,7 @@ def forward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, grad: bool, imag
     r.free("masked")
     r.alloc("mask.sum", 4, keep)  # the division saves its divisor
     r.alloc("loss", 4, F)
-    r.free("loss.sum", "per_patch", "target")
+    r.free("loss.sum", "per_patch", "target", "pix.mean", "pix.var")
     r.free("pred", "ids_restore")  # the output goes once its loss (or logits) is read
     if sh.amp or not grad:
         r.free("norm")  # the encoder's output (``latent``) was held until the forward returned
