@@ -173,11 +173,21 @@ def test_every_suggested_example_resolves_and_builds(name):
     assert build_spec(name).name == name
 
 
-def test_dinov2_giant_is_rejected_not_guessed():
-    with pytest.raises(UnknownNameError, match=r"DINOv2's giant is not ViT-g.*--dim"):
-        resolve_model("vit_giant_patch14_dinov2")
-    with pytest.raises(UnknownNameError):
-        resolve_model("vit_giant_patch14_reg4_dinov2")
+def test_dinov2_giant_is_its_own_width_with_swiglu_and_needs_hugging_faces_code():
+    """DINOv2's giant is not ViT-g: 1536 wide, 40 blocks of 24 heads, a SwiGLU MLP 4096 wide
+    ((int(1536 * 4 * 2 / 3) + 7) // 8 * 8). Only Hugging Face's SwiGLU is modelled: under timm
+    (SwiGLUPacked) the name is refused, not guessed."""
+    giant = resolve_model("vit_giant_patch14_reg4_dinov2")
+    assert (giant.dim, giant.depth, giant.heads, giant.mlp_hidden, giant.mlp) == (1536, 40, 24, 4096, "swiglu")
+    with pytest.raises(ConfigError, match="--impl hf"):
+        build_spec("vit_giant_patch14_dinov2")
+    spec = build_spec("vit_giant_patch14_dinov2", overrides={"impl": "hf"})
+    assert spec.mlp.value == "swiglu" and spec.layer_scale
+
+
+def test_eva_names_say_what_is_missing():
+    with pytest.raises(UnknownNameError, match="rotary"):
+        resolve_model("eva02_base_patch14_224")
 
 
 # --- unknown names -----------------------------------------------------------------------------

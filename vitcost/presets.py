@@ -140,6 +140,7 @@ class ModelDefaults:
     pos_embed_prefix: Optional[bool] = None
     classes: Optional[int] = None
     layer_scale: Optional[bool] = None
+    mlp: Optional[str] = None
 
     def spec_fields(self) -> dict[str, Any]:
         """The non-None fields, keyed by :class:`~vitcost.specs.ViTSpec` field names."""
@@ -170,6 +171,9 @@ def resolve_model(name: str) -> ModelDefaults:
     timm = _resolve_timm(text)
     if timm is not None:
         return timm
+    if text.lower().startswith("eva"):
+        raise UnknownNameError(f"unknown model {name!r}: EVA and EVA-02 (rotary position embedding, SwiGLU, "
+                               "their own attention) are not modelled yet")
     raise UnknownNameError(f"unknown model {name!r}{_suggestion(text)} ({_HINT})")
 
 
@@ -244,11 +248,7 @@ def _resolve_timm(text: str) -> Optional[ModelDefaults]:
         return None
     dinov2 = match["dinov2"] is not None
     deit3 = match["family"] == "deit3"
-    if dinov2 and match["size"] == "giant":
-        raise UnknownNameError(
-            f"unknown model {text!r}: DINOv2's giant is not ViT-g (it is wider, with a SwiGLU "
-            "MLP) and has no preset; describe it with --dim, --depth, --heads and --mlp-hidden"
-        )
+    giant = dinov2 and match["size"] == "giant"  # not ViT-g: wider, with a SwiGLU MLP
     for what, value, known in (("image", match["image"], TIMM_IMAGE_SIZES), ("patch", match["patch"], TIMM_PATCH_SIZES)):
         if value and int(value) not in known:
             raise UnknownNameError(
@@ -256,6 +256,8 @@ def _resolve_timm(text: str) -> Optional[ModelDefaults]:
                 f" ({', '.join(map(str, known))}){_suggestion(text)} (for another size, name the model "
                 f"at a published one and pass --{what} {value})")
     dim, depth, heads, mlp_hidden = _PRESETS[_SIZE_WORDS[match["size"]]]
+    if giant:  # 1536 wide, 40 blocks of 24 heads; SwiGLU at two thirds of 4 x 1536, rounded to 8
+        dim, depth, heads, mlp_hidden = 1536, 40, 24, 4096
     registers = int(match["registers"] or 0)
     if match["image"]:
         image = int(match["image"])
@@ -276,6 +278,7 @@ def _resolve_timm(text: str) -> Optional[ModelDefaults]:
         pos_embed_prefix=registers == 0 and not deit3,
         classes=0 if dinov2 else None,
         layer_scale=True if dinov2 or deit3 else None,  # init_values: LayerScale on both branches
+        mlp="swiglu" if giant else None,
     )
 
 
