@@ -174,8 +174,9 @@ INTRO = [
 
 
 def write_markdown(path: Path, results, seconds: float, torch_version: str, threads: int,
-                   intro: list[str] = INTRO, tolerance: float = TOLERANCE) -> None:
-    """The report; ``intro``: its title and first paragraph (what was run, and how)."""
+                   intro: list[str] = INTRO, tolerance: float = TOLERANCE, outro: list[str] = ()) -> None:
+    """The report; ``intro``: its title and first paragraph (what was run, and how);
+    ``outro``: what explains the figures that differ."""
     def row_error(cal):
         w = cal.worst
         return float("inf") if w is None or w.error is None else abs(w.error)
@@ -258,7 +259,7 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
                     mark = "" if f.within(tolerance) else " **off**"
                     lines.append(f"| {i} | {what} | {f.name} | {f.predicted:,} | {f.measured:,} | "
                                  f"{f.difference:+,} | {pct(f.error)}{mark} |")
-    lines += [
+    lines += [*outro,
         "",
         "The CPU allocator does not round, so the same configuration gives the same bytes on every",
         "run: an error of a single byte would mean a wrong rule, not noise. CUDA figures (512-byte",
