@@ -110,13 +110,13 @@ INTRO = [
 # peak, the row is explained here rather than fitted.
 EXPLAINED = {
     ("vit-s", 112, 2, "train", "fp32", "eager", "full"): (
-        "VideoMAE-S, 16 frames at 112 px (392 tokens, 6 heads), fp32 eager: MemTracker's backward "
-        "hooks on `VideoMAESelfAttention` hold the gradient of its output (one B x N x D tensor, "
-        "1,204,224 bytes) until the module's backward is done, so its peak lands in softmax's "
-        "backward, 846,208 bytes above the replay's. The same step observed only at the dispatch "
-        "level (every allocation and free, no module hooks) peaks at the replay's figure to the "
-        "byte: 71,304,812 bytes at depth 1, measured with and without MemTracker around it. The "
-        "peak error (-0.22%) is the hooks'; the categories moved with the peak."),
+        "VideoMAE-S, 16 frames at 112 px (392 tokens, 6 heads), fp32 eager: observing the step "
+        "changes it. A dispatch-level tracer (every allocation and free, no module hooks) sees the "
+        "step peak at the replay's figure, 71,304,812 bytes at depth 1; the same tracer with "
+        "MemTracker's module hooks also around the step sees one more B x N x D tensor (1,204,224 "
+        "bytes) alive in softmax's backward, and a peak of 72,151,020 there, as MemTracker reports. "
+        "The peak error (-0.22%) is the observer's (most likely its backward hooks holding a "
+        "gradient at `VideoMAESelfAttention`'s boundary); the categories moved with the peak."),
 }
 
 
