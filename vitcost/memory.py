@@ -310,6 +310,12 @@ def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recom
     return False
 
 
+def _head_casts(spec: ViTSpec, sh: Shapes) -> bool:
+    """Under autocast the head casts its input: fp32 unless the stream is low precision and
+    the norm before the head keeps it so (VideoMAE under CPU autocast)."""
+    return sh.casts or (spec.video and videomae.upcasts(sh))
+
+
 def _fc_norm(spec: ViTSpec) -> bool:
     """timm's average pooling normalises the pooled vector, not the tokens."""
     return spec.classes > 0 and spec.pooling == Pooling.avg
@@ -330,12 +336,14 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     if fc_norm:
         # timm's average pooling: no norm on the tokens; their mean, then the norm on it
         # (fc_norm, which saves its input); the features live until the forward returns
-        if not grad:
+        up = spec.video and videomae.upcasts(sh)  # (VideoMAE's norm on a bf16 stream under CUDA autocast)
+        if not grad or up:
             r.free("b0.in", "emb")
         pooled_elems = sh.b * sh.d
-        r.alloc("mean", pooled_elems * sh.res, keep)
-        layernorm_forward(r, sh, "norm", S if (grad and not sh.casts) else F, keep, grad, rows=sh.b)
-        if not grad:
+        r.alloc("mean", pooled_elems * sh.res, F if up else keep)
+        layernorm_forward(r, sh, "norm", S if (grad and not (sh.casts or up)) else F, keep, grad, rows=sh.b,
+                          upcast=up)
+        if not grad or up:
             r.free("mean")
     else:
         r.alloc("norm.out", sh.tok, S if head_saves_norm else F)
@@ -356,7 +364,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         heads = ["head"] + (["head_dist"] if spec.dist_token else [])
         for head in heads:
             linear_forward(r, sh, "", head, sh.classes * sh.d * _head_width(spec), sh.classes,
-                            pooled_elems if sh.casts else 0, sh.b * sh.classes, F, grad)
+                            pooled_elems if _head_casts(spec, sh) else 0, sh.b * sh.classes, F, grad)
         logits = sh.b * sh.classes * sh.lo
         if spec.dist_token:
             # Hugging Face's output holds both heads' logits until the forward returns
@@ -369,7 +377,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
             r.rename("logits_avg", "head")
     if not head_saves_norm:
         r.free("norm.out")  # forward returns: only what backward saved survives
-        if sh.casts or not grad:
+        if _head_casts(spec, sh) or not grad:
             r.free("pooled")
     if fc_norm:
         r.free("norm.in")
@@ -477,9 +485,10 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
     pooled = sh.b * sh.d * width
     if _fc_norm(spec):
         gin = linear_backward(r, gr, sh, "", "head", sh.b * sh.classes, pooled, sh.classes * sh.d, sh.classes,
-                              sh.amp, sh.casts, ("g.logits", "pooled"), free_first=("g.logits",))
+                              sh.amp, _head_casts(spec, sh), ("g.logits", "pooled"), free_first=("g.logits",))
         r.where = "backward: norm"
-        layernorm_backward(r, gr, sh, "", "norm", gin, "mean", rows=sh.b)
+        layernorm_backward(r, gr, sh, "", "norm", gin, "mean", rows=sh.b,
+                           upcast=spec.video and videomae.upcasts(sh))
         gr.accumulate("norm.w", "norm.b")
         # the mean's backward: the gradient spread over the patch tokens (B, P, D); put into
         # a zero (B, N, D) tensor when prefix tokens were sliced off
@@ -620,14 +629,14 @@ def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False) -> t
 
 _COMPONENT_OF = {
     "b0.in": "patch_embed",
-    **{k: "blocks/norm1" for k in ("ln1", "ln1.mean", "ln1.rstd", "qkv.ic", "q.ic", "k.ic", "v.ic")},
+    **{k: "blocks/norm1" for k in ("ln1", "ln1.in32", "ln1.mean", "ln1.rstd", "qkv.ic", "q.ic", "k.ic", "v.ic")},
     **{k: "blocks/attn/qkv" for k in ("qkv", "q", "k", "v", "qs", "qs.c", "kT.c", "v.c")},
     **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
-    **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.mean", "ln2.rstd", "fc1.ic", "gate.ic", "up.ic")},
+    **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.in32", "ln2.mean", "ln2.rstd", "fc1.ic", "gate.ic", "up.ic")},
     **{k: "blocks/mlp" for k in ("fc1", "gelu", "gate", "act", "up")},
     **{k: "blocks/layer_scale" for k in ("proj", "fc2")},  # branch outputs LayerScale saves
     "in": "blocks/residual",
-    **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "pooled", "mean",
+    **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "norm.in32", "pooled", "mean",
                                   "logp", "total_weight", "head.ic", "head_dist.ic")},
     "patches.ic": "patch_embed",
 }
@@ -733,7 +742,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     ck = train and wl.checkpointing == Checkpointing.full
     # timm's ``self.blocks(x)`` (an nn.Sequential) and Hugging Face's encoder
     # (``embedding_output``) hold their input until the last block returns
-    keeps_embedding = not train
+    keeps_embedding = not train or (spec.video and videomae.upcasts(sh))
     if r.FULL:
         for i in range(depth):
             _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train and not ck,

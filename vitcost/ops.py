@@ -177,14 +177,19 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
 
 
 def layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool,
-                      rows=None) -> None:
+                      rows=None, upcast: bool = False) -> None:
     """A LayerNorm's output and its (B, N) mean and rstd, which only backward keeps;
-    ``rows``: over so many rows of D instead of B N (a pooled (B, D) vector)."""
-    r.alloc(name, sh.tok if rows is None else rows * sh.d * sh.res, out_cat)
+    ``rows``: over so many rows of D instead of B N (a pooled (B, D) vector). ``upcast``: CUDA
+    autocast runs LayerNorm in fp32 on a low-precision input: it copies the input up first
+    (the copy is what backward keeps), and the output is fp32."""
+    elems = (sh.b * sh.n if rows is None else rows) * sh.d
+    if upcast:
+        r.alloc(name + ".in32", elems * 4, stats_cat)
+    r.alloc(name, elems * (4 if upcast else sh.res), out_cat)
     r.alloc(name + ".mean", sh.stats if rows is None else rows * sh.stat, stats_cat)
     r.alloc(name + ".rstd", sh.stats if rows is None else rows * sh.stat, stats_cat)
     if not grad:
-        r.free(name + ".mean", name + ".rstd")
+        r.free(name + ".mean", name + ".rstd", name + ".in32")
 
 
 def layer_scale_forward(r: Replay, sh: Shapes, p: str, name: str, branch: str, grad: bool) -> None:
@@ -291,13 +296,20 @@ def linear_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, out_ele
 
 
 def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in: str, x: str,
-                       rows=None) -> None:
+                       rows=None, upcast: bool = False) -> None:
     """LayerNorm backward: the input gradient and the two parameter gradients; then the
-    gradient it was given, its saved input and its statistics go (``rows``: as forward)."""
-    r.alloc(f"{p}g.{name}in", sh.tok if rows is None else rows * sh.d * sh.res, B)
+    gradient it was given, its saved input and its statistics go (``rows``, ``upcast``: as
+    forward; an upcast LayerNorm's input gradient is then cast back down)."""
+    elems = (sh.b * sh.n if rows is None else rows) * sh.d
+    gin = f"{p}g.{name}in"
+    r.alloc(gin, elems * (4 if upcast else sh.res), B)
     gr.make_param(f"{p}{name}.w", sh.d)
     gr.make_param(f"{p}{name}.b", sh.d)
-    r.free(g_in, x, f"{p}{name}.mean", f"{p}{name}.rstd")
+    r.free(g_in, f"{p}{name}.in32" if upcast else x, f"{p}{name}.mean", f"{p}{name}.rstd")
+    if upcast:
+        r.alloc(gin + ".c", elems * sh.res, B)
+        r.free(gin)
+        r.rename(gin + ".c", gin)
 
 
 def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel,

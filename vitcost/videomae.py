@@ -50,6 +50,12 @@ def prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_ele
     r.free("table.copy", "patches")
 
 
+def upcasts(sh: Shapes) -> bool:
+    """CUDA autocast runs LayerNorm in fp32 on VideoMAE's bf16 stream (CPU autocast does not):
+    each norm copies its input up, keeps the copy, and gives the linears an fp32 output to cast."""
+    return sh.amp and sh.cuda
+
+
 def block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
                   checkpointed: bool = False, recompute: bool = False, label: int | None = None,
                   keep_input: bool = False) -> None:
@@ -59,12 +65,14 @@ def block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Wo
     phase = f"backward: blocks.{label if label is not None else i} (recompute)" if recompute else f"forward: blocks.{i}"
     r.where = phase + ".attn"
     sdpa = wl.attention == AttentionKernel.sdpa
-    ln_cat = F if (sh.casts or not grad) else S
-    layernorm_forward(r, sh, p + "ln1", ln_cat, keep, grad)
+    up = upcasts(sh)
+    cast = sh.casts or up  # the linears after a norm cast its output down
+    ln_cat = F if (cast or not grad) else S
+    layernorm_forward(r, sh, p + "ln1", ln_cat, keep, grad, upcast=up)
     out_cat = S if (grad and (sdpa or sh.eager_views)) else F
     for name in ORDER:
         bias = d if (name != "k" and spec.qkv_bias) else 0
-        linear_forward(r, sh, p, name, d * d, bias, bn * d if sh.casts else 0, bn * d, out_cat, grad)
+        linear_forward(r, sh, p, name, d * d, bias, bn * d if cast else 0, bn * d, out_cat, grad)
     attention_core_forward(r, sh, p, AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale, grad)
     if not grad or not (sdpa or sh.eager_views):
         r.free(*(p + n for n in ORDER))  # the self-attention returns
@@ -73,33 +81,36 @@ def block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Wo
         r.free(p + "attn", p + "probs", p + "probs.32")  # the attention module returns
     # attention_output + hidden_states; the layer holds both (recomputed, the layer's own add is
     # a backward temporary to MemTracker: checkpointing wraps the layer's forward, not its call)
-    r.alloc(p + "x1", sh.tok, B if recompute else keep)
+    # (upcast, the norms keep fp32 copies, so nothing keeps the stream's own tensors)
+    r.alloc(p + "x1", sh.tok, B if recompute else F if up else keep)
     r.where = phase + ".mlp"
-    layernorm_forward(r, sh, p + "ln2", ln_cat, keep, grad)
-    linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.casts else 0, bn * f, keep, grad)
+    layernorm_forward(r, sh, p + "ln2", ln_cat, keep, grad, upcast=up)
+    linear_forward(r, sh, p, "fc1", f * d, f, bn * d if cast else 0, bn * f, keep, grad)
     r.alloc(p + "gelu", sh.hid, keep)
     if recompute:
         if sh.amp:  # fc2 saves a weight copy too: the recompute goes on until it exists
             r.alloc(p + "fc2.bc", d * sh.lo, WC)
             r.alloc(p + "fc2.wc", d * f * sh.lo, WC)
             r.free_matching(".bc")
-        r.free(p + "proj")
-        if sh.casts:
+        r.free(p + "proj", *([p + "x1"] if up else []))
+        if cast:
             r.free(p + "ln1", p + "ln2")
         return
     if not grad:
         r.free(p + "fc1", p + "ln2")  # the intermediate returns: its input is rebound
-    elif sh.casts:
+    elif cast:
         r.free(p + "ln2")
     linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, F, grad)
-    r.alloc(nxt, sh.tok, S if checkpointed else keep)
+    r.alloc(nxt, sh.tok, S if checkpointed else F if up else keep)
     r.free(p + "fc2", p + "proj")  # the layer returns: what it held goes
-    if sh.casts or not grad:
+    if up:
+        r.free(p + "x1")
+    if cast or not grad:
         r.free(p + "ln1")
     if not grad:
         r.free(p + "gelu", p + "x1")
-        if not checkpointed and not keep_input:
-            r.free(p + "in")
+    if (up or not grad) and not checkpointed and not keep_input:
+        r.free(p + "in")  # the caller rebinds it (nothing saved it)
 
 
 def block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpec, wl: Workload, gr: Grads,
@@ -108,6 +119,7 @@ def block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpe
     label = i if label is None else label
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     casts = sh.casts
+    up = upcasts(sh)
     ck = wl.checkpointing == Checkpointing.full
     if ck:
         if casts:
@@ -117,9 +129,9 @@ def block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpe
     gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, casts, False, (p + "gelu",), early=ck)
     r.alloc(p + "g.gelu", sh.hid, B)
     r.free(gfc2, p + "fc1")
-    gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, casts,
+    gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, casts or up,
                            (p + "g.gelu", p + "ln2"), early=ck)
-    layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1")
+    layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1", upcast=up)
     r.alloc(p + "g.x1", sh.tok, B)
     r.free(p + "g.ln2in", g)
     gr.accumulate(p + "ln2.w", p + "ln2.b")
@@ -140,9 +152,9 @@ def block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpe
             g_name = p + "g." + name + ".c"
         last = k == 2
         bias = d if (name != "k" and spec.qkv_bias) else 0
-        total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, bias, False, casts,
+        total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, bias, False, casts or up,
                                 (g_name, p + "ln1") if last else (g_name,), early=ck and last, into=total)
-    layernorm_backward(r, gr, sh, p, "ln1", total, p + "in")
+    layernorm_backward(r, gr, sh, p, "ln1", total, p + "in", upcast=up)
     r.alloc(out, sh.tok, B)
     r.free(p + "g.ln1in", p + "g.x1")
     gr.accumulate(p + "ln1.w", p + "ln1.b")
