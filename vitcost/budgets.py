@@ -131,6 +131,7 @@ class BudgetEntry(BaseModel):
     layer_scale: Optional[StrictBool] = None
     impl: Optional[Impl] = None
     mlp: Optional[Mlp] = None
+    drop_path: Optional[StrictBool] = None
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("image", mode="before")
@@ -580,7 +581,7 @@ def _parse_json(path: Path, what: str) -> Any:
 _MATCH_KEYS = ("model", "image", "image_h", "image_w", "patch", "batch", "mode", "precision", "attention",
                "optimizer", "keep_grads", "checkpointing", "device", "dim", "depth", "heads", "mlp_hidden",
                "channels", "class_token", "dist_token", "registers", "pos_embed", "pos_embed_prefix", "pooling",
-               "classes", "qkv_bias", "layer_scale", "impl", "mlp")
+               "classes", "qkv_bias", "layer_scale", "impl", "mlp", "drop_path")
 # calibrate's row statuses: a step that ran has figures; these did not
 OUT_OF_MEMORY = "out of memory"
 _RAN = ("ok", "off")

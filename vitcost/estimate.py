@@ -155,6 +155,7 @@ class Report:
                 "layer_scale": s.layer_scale,
                 "impl": s.impl.value,
                 "mlp": s.mlp.value,
+                "drop_path": s.drop_path,
                 "frames": s.frames,
                 "tubelet": s.tubelet,
                 "mae": s.mae.model_dump() if s.mae else None,

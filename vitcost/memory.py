@@ -196,27 +196,59 @@ def _block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: W
     r.where = phase + ".attn"
     _ATTENTION[spec.impl][0](r, p, sh, spec, wl, grad)
     keep = S if grad else F
+    dp = _drops_path(spec, wl, i)
     if spec.layer_scale:
         layer_scale_forward(r, sh, p, "ls1", "proj", grad)
-        r.alloc(p + "x1", sh.tok, _x1_cat(spec, keep, recompute))
-        r.free(p + "ls1")
-    else:
-        r.alloc(p + "x1", sh.tok, _x1_cat(spec, keep, recompute))
-        r.free(p + "proj")
+    branch = _drop_path_forward(r, sh, p, "ls1" if spec.layer_scale else "proj", "dp1", spec, grad) if dp else \
+        ("ls1" if spec.layer_scale else "proj")
+    r.alloc(p + "x1", sh.tok, _x1_cat(spec, keep, recompute))
+    r.free(p + branch)
     r.where = phase + ".mlp"
     if _mlp_forward(r, p, sh, spec, grad, recompute):
         return
     if spec.layer_scale:
         layer_scale_forward(r, sh, p, "ls2", "fc2", grad)
-        r.alloc(nxt, sh.tok, S if checkpointed else keep)
-        r.free(p + "ls2")
-    else:
-        r.alloc(nxt, sh.tok, S if checkpointed else keep)
-        r.free(p + "fc2")
+    branch = _drop_path_forward(r, sh, p, "ls2" if spec.layer_scale else "fc2", "dp2", spec, grad) if dp else \
+        ("ls2" if spec.layer_scale else "fc2")
+    r.alloc(nxt, sh.tok, S if checkpointed else keep)
+    r.free(p + branch)
     if not grad:
         r.free(p + "x1", p + "probs", p + "probs.32")  # (what a Hugging Face layer holds until it returns)
         if not checkpointed and not keep_input:
             r.free(p + "in")
+
+
+def _drops_path(spec: ViTSpec, wl: Workload, i: int) -> bool:
+    """timm's stochastic depth acts in training, on every block but the first (its rate rises
+    linearly from 0 there)."""
+    return spec.drop_path and wl.training and i > 0
+
+
+def _drop_path_forward(r: Replay, sh: Shapes, p: str, branch: str, name: str, spec: ViTSpec, grad: bool) -> str:
+    """``branch * mask``: a per-sample (B, 1, 1) mask in the branch's dtype, which the product
+    saves, and the product; the branch itself goes (nothing else saved it). Returns the name
+    of the product, which the residual add reads."""
+    e = sh.res if branch.startswith("ls") else sh.lo  # LayerScale's output is in the promoted dtype
+    r.alloc(p + name + ".mask", sh.b * e, S if grad else F)
+    r.alloc(p + name, sh.b * sh.n * sh.d * e, F)
+    r.free(p + branch)
+    if not grad:
+        r.free(p + name + ".mask")
+    return name
+
+
+def _drop_path_backward(r: Replay, sh: Shapes, p: str, g: str, name: str, branch: str) -> str:
+    """The product's backward: ``g * mask`` in the promoted dtype, cast to the branch's dtype
+    (named as the layer below expects its incoming gradient); the mask goes."""
+    r.alloc(p + "g." + name, sh.tok, B)
+    target = p + branch + ".gc"
+    if not branch.startswith("ls") and sh.lo != sh.res:
+        r.alloc(target, sh.tok_lo, B)
+        r.free(p + "g." + name)
+    else:
+        r.rename(p + "g." + name, target)
+    r.free(p + name + ".mask")
+    return target
 
 
 def _x1_cat(spec: ViTSpec, keep: int, recompute: bool) -> int:
@@ -423,7 +455,12 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
         _block_forward(r, i, "", sh, spec, wl, True, recompute=True, label=label)
     r.where = f"backward: blocks.{label}.mlp"
     if spec.layer_scale:
+        if _drops_path(spec, wl, i):
+            _drop_path_backward(r, sh, p, g, "dp2", "ls2")
         layer_scale_backward(r, gr, sh, p, "ls2", "fc2")
+        r.free(p + "ls2.gc")
+    elif _drops_path(spec, wl, i):
+        _drop_path_backward(r, sh, p, g, "dp2", "fc2")
     gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",), early=ck)
     if spec.mlp == Mlp.swiglu:
         gfc1 = _swiglu_backward(r, gr, p, sh, ck)
@@ -438,7 +475,12 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     gr.accumulate(p + "ln2.w", p + "ln2.b")
     r.where = f"backward: blocks.{label}.attn"
     if spec.layer_scale:
+        if _drops_path(spec, wl, i):
+            _drop_path_backward(r, sh, p, p + "g.x1", "dp1", "ls1")
         layer_scale_backward(r, gr, sh, p, "ls1", "proj")
+        r.free(p + "ls1.gc")
+    elif _drops_path(spec, wl, i):
+        _drop_path_backward(r, sh, p, p + "g.x1", "dp1", "proj")
     gln1 = _ATTENTION[spec.impl][1](r, gr, p, sh, spec, wl)
     layernorm_backward(r, gr, sh, p, "ln1", gln1, p + "in")
     r.alloc(out, sh.tok, B)
@@ -743,7 +785,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     # timm's ``self.blocks(x)`` (an nn.Sequential) and Hugging Face's encoder
     # (``embedding_output``) hold their input until the last block returns
     keeps_embedding = not train or (spec.video and videomae.upcasts(sh))
-    if r.FULL:
+    full = r.FULL or spec.drop_path  # (the first block has no drop path: the blocks differ, none is lumped)
+    if full:
         for i in range(depth):
             _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train and not ck,
                            checkpointed=ck, keep_input=keeps_embedding and i == 0)
@@ -764,11 +807,11 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     _epilogue_forward(r, spec, sh, train, checkpointed=ck)
     saved = r.cat[S]
     copies = r.cat[WC]
-    components = _saved_by_component(r, depth, spec.layer_scale) if train and not r.FULL else {}
+    components = _saved_by_component(r, depth, spec.layer_scale) if train and not full else {}
     if train and spec.classes:
         gr = Grads(r, sh, wl.keep_grads)
         g = _epilogue_backward(r, spec, sh, gr)
-        if r.FULL:
+        if full:
             for i in reversed(range(depth)):
                 _block_backward(r, i, g, f"g.b{i}.in", sh, spec, wl, gr)
                 g = f"g.b{i}.in"

@@ -401,8 +401,8 @@ def config_key(spec: ViTSpec, wl: Workload) -> tuple:
 def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> Optional[tuple[Program, tuple[int, ...]]]:
     """The structure's program and the sizes but the batch, per configuration without its
     batch; None while the structure is still replayed (see ``COMPILE_AFTER``)."""
-    if spec.mae is not None:
-        return None  # two stacks of blocks: replayed in full, never compiled (vitcost.mae)
+    if spec.mae is not None or spec.drop_path:
+        return None  # blocks that differ (MAE's two stacks; drop path but on the first): replayed in full
     key = config_key(spec, wl) + (one,)
     prepared = _PREPARED.get(key)
     if prepared is not None:

@@ -82,20 +82,42 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+DROP_PATH_RATE = 0.1  # the rate --drop-path builds the reference with (memory does not depend on it)
+
+
+class DropPath(nn.Module):
+    """timm's stochastic depth: in training, each sample's branch is kept with probability
+    ``1 - rate`` (and scaled up), or dropped."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask.div_(keep)
+        return x * mask
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool, kernel: str,
-                 layer_scale: bool = False) -> None:
+                 layer_scale: bool = False, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, qkv_bias, kernel)
         self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, hidden)
         self.ls2 = LayerScale(dim) if layer_scale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        x = x + self.ls2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
 
@@ -136,9 +158,12 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
         else:
             self.pos_embed = None
+        # timm's stochastic depth schedule: rates rising linearly from 0 at the first block
+        top = DROP_PATH_RATE if spec.drop_path else 0.0
+        rates = [top * k / (spec.depth - 1) if spec.depth > 1 else 0.0 for k in range(spec.depth)]
         self.blocks = nn.Sequential(*(
-            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale)
-            for _ in range(spec.depth)
+            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale, rate)
+            for rate in rates
         ))
         # timm: with average pooling the final norm runs on the pooled vector (fc_norm), not
         # on every token

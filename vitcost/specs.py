@@ -149,6 +149,7 @@ class ViTSpec(BaseModel):
     mlp: Mlp = Mlp.gelu
     mask_token: bool = False  # a mask-token parameter the forward does not use (HF DINOv2's use_mask_token)
     mae: Optional[MAE] = None  # masked-autoencoder pretraining instead of classification
+    drop_path: bool = False  # stochastic depth in training (timm: rates rising from 0 at block 0)
     frames: int = Field(default=1, gt=0, le=4096)  # a video's frames (VideoMAE)
     tubelet: int = Field(default=1, gt=0, le=4096)  # frames per patch (VideoMAE's tubelet_size)
 
@@ -173,6 +174,8 @@ class ViTSpec(BaseModel):
                                  "a GELU MLP")
             if self.frames < self.tubelet:
                 raise ValueError(f"--frames {self.frames} is fewer than one tubelet of {self.tubelet}")
+        if self.drop_path and (self.impl != Impl.timm or self.mae):
+            raise ValueError("--drop-path is modelled as timm's stochastic depth (--impl timm)")
         if self.mlp == Mlp.swiglu and not (self.impl == Impl.hf and self.layer_scale):
             raise ValueError("--mlp swiglu is modelled as Hugging Face's DINOv2 SwiGLU (--impl hf, LayerScale); "
                              "timm's SwiGLU variants are not modelled yet")
