@@ -2,8 +2,10 @@
 
 One prepared GPU check. For a fixed grid of reference-ViT configurations (ViT-S/B/L presets,
 224 and 384 px, patch 16, eager and sdpa attention, training and inference, amp-bf16 and
-amp-fp16, AdamW: 48 configurations) each configuration is a fresh model on the GPU, and the
-script measures:
+amp-fp16, AdamW: 48 configurations; then three rows, amp-bf16 at 224 px, of each of three
+Hugging Face models, ViT-B, DINOv2-B with registers and VideoMAE-S, whose CUDA rules are
+derived, VideoMAE's fp32 LayerNorm on a bf16 stream among them: ``--hf`` picks them) each
+configuration is a fresh model on the GPU, and the script measures:
 
 * the reserved peak vitcost predicts (``memory_bytes.peak_reserved``): the caching allocator's
   ``max_memory_reserved`` over exactly three steps from a fresh start (peak stats reset, model
@@ -74,6 +76,16 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 # --- the grid ----------------------------------------------------------------------------------
 
 BATCH_BY_MODEL = {"vit-s": 32, "vit-b": 32, "vit-l": 16}  # largest predicted peak: ViT-L/16 384 eager, ~24 GiB
+# Hugging Face's models (--impl hf), each at 224 px in three rows (sdpa and eager training, sdpa
+# inference, amp-bf16): the CUDA rules of their code, derived and never measured, among them
+# VideoMAE's fp32 LayerNorm on a bf16 stream.
+HF_MODELS = {
+    "hf-vit-b": ("vit-b", {"impl": "hf"}, 32, 16),
+    "hf-dinov2-b-reg4": ("vit_base_patch14_reg4_dinov2", {"impl": "hf", "classes": 1000}, 32, 14),
+    "hf-videomae-s": ("vit-s", {"impl": "hf", "classes": 400, "frames": 16, "tubelet": 2, "class_token": False,
+                                "pos_embed": "sincos", "pooling": "avg"}, 8, 16),
+}  # name -> (vitcost model, its options, batch, patch)
+HF_ROWS = (("sdpa", "train"), ("eager", "train"), ("sdpa", "infer"))
 IMAGES = (224, 384)
 PATCH = 16
 ATTENTIONS = ("eager", "sdpa")
@@ -146,10 +158,21 @@ def _csv(text: str) -> list[str]:
 
 
 def grid(models=tuple(BATCH_BY_MODEL), images=IMAGES, attentions=ATTENTIONS, modes=MODES,
-         precisions=PRECISIONS, batch: Optional[int] = None) -> list[Config]:
-    """Every configuration, (model, image) outermost so one CPU source model serves eight."""
-    return [Config(m, int(i), a, mode, p, batch or BATCH_BY_MODEL.get(m, 32))
+         precisions=PRECISIONS, batch: Optional[int] = None, hf=tuple(HF_MODELS)) -> list[Config]:
+    """Every configuration, (model, image) outermost so one CPU source model serves eight;
+    then the Hugging Face rows."""
+    rows = [Config(m, int(i), a, mode, p, batch or BATCH_BY_MODEL.get(m, 32))
             for m, i, a, mode, p in product(models, images, attentions, modes, precisions)]
+    return rows + [Config(name, 224, a, mode, "amp-bf16", batch or HF_MODELS[name][2], patch=HF_MODELS[name][3])
+                   for name in hf for a, mode in HF_ROWS]
+
+
+def model_options(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """vitcost's model name and options for a row (a Hugging Face row's come from HF_MODELS)."""
+    if cfg.model in HF_MODELS:
+        name, options, _, _ = HF_MODELS[cfg.model]
+        return name, dict(options)
+    return cfg.model, {}
 
 
 def error(predicted: Optional[float], measured: Optional[float]) -> Optional[float]:
@@ -168,9 +191,11 @@ def allocator_kind() -> str:
 def predict(cfg: Config, gpu: str, allocator: str):
     import vitcost
 
-    return vitcost.plan(cfg.model, image=cfg.image, patch=cfg.patch, batch=cfg.batch, mode=cfg.mode,
+    name, options = model_options(cfg)
+    patch = None if cfg.model in HF_MODELS else cfg.patch  # (a Hugging Face row's name fixes its patch)
+    return vitcost.plan(name, image=cfg.image, patch=patch, batch=cfg.batch, mode=cfg.mode,
                         precision=cfg.precision, attention=cfg.attention, optimizer=cfg.optimizer,
-                        gpu=gpu, device="cuda", allocator=allocator)
+                        gpu=gpu, device="cuda", allocator=allocator, **options)
 
 
 def predicted_row(cfg: Config, report) -> Row:
@@ -228,12 +253,11 @@ class CudaCheck:
         import torch
 
         from vitcost import measure
-        from vitcost.reference_vit import build
 
         self.device = device
         self.torch = torch
         self.measure = measure
-        self.build = build
+        self.build = measure.build_model  # the reference, or the Hugging Face class a spec names
         self.sources: dict[tuple[str, int], Any] = {}  # (model, image) -> CPU model with the weights
         self.info: dict[str, Any] = {}
 
@@ -569,6 +593,8 @@ def parse_args(argv=None):
     p.add_argument("--modes", type=_csv, default=list(MODES))
     p.add_argument("--precisions", type=_csv, default=list(PRECISIONS))
     p.add_argument("--batch", type=int, default=None, help="every configuration at this batch (a smoke test)")
+    p.add_argument("--hf", type=_csv, default=list(HF_MODELS),
+                   help=f"Hugging Face rows ({', '.join(HF_MODELS)}; '' for none)")
     args = p.parse_args(argv)
     bad = [x for x in args.precisions if x not in _AUTOCAST_DTYPE]
     if bad:
@@ -599,7 +625,10 @@ def main(argv=None) -> int:
 
     from vitcost.errors import VitcostError
 
-    configs = grid(args.models, args.images, args.attentions, args.modes, args.precisions, args.batch)
+    unknown = [m for m in args.hf if m not in HF_MODELS]
+    if unknown:
+        fail(f"--hf: no Hugging Face row named {', '.join(unknown)} ({', '.join(HF_MODELS)})")
+    configs = grid(args.models, args.images, args.attentions, args.modes, args.precisions, args.batch, args.hf)
     allocator = allocator_kind()
     reports, rows = [], []
     try:

@@ -61,7 +61,10 @@ def test_dry_run_lists_every_configuration(dry_run):
         # measured columns and errors: "-" in a dry run; the status says so
         assert [cells[i] for i in (3, 4, 6, 7, 8, 9, 10, 12)] == ["-"] * 8
         assert cells[-1] == "dry run"
-    assert [r["label"] for r in data["rows"]] == [label(*c) for c in GRID]
+    assert [r["label"] for r in data["rows"]][:48] == [label(*c) for c in GRID]
+    # then three rows of each Hugging Face model (their CUDA rules, derived, wait for a GPU)
+    hf = [r["label"] for r in data["rows"]][48:]
+    assert len(hf) == 9 and {h.split()[0] for h in hf} == {"hf-vit-b", "hf-dinov2-b-reg4", "hf-videomae-s"}
     assert data["meta"]["dry_run"] is True
     assert all(r["measured"] is None and r["status"] == "dry run" for r in data["rows"])
 
