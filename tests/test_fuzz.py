@@ -44,7 +44,7 @@ FLAGS = {
     "--pool": st.sampled_from(["token", "avg", "max"]),
 }
 SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale",
-            "--impl=hf", "--pool=token+avg", "--drop-path"]
+            "--impl=hf", "--pool=token+avg", "--drop-path", "--distillation"]
 
 
 @st.composite

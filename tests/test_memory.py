@@ -93,6 +93,8 @@ CASES = [
     ("drop-path-amp-eager", dict(drop_path=True, depth=3), dict(precision="amp-bf16", attention="eager"), ()),
     ("drop-path-layer-scale-bf16-b1", dict(drop_path=True, layer_scale=True), dict(precision="bf16", batch=1), ()),
     ("drop-path-infer", dict(drop_path=True), dict(mode="infer", precision="amp-bf16"), ()),
+    ("distillation-amp-keep", dict(dist_token=True, distillation=True, depth=3), dict(precision="amp-bf16", keep_grads=True), ()),
+    ("distillation-bf16-b1-checkpointing", dict(dist_token=True, distillation=True), dict(precision="bf16", batch=1, checkpointing="full"), ()),
     ("layer-scale-checkpointing-fp32-eager-b1", dict(layer_scale=True), dict(checkpointing="full", attention="eager", batch=1), ()),
     ("amp-no-pos-no-prefix-infer", dict(pos_embed="none", class_token=False, pooling="avg"),
      dict(precision="amp-bf16", mode="infer", batch=8), (BUG_AMP_BF16_RESIDUAL,)),
@@ -182,17 +184,16 @@ def _forward_tensors(spec, wl, torch):
     """The real input batch, labels and loss of one training forward (the sizes MemTracker sees)."""
     import torch.nn.functional as F
 
-    from vitcost.measure import param_dtype
+    from vitcost.measure import _loss, make_batch, param_dtype
     from vitcost.reference_vit import build
 
     dtype = param_dtype(wl)
     model = build(spec, attention=wl.attention.value, checkpointing=wl.checkpointing.value).to(dtype=dtype)
-    x = torch.randn(wl.batch, spec.channels, spec.image_h, spec.image_w, dtype=dtype)
-    y = torch.randint(0, spec.classes, (wl.batch,))
+    x, y = make_batch(spec, wl, "cpu")  # (with distillation, the teacher's labels too)
     amp = wl.precision.value.startswith("amp-")
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     with ctx:
-        loss = F.cross_entropy(model(x), y)
+        loss = _loss(model(x), y) if spec.distillation else F.cross_entropy(model(x), y)
     return x, y, loss
 
 

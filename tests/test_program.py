@@ -36,6 +36,7 @@ _SPEC_VARIANTS = [
     dict(impl="hf", layer_scale=True, pooling="token+avg", mask_token=True, registers=4),
     dict(impl="hf", layer_scale=True, pooling="token+avg", mlp="swiglu"),
     dict(impl="hf", frames=4, tubelet=2, class_token=False, pos_embed="sincos", pooling="avg"),  # VideoMAE
+    dict(dist_token=True, distillation=True),
 ]
 
 

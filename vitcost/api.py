@@ -24,7 +24,7 @@ BACKBONE_TRAINING_CLASSES = 1000  # timm's num_classes when a backbone is fine-t
 _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
-    "impl", "mask_token", "mae", "mlp", "frames", "tubelet", "drop_path",
+    "impl", "mask_token", "mae", "mlp", "frames", "tubelet", "drop_path", "distillation",
 )
 
 

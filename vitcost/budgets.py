@@ -132,6 +132,7 @@ class BudgetEntry(BaseModel):
     impl: Optional[Impl] = None
     mlp: Optional[Mlp] = None
     drop_path: Optional[StrictBool] = None
+    distillation: Optional[StrictBool] = None
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("image", mode="before")
@@ -581,7 +582,7 @@ def _parse_json(path: Path, what: str) -> Any:
 _MATCH_KEYS = ("model", "image", "image_h", "image_w", "patch", "batch", "mode", "precision", "attention",
                "optimizer", "keep_grads", "checkpointing", "device", "dim", "depth", "heads", "mlp_hidden",
                "channels", "class_token", "dist_token", "registers", "pos_embed", "pos_embed_prefix", "pooling",
-               "classes", "qkv_bias", "layer_scale", "impl", "mlp", "drop_path")
+               "classes", "qkv_bias", "layer_scale", "impl", "mlp", "drop_path", "distillation")
 # calibrate's row statuses: a step that ran has figures; these did not
 OUT_OF_MEMORY = "out of memory"
 _RAN = ("ok", "off")

@@ -140,6 +140,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("classes", Annotated[Optional[int], typer.Option(help="Classes of the head (0: no head).", rich_help_panel="Model")], None),
     ("qkv_bias", Annotated[Optional[bool], typer.Option("--qkv-bias/--no-qkv-bias", help="Bias on the fused qkv projection.", rich_help_panel="Model")], None),
     ("layer_scale", Annotated[Optional[bool], typer.Option("--layer-scale/--no-layer-scale", help="LayerScale on both residual branches (DINOv2, DeiT III).", rich_help_panel="Model")], None),
+    ("distillation", Annotated[Optional[bool], typer.Option("--distillation/--no-distillation", help="DeiT's hard distillation in training (with --dist-token): each head its cross-entropy; the teacher's own forward is not counted.", rich_help_panel="Model")], None),
     ("drop_path", Annotated[Optional[bool], typer.Option("--drop-path/--no-drop-path", help="timm's stochastic depth in training (rates rising from 0 at the first block): a per-sample mask per branch.", rich_help_panel="Model")], None),
     ("frames", Annotated[Optional[int], typer.Option(help="Video frames (Hugging Face's VideoMAE, --impl hf; with --tubelet).", rich_help_panel="Model", show_default="1")], None),
     ("tubelet", Annotated[Optional[int], typer.Option(help="Frames per patch (VideoMAE's tubelet size).", rich_help_panel="Model", show_default="1")], None),

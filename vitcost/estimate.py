@@ -156,6 +156,7 @@ class Report:
                 "impl": s.impl.value,
                 "mlp": s.mlp.value,
                 "drop_path": s.drop_path,
+                "distillation": s.distillation,
                 "frames": s.frames,
                 "tubelet": s.tubelet,
                 "mae": s.mae.model_dump() if s.mae else None,

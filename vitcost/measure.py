@@ -98,6 +98,8 @@ def make_batch(spec: ViTSpec, workload: Workload, device: str):
     x = torch.randn(workload.batch, *shape, dtype=dtype, device=device)
     if not workload.training or spec.mae is not None:
         return x, None  # serving, and MAE pretraining, have no labels
+    if spec.distillation:  # the labels, and the teacher's (hard distillation): one (2, B) tensor
+        return x, torch.randint(0, max(spec.classes, 1), (2, workload.batch), device=device)
     y = torch.randint(0, max(spec.classes, 1), (workload.batch,), device=device)
     return x, y
 
@@ -125,6 +127,8 @@ def logits(out) -> "torch.Tensor":
 
 
 def _loss(out: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+    if isinstance(out, tuple):  # DeiT's hard distillation: each head against its labels, alpha 0.5
+        return 0.5 * F.cross_entropy(out[0], y[0]) + 0.5 * F.cross_entropy(out[1], y[1])
     if out.dim() == 2:
         return F.cross_entropy(out, y)
     return out.float().pow(2).mean()  # headless model: a scalar to backpropagate
@@ -163,6 +167,8 @@ class Runner:
         with _autocast(wl, self.device):
             if self.spec.mae is not None:  # the model computes its own loss (MAE pretraining)
                 loss = self.model(x).loss
+            elif self.spec.distillation:
+                loss = _loss(self.model(x), y)
             else:
                 loss = _loss(logits(self.model(x)), y)
         self.output_bytes = _storage_bytes(loss)
@@ -381,7 +387,12 @@ def count_macs(model: "torch.nn.Module", spec: ViTSpec, training: bool = True) -
         counter = FlopCounterMode(display=False)
         with torch.device("meta"), counter:
             out = model(x)
-            loss = out.loss if spec.mae is not None else _loss(logits(out), y)
+            if spec.mae is not None:
+                loss = out.loss
+            elif spec.distillation:  # both heads, each its loss
+                loss = _loss(out, torch.zeros(2, 1, dtype=torch.long))
+            else:
+                loss = _loss(logits(out), y)
             del out
             loss.backward()
         train = counter.get_total_flops() // 2

@@ -342,6 +342,32 @@ def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recom
     return False
 
 
+def _distillation_loss(r: Replay, sh: Shapes, logits_hi: int) -> None:
+    """DeiT's hard distillation: ``0.5 * CE(head, labels) + 0.5 * CE(head_dist, teacher's)``,
+    each cross-entropy saving its log-probabilities; the logits go once the sum exists."""
+    for k, head in enumerate(("head", "head_dist")):
+        if sh.amp:
+            r.alloc(f"logits{k}.32", logits_hi, F)
+        r.alloc(f"logp{k}", logits_hi, S)
+        r.alloc(f"loss{k}", sh.par, F)
+        r.alloc(f"total_weight{k}", sh.par, S)
+        r.free(f"logits{k}.32")
+        r.alloc(f"scaled{k}", sh.par, F)  # * 0.5
+        r.free(f"loss{k}")
+    r.alloc("loss", sh.par, F)
+    r.free("scaled0", "scaled1", "head", "head_dist")
+
+
+def _distillation_loss_backward(r: Replay, sh: Shapes, logits_hi: int) -> None:
+    """Each head's loss backward: 0.5 times the seed, the NLL's and log-softmax's gradients."""
+    for k in (0, 1):
+        r.alloc(f"g.scaled{k}", sh.par, B)
+        r.alloc(f"g.nll{k}", logits_hi, B)
+        r.free(f"g.scaled{k}", f"total_weight{k}")
+        r.alloc(f"g.logits{k}", logits_hi, B)
+        r.free(f"g.nll{k}", f"logp{k}")
+
+
 def _head_casts(spec: ViTSpec, sh: Shapes) -> bool:
     """Under autocast the head casts its input: fp32 unless the stream is low precision and
     the norm before the head keeps it so (VideoMAE under CPU autocast)."""
@@ -398,7 +424,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
             linear_forward(r, sh, "", head, sh.classes * sh.d * _head_width(spec), sh.classes,
                             pooled_elems if _head_casts(spec, sh) else 0, sh.b * sh.classes, F, grad)
         logits = sh.b * sh.classes * sh.lo
-        if spec.dist_token:
+        if spec.dist_token and not (spec.distillation and grad):
             # Hugging Face's output holds both heads' logits until the forward returns
             held = spec.impl == Impl.hf
             r.alloc("logits_sum", logits, F)
@@ -421,12 +447,15 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     if not spec.classes:
         return
     logits_hi = sh.b * sh.classes * sh.par  # the loss runs in fp32 under autocast
-    if sh.amp:
-        r.alloc("logits.32", logits_hi, F)  # cross-entropy runs in fp32 under autocast
-    r.alloc("logp", logits_hi, S)  # log_softmax saves its output
-    r.alloc("loss", sh.par, F)
-    r.alloc("total_weight", sh.par, S)
-    r.free("logits.32", "head")
+    if spec.distillation:
+        _distillation_loss(r, sh, logits_hi)
+    else:
+        if sh.amp:
+            r.alloc("logits.32", logits_hi, F)  # cross-entropy runs in fp32 under autocast
+        r.alloc("logp", logits_hi, S)  # log_softmax saves its output
+        r.alloc("loss", sh.par, F)
+        r.alloc("total_weight", sh.par, S)
+        r.free("logits.32", "head")
     r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved
     r.free("mid.bc", "first.bc")
     if checkpointed:  # ... except in checkpointed blocks, which saved none
@@ -513,11 +542,25 @@ _ATTENTION = {
 def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
     logits_hi = sh.b * sh.classes * sh.par
     r.where = "backward: loss + head"
+    heads = ["head"] + (["head_dist"] if spec.dist_token else [])
+    if spec.distillation:
+        _distillation_loss_backward(r, sh, logits_hi)
+        for k, head in enumerate(heads):
+            gin = linear_backward(r, gr, sh, "", head, sh.b * sh.classes, sh.b * sh.d, sh.classes * sh.d,
+                                  sh.classes, sh.amp, sh.amp,
+                                  (f"g.logits{k}",) + (("norm.out",) if k == 1 else ()), free_first=(f"g.logits{k}",))
+            r.alloc(f"g.sel{k}", sh.tok, B)
+            r.free(gin)
+        r.alloc("g.norm", sh.tok, B)
+        r.free("g.sel0", "g.sel1")  # (the seed, read by both halves of the sum, stays to the end)
+        r.where = "backward: norm"
+        layernorm_backward(r, gr, sh, "", "norm", "g.norm", "norm.in")
+        gr.accumulate("norm.w", "norm.b")
+        return "g.normin"
     r.alloc("g.nll", logits_hi, B)
     r.free("seed")
     r.alloc("g.logits", logits_hi, B)
     r.free("g.nll", "logp")
-    heads = ["head"] + (["head_dist"] if spec.dist_token else [])
     if spec.dist_token:
         # (a + b) / 2: DivBackward makes a new tensor, AddBackward hands it to both heads
         r.alloc("g.logits_avg", sh.b * sh.classes * sh.lo, B)
@@ -613,7 +656,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
         gr.finish("patch.b", d)
     else:
         gr.accumulate("patch.w", "patch.b")
-    r.free("total_weight")
+    r.free("total_weight", "seed")
 
 
 def _hf_register_prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, views: bool) -> str:
@@ -679,6 +722,7 @@ _COMPONENT_OF = {
     **{k: "blocks/layer_scale" for k in ("proj", "fc2")},  # branch outputs LayerScale saves
     "in": "blocks/residual",
     **{k: "norm_and_head" for k in ("norm.in", "norm.out", "norm.mean", "norm.rstd", "norm.in32", "pooled", "mean",
+                                  "logp0", "logp1", "total_weight0", "total_weight1",
                                   "logp", "total_weight", "head.ic", "head_dist.ic")},
     "patches.ic": "patch_embed",
 }
@@ -775,7 +819,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     image_elems = sh.b * sh.image
     r.where = "forward: input batch"
     r.alloc("x", image_elems * sh.par, I)  # images arrive in fp32 under autocast
-    r.alloc("y", sh.b * INDEX_BYTES if train and spec.mae is None else 0, I)
+    # the labels (with distillation, the teacher's too)
+    r.alloc("y", sh.b * INDEX_BYTES * (2 if spec.distillation else 1) if train and spec.mae is None else 0, I)
     inputs = r.cat[I]
     if spec.mae is not None:
         return _replay_mae(r, spec, wl, sh, image_elems, weights, inputs)

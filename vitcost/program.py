@@ -388,7 +388,7 @@ def structure_key(spec: ViTSpec, wl: Workload, one: Optional[bool] = None) -> tu
     program. ``one``: at batch 1 (else ``wl.batch`` says)."""
     return (min(spec.depth, 3), spec.class_token, spec.dist_token, spec.registers > 0, spec.pos_embed,
             spec.pos_embed_prefix, spec.pooling, spec.classes > 0, spec.qkv_bias, spec.layer_scale, spec.impl,
-            spec.mask_token, spec.mlp, spec.video, spec.heads == 1,
+            spec.mask_token, spec.mlp, spec.video, spec.distillation, spec.heads == 1,
             wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device,
             wl.batch == 1 if one is None else one)
 

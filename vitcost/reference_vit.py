@@ -218,6 +218,8 @@ class VisionTransformer(nn.Module):
         if self.spec.pooling == "avg":
             return self.head(self.fc_norm(x[:, self.spec.prefix_tokens :].mean(dim=1)))
         out = self.head(x[:, 0])
+        if self.head_dist is not None and self.spec.distillation and self.training:
+            return out, self.head_dist(x[:, 1])  # timm's distilled training: both heads, each its loss
         if self.head_dist is not None:
             # timm's VisionTransformerDistilled outside distilled training: mean of both heads.
             out = (out + self.head_dist(x[:, 1])) / 2

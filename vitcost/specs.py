@@ -150,6 +150,9 @@ class ViTSpec(BaseModel):
     mask_token: bool = False  # a mask-token parameter the forward does not use (HF DINOv2's use_mask_token)
     mae: Optional[MAE] = None  # masked-autoencoder pretraining instead of classification
     drop_path: bool = False  # stochastic depth in training (timm: rates rising from 0 at block 0)
+    # DeiT's hard distillation in training: each head its own cross-entropy (the distillation
+    # head against a teacher's labels), averaged; the teacher's own forward is not counted
+    distillation: bool = False
     frames: int = Field(default=1, gt=0, le=4096)  # a video's frames (VideoMAE)
     tubelet: int = Field(default=1, gt=0, le=4096)  # frames per patch (VideoMAE's tubelet_size)
 
@@ -174,6 +177,8 @@ class ViTSpec(BaseModel):
                                  "a GELU MLP")
             if self.frames < self.tubelet:
                 raise ValueError(f"--frames {self.frames} is fewer than one tubelet of {self.tubelet}")
+        if self.distillation and not (self.dist_token and self.impl == Impl.timm and self.classes):
+            raise ValueError("--distillation trains timm's distilled DeiT: it needs --dist-token, a head, --impl timm")
         if self.drop_path and (self.impl != Impl.timm or self.mae):
             raise ValueError("--drop-path is modelled as timm's stochastic depth (--impl timm)")
         if self.mlp == Mlp.swiglu and not (self.impl == Impl.hf and self.layer_scale):
