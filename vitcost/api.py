@@ -106,7 +106,7 @@ def _make_model_spec(model: Optional[str], image: ImageSize, patch: Optional[int
 
 
 def plan(
-    model: Optional[str] = "vit-b",
+    model: Optional[str] = None,
     *,
     image: ImageSize = None,
     patch: Optional[int] = None,
@@ -162,7 +162,7 @@ def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Op
     """``plan``'s model arguments from a config file, explicit ones on top."""
     from vitcost.hf_config import read_hf_config
 
-    if model is not None and model != "vit-b":
+    if model is not None:
         raise ConfigError(f"--model {shorten(model, quote=True)} and --hf-config {shorten(str(path))}: give one of them")
     cfg = read_hf_config(path)
     merged = dict(cfg.arch)
