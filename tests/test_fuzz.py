@@ -41,7 +41,10 @@ FLAGS = {
     "--allocator": st.sampled_from(["native", "expandable", "cached"]),
     "--device": st.sampled_from(["cuda", "cpu", "tpu"]),
     "--pos-embed": st.sampled_from(["learned", "sincos", "none", "rope"]),
-    "--pool": st.sampled_from(["token", "avg", "max"]),
+    "--pool": st.sampled_from(["token", "avg", "max", "token+avg"]),
+    "--frames": NUMBERS, "--tubelet": NUMBERS,
+    "--mlp": st.sampled_from(["gelu", "swiglu", "relu"]),
+    "--impl": st.sampled_from(["timm", "hf", "jax"]),
 }
 SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale",
             "--impl=hf", "--pool=token+avg", "--drop-path", "--distillation"]
