@@ -19,12 +19,6 @@ from vitcost.specs import make_workload
 
 from conftest import cpu_workload, tiny
 
-BUG_AMP_BF16_RESIDUAL = pytest.mark.xfail(
-    strict=True,
-    reason="memory.py _shapes/_prologue_forward: under autocast with pos_embed none and no prefix "
-    "token nothing promotes the bf16 conv output to fp32, so the whole residual stream (x1, block "
-    "outputs, final norm input) stays bf16; the replay sizes it in fp32 (sh.res = 4)",
-)
 
 # (id, spec overrides on the tiny ViT, workload overrides on fp32 / batch 2 / CPU rules, marks)
 CASES = [
@@ -97,9 +91,9 @@ CASES = [
     ("distillation-bf16-b1-checkpointing", dict(dist_token=True, distillation=True), dict(precision="bf16", batch=1, checkpointing="full"), ()),
     ("layer-scale-checkpointing-fp32-eager-b1", dict(layer_scale=True), dict(checkpointing="full", attention="eager", batch=1), ()),
     ("amp-no-pos-no-prefix-infer", dict(pos_embed="none", class_token=False, pooling="avg"),
-     dict(precision="amp-bf16", mode="infer", batch=8), (BUG_AMP_BF16_RESIDUAL,)),
+     dict(precision="amp-bf16", mode="infer", batch=8), ()),
     ("amp-no-pos-no-prefix-sgd-eager", dict(pos_embed="none", class_token=False, pooling="avg"),
-     dict(precision="amp-bf16", optimizer="sgd", attention="eager", batch=8), (BUG_AMP_BF16_RESIDUAL,)),
+     dict(precision="amp-bf16", optimizer="sgd", attention="eager", batch=8), ()),
 ]
 
 
@@ -199,7 +193,7 @@ def _forward_tensors(spec, wl, torch):
 
 @pytest.mark.parametrize("spec_over, wl_over", _params(
     CASES + [("amp-no-pos-no-prefix-adamw", dict(pos_embed="none", class_token=False, pooling="avg"),
-              dict(precision="amp-bf16"), (BUG_AMP_BF16_RESIDUAL,))],
+              dict(precision="amp-bf16"), ())],
     only_training=True,
     # the batch-1 gradient view appears in backward only: what the forward saves is right
     marks_for=lambda case: () if case[0] == "depth1-b1" else case[3],

@@ -85,6 +85,14 @@ INDEX_BYTES = 8  # int64 class labels
 UNUSED = frozenset(("mask_token",))  # parameters a classification forward never reads
 
 
+def _stream_stays_low(spec: ViTSpec) -> bool:
+    """Under autocast the residual stream is promoted to fp32 by the first fp32 parameter it
+    meets: the position embedding, a prefix token, LayerScale's gamma. With none of them the
+    conv's bf16 output is the stream, and stays so (on the CPU, where LayerNorm keeps it)."""
+    return (spec.impl == Impl.timm and spec.pos_embed == PosEmbed.none and not spec.prefix_tokens
+            and not spec.layer_scale)
+
+
 def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     """Every number the replay sizes a tensor from; the spec and workload otherwise only
     decide which tensors there are."""
@@ -93,7 +101,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     lo = 2 if amp else e
     # VideoMAE's stream is made by a low-precision conv and never meets an fp32 parameter:
     # under autocast it stays low, LayerNorm included (on the CPU: its statistics fp32)
-    stream = lo if spec.video else e
+    stream = lo if (spec.video or (amp and wl.device != Device.cuda and _stream_stays_low(spec))) else e
     cuda = wl.device == Device.cuda
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
@@ -266,20 +274,20 @@ def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Wo
     # eager attention saves copies of q, k, v, not the qkv output (unless they are views)
     qkv_cat = S if (grad and (sdpa or sh.eager_views)) else F
     linear_forward(r, sh, p, "qkv", 3 * d * d, 3 * d if spec.qkv_bias else 0,
-                    bn * d if sh.amp else 0, 3 * bn * d, qkv_cat, grad)
+                    bn * d if sh.casts else 0, 3 * bn * d, qkv_cat, grad)
     attention_core_forward(r, sh, p, wl.attention, grad)
     linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
     if not grad:
         r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "probs.32", p + "ln1")
     elif not sdpa and not sh.eager_views:
         r.free(p + "qs", p + "qkv")
-    if sh.amp:
+    if sh.casts:
         r.free(p + "ln1")
 
 
 def _ln_cat(sh: Shapes, grad: bool) -> int:
     """Under autocast a LayerNorm output is only an argument: its low-precision copies are saved."""
-    return F if (sh.amp or not grad) else S
+    return F if (sh.casts or not grad) else S
 
 
 def _swiglu_forward(r: Replay, p: str, sh: Shapes, grad: bool) -> None:
@@ -287,11 +295,11 @@ def _swiglu_forward(r: Replay, p: str, sh: Shapes, grad: bool) -> None:
     silu saves the gate, the product saves both its factors (each linear casts x itself)."""
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     keep = S if grad else F
-    linear_forward(r, sh, p, "gate", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+    linear_forward(r, sh, p, "gate", f * d, f, bn * d if sh.casts else 0, bn * f, keep, grad)
     r.alloc(p + "act", sh.hid, keep)
     if not grad:
         r.free(p + "gate")
-    linear_forward(r, sh, p, "up", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+    linear_forward(r, sh, p, "up", f * d, f, bn * d if sh.casts else 0, bn * f, keep, grad)
     r.alloc(p + "gelu", sh.hid, keep)
     if not grad:
         r.free(p + "act", p + "up")
@@ -303,10 +311,10 @@ def _swiglu_backward(r: Replay, gr: Grads, p: str, sh: Shapes, ck: bool) -> str:
     r.alloc(p + "g.act", sh.hid, B)  # g * up
     r.alloc(p + "g.up", sh.hid, B)  # g * silu(gate)
     r.free(p + "g.fc2in", p + "act", p + "up")  # the product's node is done: both factors go
-    gup = linear_backward(r, gr, sh, p, "up", bn * f, bn * d, f * d, f, False, sh.amp, (p + "g.up",), early=ck)
+    gup = linear_backward(r, gr, sh, p, "up", bn * f, bn * d, f * d, f, False, sh.casts, (p + "g.up",), early=ck)
     r.alloc(p + "g.gate", sh.hid, B)  # silu backward reads the gate
     r.free(p + "g.act", p + "gate")
-    return linear_backward(r, gr, sh, p, "gate", bn * f, bn * d, f * d, f, False, sh.amp,
+    return linear_backward(r, gr, sh, p, "gate", bn * f, bn * d, f * d, f, False, sh.casts,
                            (p + "g.gate", p + "ln2"), early=ck, into=gup)
 
 
@@ -318,26 +326,28 @@ def _mlp_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, grad: bool, recom
     if spec.mlp == Mlp.swiglu:
         _swiglu_forward(r, p, sh, grad)
     else:
-        linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.amp else 0, bn * f, keep, grad)
+        linear_forward(r, sh, p, "fc1", f * d, f, bn * d if sh.casts else 0, bn * f, keep, grad)
         r.alloc(p + "gelu", sh.hid, keep)
     if recompute:
         if spec.layer_scale:  # LayerScale saves fc2's output: the recompute runs fc2 too
             linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, S, True)
             if sh.amp:
                 r.free_matching(".bc")
+            if sh.casts:
                 r.free(p + "ln2")
         elif sh.amp:  # fc2 saves a weight copy too: the recompute goes on until it exists
             r.alloc(p + "fc2.bc", d * sh.lo, WC)
             r.alloc(p + "fc2.wc", d * f * sh.lo, WC)
             r.free_matching(".bc")  # the recompute stops; its autocast region ends
-            r.free(p + "ln2")
+            if sh.casts:
+                r.free(p + "ln2")
         return True
     if not grad:
         r.free(p + "fc1")
     linear_forward(r, sh, p, "fc2", d * f, d, 0, bn * d, F, grad)
     if not grad:
         r.free(p + "gelu", p + "ln2")
-    elif sh.amp:
+    elif sh.casts:
         r.free(p + "ln2")
     return False
 
@@ -389,7 +399,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     keep = S if grad else F
     r.where = "forward: norm + head"
     # the head saves the class-token row, a view that keeps the whole norm output alive
-    head_saves_norm = grad and not sh.amp and spec.pooling == Pooling.token
+    head_saves_norm = grad and not sh.casts and spec.pooling == Pooling.token
     fc_norm = _fc_norm(spec)
     if fc_norm:
         # timm's average pooling: no norm on the tokens; their mean, then the norm on it
@@ -417,7 +427,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
             # cat([x[:, 0], x[:, 1:].mean(1)], 1): the mean, then the concatenation the head reads
             r.alloc("mean", pooled_elems * sh.res, F)
             pooled_elems *= 2
-            r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.amp) else F)
+            r.alloc("pooled", pooled_elems * sh.res, S if (grad and not sh.casts) else F)
             r.free("mean")
         heads = ["head"] + (["head_dist"] if spec.dist_token else [])
         for head in heads:
@@ -475,7 +485,7 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     p = f"b{i}."
     label = i if label is None else label
     d, f, bn = sh.d, sh.f, sh.b * sh.n
-    amp = sh.amp
+    amp = sh.casts  # (under autocast, whether the stream is fp32 and cast for each linear)
     ck = wl.checkpointing == Checkpointing.full
     if ck:
         if amp and not spec.layer_scale:
@@ -490,7 +500,7 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
         r.free(p + "ls2.gc")
     elif _drops_path(spec, wl, i):
         _drop_path_backward(r, sh, p, g, "dp2", "fc2")
-    gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, True, False, (p + "gelu",), early=ck)
+    gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, sh.casts, False, (p + "gelu",), early=ck)
     if spec.mlp == Mlp.swiglu:
         gfc1 = _swiglu_backward(r, gr, p, sh, ck)
     else:
@@ -522,7 +532,7 @@ def _timm_attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViT
     d, bn = sh.d, sh.b * sh.n
     sdpa = wl.attention == AttentionKernel.sdpa
     ck = wl.checkpointing == Checkpointing.full
-    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
+    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, sh.casts, False,
                              () if sdpa else (p + "attn",))
     attention_core_backward(r, sh, p, gproj, wl.attention)
     r.alloc(p + "g.stack", 3 * sh.tok_lo, B)  # unbind backward: stack
@@ -530,7 +540,7 @@ def _timm_attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViT
     r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
     r.free(p + "g.stack")
     return linear_backward(r, gr, sh, p, "qkv", 3 * bn * d, bn * d, 3 * d * d,
-                           3 * d if spec.qkv_bias else 0, False, sh.amp, (p + "g.qkv", p + "ln1"), early=ck)
+                           3 * d if spec.qkv_bias else 0, False, sh.casts, (p + "g.qkv", p + "ln1"), early=ck)
 
 
 _ATTENTION = {
@@ -547,7 +557,7 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
         _distillation_loss_backward(r, sh, logits_hi)
         for k, head in enumerate(heads):
             gin = linear_backward(r, gr, sh, "", head, sh.b * sh.classes, sh.b * sh.d, sh.classes * sh.d,
-                                  sh.classes, sh.amp, sh.amp,
+                                  sh.classes, sh.amp, _head_casts(spec, sh),
                                   (f"g.logits{k}",) + (("norm.out",) if k == 1 else ()), free_first=(f"g.logits{k}",))
             r.alloc(f"g.sel{k}", sh.tok, B)
             r.free(gin)
@@ -590,7 +600,7 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
         frees = ("g.logits", "norm.out", "pooled") if last else ()
         gin = linear_backward(r, gr, sh, "", head, sh.b * sh.classes, pooled,
                                sh.classes * sh.d * width, sh.classes, sh.amp and k == 0,
-                               sh.amp, frees, free_first=("g.logits",))
+                               _head_casts(spec, sh), frees, free_first=("g.logits",))
         if spec.pooling == Pooling.token_avg:
             # the mean's half: its backward (B, P, D), then the slice's, a (B, N, D) tensor
             r.alloc("g.mean", sh.b * sh.patches * sh.d * sh.res, B)

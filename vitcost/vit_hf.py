@@ -46,11 +46,11 @@ def attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload
     d, bn = sh.d, sh.b * sh.n
     keep = S if grad else F
     sdpa = wl.attention == AttentionKernel.sdpa
-    layernorm_forward(r, sh, p + "ln1", F if (sh.amp or not grad) else S, keep, grad)
+    layernorm_forward(r, sh, p + "ln1", F if (sh.casts or not grad) else S, keep, grad)
     # SDPA saves q, k, v themselves; eager matmuls save contiguous copies unless they are views
     out_cat = S if (grad and (sdpa or sh.eager_views)) else F
     for name in QKV:
-        linear_forward(r, sh, p, name, d * d, d if spec.qkv_bias else 0, bn * d if sh.amp else 0, bn * d,
+        linear_forward(r, sh, p, name, d * d, d if spec.qkv_bias else 0, bn * d if sh.casts else 0, bn * d,
                        out_cat, grad)
     kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
     attention_core_forward(r, sh, p, kernel, grad, explicit32=_explicit32(spec))
@@ -61,7 +61,7 @@ def attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Workload
         return
     if not sdpa and not sh.eager_views:
         r.free(*(p + n for n in QKV))  # locals of the attention: they go when it returns
-    if sh.amp:
+    if sh.casts:
         r.free(p + "ln1")
 
 
@@ -71,7 +71,7 @@ def attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViTSpec, 
     sdpa = wl.attention == AttentionKernel.sdpa
     ck = wl.checkpointing == Checkpointing.full
     kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
-    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, True, False,
+    gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, sh.casts, False,
                             () if sdpa else (p + "attn",))
     attention_core_backward(r, sh, p, gproj, kernel, explicit32=_explicit32(spec), qkv=QKV)
     grads = (p + "g.v", p + "g.kT", p + "g.q") if not sdpa else (p + "g.v", p + "g.k", p + "g.q")
@@ -86,5 +86,5 @@ def attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViTSpec, 
         last = k == 2
         # the three gradients of the normed input are added as they come
         total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if spec.qkv_bias else 0,
-                                False, sh.amp, (g, p + "ln1") if last else (g,), early=ck and last, into=total)
+                                False, sh.casts, (g, p + "ln1") if last else (g,), early=ck and last, into=total)
     return total
