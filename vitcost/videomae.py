@@ -9,7 +9,13 @@ VideoMAE's layer differs from Hugging Face's ViT layer in what it holds: the nor
 (``hidden_states_norm``) and the attention's output (``attention_output``) live until the
 layer returns; the self-attention computes k (without a bias), v, then q, and its q, k, v
 die when it returns, before the output projection; the attention weights die with the
-attention module; the softmax is a plain one. Sizes in bytes.
+attention module; the softmax is a plain one.
+
+Under autocast the stream stays bf16: the conv makes it so and no fp32 parameter meets it.
+CPU autocast keeps a bf16 LayerNorm bf16 (fp32 statistics), so no linear casts its input;
+CUDA autocast runs LayerNorm in fp32 (``upcasts``): each norm copies its input up and keeps
+the copy, its fp32 output is cast for each linear, and its gradient is cast back (derived from
+autocast's policy, not measured). Sizes in bytes.
 """
 
 from __future__ import annotations
