@@ -53,8 +53,10 @@ def read_text(path: Union[str, Path], error: type[VitcostError], where: str = ""
         raise error(f"{where}not UTF-8 text (byte {err.start})") from None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error."""
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (libyaml's parser where PyYAML has it: a plan reads every shipped
+    profile, and the pure-Python parser took most of that time), but a key given twice in one
+    mapping is an error."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -81,6 +83,8 @@ def load_yaml(text: str, where: str, error: type[VitcostError]) -> Any:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or "cannot be parsed"
+        if "nesting depth" in problem:  # libyaml's word for it
+            raise error(f"{where}: malformed YAML: nested too deeply") from None
         raise error(f"{where}: malformed YAML{at}: {problem}") from None
     except RecursionError:
         raise error(f"{where}: malformed YAML: nested too deeply") from None
