@@ -65,6 +65,9 @@ GRID = [
     ("dinov2-registers", {}, dict(batch=1, attention="eager")),
     ("dinov2-registers", dict(depth=3), dict(precision="amp-bf16", batch=3, attention="eager")),
     ("dinov2-registers", {}, dict(mode="infer", precision="bf16", batch=4)),
+    # built for 56 px (a 7 x 7 grid), run at 64: the table interpolated every forward
+    ("dinov2", dict(pos_grid=7), dict(precision="bf16", batch=3)),
+    ("dinov2-registers", dict(pos_grid=7, depth=3), dict(precision="amp-bf16", attention="eager")),
     ("dinov2-swiglu", dict(depth=3), dict(precision="amp-bf16", attention="eager", batch=3, checkpointing="full")),
     ("dinov2-swiglu", {}, dict(precision="bf16", batch=1)),
     ("dinov2-swiglu", {}, dict(mode="infer", precision="amp-bf16", attention="eager")),
@@ -174,6 +177,18 @@ def test_explicit_options_override_the_config(tmp_path):
     assert (report.spec.depth, report.spec.classes, report.spec.dim) == (2, 5, 768)
     timm = vitcost.plan(hf_config=path, impl="timm")
     assert timm.spec.impl.value == "timm"
+
+
+def test_dinov2_at_another_image_counts_the_table_it_was_built_with(tmp_path):
+    """facebook/dinov2-* are built for 518 px and fine-tuned at 224: the table keeps its 37 x 37
+    grid (and its parameters), interpolated to 16 x 16 every forward."""
+    path = _save(tmp_path, "Dinov2Config", "Dinov2ForImageClassification", image_size=518, num_labels=10)
+    cfg = transformers.Dinov2Config.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in transformers.Dinov2ForImageClassification(cfg).parameters())
+    report = vitcost.plan(hf_config=path, image=224, device="cpu")
+    assert report.params_total == expected and report.spec.pos_grid == 37
+    assert report.spec.tokens == 16 * 16 + 1 and not report.warnings
 
 
 def test_a_backbone_trains_with_a_stated_head(tmp_path):

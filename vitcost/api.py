@@ -24,7 +24,7 @@ BACKBONE_TRAINING_CLASSES = 1000  # timm's num_classes when a backbone is fine-t
 _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
-    "impl", "mask_token", "mae", "mlp", "frames", "tubelet", "drop_path", "distillation",
+    "impl", "mask_token", "mae", "mlp", "frames", "tubelet", "drop_path", "distillation", "pos_grid",
 )
 
 
@@ -170,9 +170,14 @@ def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Op
     merged.update({k: v for k, v in arch.items() if v is not None})
     notes = cfg.notes
     if image is not None and parse_image(image) != cfg_image:
-        notes = notes + (f"--image {image} is not the config's image_size {cfg_image[0]}x{cfg_image[1]}: "
-                         "Hugging Face's code then interpolates the position embedding every step (not "
-                         "modelled), and parameters are counted at the new size",)
+        if merged.get("layer_scale") and cfg_image[0] == cfg_image[1] and "pos_grid" not in arch:
+            # DINOv2 interpolates its table to the image every forward: replayed, and its
+            # parameters counted at the size the model was built for
+            merged["pos_grid"] = cfg_image[0] // cfg_patch
+        else:
+            notes = notes + (f"--image {image} is not the config's image_size {cfg_image[0]}x{cfg_image[1]}: "
+                             "Hugging Face's code then needs interpolate_pos_encoding=True, whose interpolation "
+                             "is not replayed; parameters are counted at the new size",)
     return (None, image if image is not None else cfg_image, patch if patch is not None else cfg_patch, merged,
             notes, cfg.architecture)
 

@@ -59,7 +59,8 @@ def pos_embed_tokens(spec: ViTSpec) -> int:
     if spec.pos_embed != PosEmbed.learned:
         return 0
     if spec.impl == Impl.hf:  # Hugging Face: the class (and distillation) tokens, never registers
-        return spec.patch_tokens + int(spec.class_token) + int(spec.dist_token)
+        grid = spec.pos_grid ** 2 if spec.pos_grid else spec.patch_tokens
+        return grid + int(spec.class_token) + int(spec.dist_token)
     return spec.patch_tokens + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
 
 

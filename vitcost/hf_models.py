@@ -43,8 +43,10 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
         cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
         cfg.architectures = ["ViTMAEForPreTraining"]
         return cfg, transformers.ViTMAEForPreTraining
+    # (a DINOv2 built for another image: its square grid, interpolated to the image's)
+    built_for = [spec.pos_grid * spec.patch] * 2 if spec.pos_grid else [spec.image_h, spec.image_w]
     common = dict(hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
-                  image_size=[spec.image_h, spec.image_w], patch_size=spec.patch, num_channels=spec.channels,
+                  image_size=built_for, patch_size=spec.patch, num_channels=spec.channels,
                   qkv_bias=spec.qkv_bias, num_labels=max(spec.classes, 1),
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if spec.layer_scale:  # DINOv2

@@ -160,12 +160,55 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
         r.free(cur, "patches.32")
         cur = "b0.in" if last else "cat"
     if has_pos and pos_after_cat:
+        _interpolated_pos(r, spec, sh)
         r.alloc("b0.in", sh.tok, saved)
-        r.free(cur)
+        r.free(cur, "pos.i")
         cur = "b0.in"
     if cur != "b0.in":  # no prefix and no position added after: the conv output itself
         r.rename(cur, "b0.in")
         r.retag("b0.in", saved)
+
+
+def _interpolated_pos(r: Replay, spec: ViTSpec, sh: Shapes) -> None:
+    """Hugging Face's DINOv2 run at an image other than the one it was built for: its patch
+    positions are interpolated (bicubic, in fp32) to the image's grid every forward, and the
+    class row put back in front (``pos.i``, which the add reads)."""
+    if not spec.pos_grid:
+        return
+    hw = sh.patches * sh.d
+    if sh.par != 4:  # interpolated in fp32 and cast back
+        r.alloc("pos.32", spec.pos_grid ** 2 * sh.d * 4, F)
+        r.alloc("pos.up.32", hw * 4, F)
+        r.free("pos.32")
+        r.alloc("pos.up", hw * sh.par, F)
+        r.free("pos.up.32")
+    else:
+        r.alloc("pos.up", hw * 4, F)
+    r.alloc("pos.i", (sh.patches + 1) * sh.d * sh.par, F)
+    r.free("pos.up")
+
+
+def _interpolated_pos_backward(r: Replay, gr: Grads, spec: ViTSpec, sh: Shapes) -> None:
+    """The interpolated table's gradient: summed over the batch, through the interpolation
+    (in fp32) back to the grid's, each of the two slices put into a zero table, added."""
+    table = sh.pos * sh.d * sh.par
+    r.alloc("g.pos.i", (sh.patches + 1) * sh.d * sh.par, B)
+    grid = spec.pos_grid ** 2 * sh.d
+    if sh.par != 4:
+        r.alloc("g.pos.up.32", sh.patches * sh.d * 4, B)
+        r.alloc("g.pos.grid.32", grid * 4, B)
+        r.free("g.pos.up.32")
+        r.alloc("g.pos.grid", grid * sh.par, B)
+        r.free("g.pos.grid.32")
+    else:
+        r.alloc("g.pos.grid", grid * 4, B)
+    r.alloc("g.pos.rows", table, B)
+    r.free("g.pos.grid")
+    r.alloc("g.pos.first", table, B)
+    r.free("g.pos.i")
+    gr.make_param("pos_embed", sh.pos * sh.d)
+    r.free("g.pos.rows", "g.pos.first")
+    gr.accumulate("pos_embed")
 
 
 def _positioned_prefix(spec: ViTSpec) -> int:
@@ -181,8 +224,9 @@ def _hf_register_prologue(r: Replay, spec: ViTSpec, sh: Shapes, saved: int) -> N
         r.alloc("patches.32", sh.b * sh.patches * sh.d * sh.res, F)  # cat promotes to the fp32 tokens
     r.alloc("cat", elems * sh.res, F)
     r.free("patches", "patches.32")
+    _interpolated_pos(r, spec, sh)
     r.alloc("pos_add", elems * sh.res, F)
-    r.free("cat")
+    r.free("cat", "pos.i")
     r.alloc("b0.in", sh.tok, saved)
     r.free("pos_add")
 
@@ -633,7 +677,9 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     views = _prefix_grads_are_views(spec, sh.one) and not gr.keep
     if spec.impl == Impl.hf and spec.registers:
         g = _hf_register_prologue_backward(r, spec, sh, g, gr, views)
-    if spec.pos_embed == PosEmbed.learned:
+    if spec.pos_grid:
+        _interpolated_pos_backward(r, gr, spec, sh)
+    elif spec.pos_embed == PosEmbed.learned:
         if views and sh.amp and not spec.pos_embed_prefix:
             # added to the patches only, its gradient is a slice of ``g`` too; under autocast
             # the patch branch takes a cast copy, leaving the slice to AccumulateGrad alone

@@ -401,7 +401,7 @@ def config_key(spec: ViTSpec, wl: Workload) -> tuple:
 def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> Optional[tuple[Program, tuple[int, ...]]]:
     """The structure's program and the sizes but the batch, per configuration without its
     batch; None while the structure is still replayed (see ``COMPILE_AFTER``)."""
-    if spec.mae is not None or spec.drop_path:
+    if spec.mae is not None or spec.drop_path or spec.pos_grid:
         return None  # blocks that differ (MAE's two stacks; drop path but on the first): replayed in full
     key = config_key(spec, wl) + (one,)
     prepared = _PREPARED.get(key)
