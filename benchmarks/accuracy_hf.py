@@ -64,6 +64,8 @@ GRID = [
     (*DINO, 224, 2, "train", "fp32", "sdpa", "full"),
     (*DINO, 224, 1, "train", "amp-bf16", "eager", "full"),
     (*DINO, 224, 16, "infer", "amp-bf16", "eager", "none"),
+    # built for 518 px (facebook/dinov2-small), fine-tuned at 224: the table interpolated every step
+    ("vit_small_patch14_dinov2", {"classes": 1000, "pos_grid": 37}, 224, 8, "train", "amp-bf16", "sdpa", "none"),
     (*DINO_REG, 224, 4, "train", "amp-bf16", "sdpa", "none"),
     (*DINO_REG, 224, 1, "train", "fp32", "eager", "none"),
     (*DINO_REG, 224, 2, "train", "amp-bf16", "eager", "full"),
