@@ -258,6 +258,19 @@ def attention_value_macs(tokens: int, dim: int) -> int:
     return tokens * tokens * dim
 
 
+def block_macs(n: int, d: int, f: int, depth: int, prefix: str = "blocks", fc1s: int = 1) -> dict[str, int]:
+    """A stack of ``depth`` blocks over ``n`` tokens, width ``d``, MLP ``f`` (``fc1s`` linears
+    into it: 2 for SwiGLU), by component, keyed ``<prefix>/attn/qkv`` and so on."""
+    return {
+        f"{prefix}/attn/qkv": depth * qkv_macs(n, d),
+        f"{prefix}/attn/q_kT": depth * attention_score_macs(n, d),
+        f"{prefix}/attn/attn_v": depth * attention_value_macs(n, d),
+        f"{prefix}/attn/proj": depth * linear_macs(n, d, d),
+        f"{prefix}/mlp/fc1": depth * linear_macs(n, d, f) * fc1s,
+        f"{prefix}/mlp/fc2": depth * linear_macs(n, f, d),
+    }
+
+
 def mac_counts(spec: ViTSpec) -> dict[str, int]:
     """Forward MACs per image by component; ``blocks/...`` are summed over depth.
 
@@ -265,41 +278,24 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
     """
     if spec.mae is not None:
         return _mae_mac_counts(spec)
-    n, d, f, depth = spec.tokens, spec.dim, spec.mlp_hidden, spec.depth
-    heads = 1 + int(spec.dist_token)
+    d = spec.dim
     return {
         "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels * spec.tubelet, spec.patch, d),
-        "blocks/attn/qkv": depth * qkv_macs(n, d),
-        "blocks/attn/q_kT": depth * attention_score_macs(n, d),
-        "blocks/attn/attn_v": depth * attention_value_macs(n, d),
-        "blocks/attn/proj": depth * linear_macs(n, d, d),
-        "blocks/mlp/fc1": depth * linear_macs(n, d, f) * _fc1s(spec),
-        "blocks/mlp/fc2": depth * linear_macs(n, f, d),
-        "head": heads * linear_macs(1, head_in(spec), spec.classes),
+        **block_macs(spec.tokens, d, spec.mlp_hidden, spec.depth, fc1s=_fc1s(spec)),
+        "head": (1 + int(spec.dist_token)) * linear_macs(1, head_in(spec), spec.classes),
     }
 
 
 def _mae_mac_counts(spec: ViTSpec) -> dict[str, int]:
     """MAE: the encoder on the visible patches and the class token, the decoder on every patch."""
-    m = spec.mae
-    n, d, f, depth = spec.kept_patches + 1, spec.dim, spec.mlp_hidden, spec.depth
-    nd, dd, fd, ddepth = spec.patch_tokens + 1, m.decoder_dim, m.decoder_mlp_hidden, m.decoder_depth
+    m, d = spec.mae, spec.dim
+    n, nd = spec.kept_patches + 1, spec.patch_tokens + 1
     return {
         "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels, spec.patch, d),
-        "blocks/attn/qkv": depth * qkv_macs(n, d),
-        "blocks/attn/q_kT": depth * attention_score_macs(n, d),
-        "blocks/attn/attn_v": depth * attention_value_macs(n, d),
-        "blocks/attn/proj": depth * linear_macs(n, d, d),
-        "blocks/mlp/fc1": depth * linear_macs(n, d, f),
-        "blocks/mlp/fc2": depth * linear_macs(n, f, d),
-        "decoder/embed": linear_macs(n, d, dd),
-        "decoder/blocks/attn/qkv": ddepth * qkv_macs(nd, dd),
-        "decoder/blocks/attn/q_kT": ddepth * attention_score_macs(nd, dd),
-        "decoder/blocks/attn/attn_v": ddepth * attention_value_macs(nd, dd),
-        "decoder/blocks/attn/proj": ddepth * linear_macs(nd, dd, dd),
-        "decoder/blocks/mlp/fc1": ddepth * linear_macs(nd, dd, fd),
-        "decoder/blocks/mlp/fc2": ddepth * linear_macs(nd, fd, dd),
-        "decoder/pred": linear_macs(nd, dd, spec.patch * spec.patch * spec.channels),
+        **block_macs(n, d, spec.mlp_hidden, spec.depth),
+        "decoder/embed": linear_macs(n, d, m.decoder_dim),
+        **block_macs(nd, m.decoder_dim, m.decoder_mlp_hidden, m.decoder_depth, prefix="decoder/blocks"),
+        "decoder/pred": linear_macs(nd, m.decoder_dim, spec.patch * spec.patch * spec.channels),
     }
 
 

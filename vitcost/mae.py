@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from vitcost.ops import Grads, Shapes, layernorm_backward, layernorm_forward, linear_backward, linear_forward
+from vitcost.ops import Grads, Shapes, kernel_sizes, layernorm_backward, layernorm_forward, linear_backward, linear_forward
 from vitcost.replay import B, F, G, S, Replay
-from vitcost.specs import Checkpointing, ViTSpec, Workload
+from vitcost.specs import ViTSpec, Workload
 
 INDEX = 8  # int64 indices
 DECODER = 1000  # decoder block j is block DECODER + j: its tensors are named b1000., b1001., ...
@@ -26,8 +26,7 @@ def decoder_shapes(spec: ViTSpec, sh: Shapes) -> Shapes:
     m = spec.mae
     n = spec.patch_tokens + 1
     return replace(sh, n=n, d=m.decoder_dim, f=m.decoder_mlp_hidden, h=m.decoder_heads,
-                   lse_n=-(-n // 32) * 32 if sh.cuda and sh.lo == 4 else n, n128=-(-n // 128) * 128,
-                   hd32=-(-(m.decoder_dim // m.decoder_heads) // 32) * 32)
+                   **kernel_sizes(n, m.decoder_dim, m.decoder_heads, sh.cuda, sh.lo))
 
 
 def forward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, grad: bool, image_elems: int, block) -> None:
@@ -222,6 +221,3 @@ def backward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, gr: Grads, bloc
         gr.accumulate("patch.w", "patch.b")
     r.free("mask.sum")  # the graph goes with the backward
 
-
-def checkpointed(wl: Workload) -> bool:
-    return wl.training and wl.checkpointing == Checkpointing.full

@@ -38,6 +38,7 @@ from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens
 from vitcost.ops import (
     Grads,
     Shapes,
+    kernel_sizes,
     attention_core_backward,
     attention_core_forward,
     layer_scale_backward,
@@ -114,10 +115,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
         patches=spec.patch_tokens, image=spec.channels * spec.frames * spec.image_h * spec.image_w,
         conv_w=d * spec.channels * spec.patch * spec.patch * spec.tubelet, pos=pos_embed_tokens(spec),
         classes=spec.classes, registers=spec.registers,
-        # CPU flash and CUDA flash keep (B, H, N) statistics; CUDA memory-efficient (fp32
-        # inputs) pads N to 32
-        lse_n=_round_up(n, 32) if cuda and lo == 4 else n,
-        n128=_round_up(n, 128), hd32=_round_up(d // spec.heads, 32),
+        **kernel_sizes(n, d, spec.heads, cuda, lo),
         params=params, grads=sum(sizes),
         states=optimizer_state_bytes(wl, sizes, cuda) if train else 0,
         kept=_kept_grad_bytes(spec, b, e, sum(sizes), round_to) if train and wl.keep_grads else 0,
@@ -425,7 +423,7 @@ def _distillation_loss_backward(r: Replay, sh: Shapes, logits_hi: int) -> None:
 def _head_casts(spec: ViTSpec, sh: Shapes) -> bool:
     """Under autocast the head casts its input: fp32 unless the stream is low precision and
     the norm before the head keeps it so (VideoMAE under CPU autocast)."""
-    return sh.casts or (spec.video and videomae.upcasts(sh))
+    return sh.casts or sh.ln_upcast
 
 
 def _fc_norm(spec: ViTSpec) -> bool:
@@ -448,7 +446,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     if fc_norm:
         # timm's average pooling: no norm on the tokens; their mean, then the norm on it
         # (fc_norm, which saves its input); the features live until the forward returns
-        up = spec.video and videomae.upcasts(sh)  # (VideoMAE's norm on a bf16 stream under CUDA autocast)
+        up = sh.ln_upcast  # (a norm on a bf16 stream under CUDA autocast: VideoMAE's)
         if not grad or up:
             r.free("b0.in", "emb")
         pooled_elems = sh.b * sh.d
@@ -529,10 +527,10 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     p = f"b{i}."
     label = i if label is None else label
     d, f, bn = sh.d, sh.f, sh.b * sh.n
-    amp = sh.casts  # (under autocast, whether the stream is fp32 and cast for each linear)
+    casts = sh.casts  # (under autocast, whether the stream is fp32 and cast for each linear)
     ck = wl.checkpointing == Checkpointing.full
     if ck:
-        if amp and not spec.layer_scale:
+        if casts and not spec.layer_scale:
             # the residual add casts the gradient down before fc2's node asks for recompute
             r.alloc(p + "fc2.gc", sh.tok_lo, B)
         _block_forward(r, i, "", sh, spec, wl, True, recompute=True, label=label)
@@ -550,7 +548,7 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     else:
         r.alloc(p + "g.gelu", sh.hid, B)
         r.free(gfc2, p + "fc1")
-        gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, amp,
+        gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, casts,
                                 (p + "g.gelu", p + "ln2"), early=ck)
     layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1")
     r.alloc(p + "g.x1", sh.tok, B)  # residual: the incoming gradient plus the MLP branch's
@@ -627,7 +625,7 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
                               sh.amp, _head_casts(spec, sh), ("g.logits", "pooled"), free_first=("g.logits",))
         r.where = "backward: norm"
         layernorm_backward(r, gr, sh, "", "norm", gin, "mean", rows=sh.b,
-                           upcast=spec.video and videomae.upcasts(sh))
+                           upcast=sh.ln_upcast)
         gr.accumulate("norm.w", "norm.b")
         # the mean's backward: the gradient spread over the patch tokens (B, P, D); put into
         # a zero (B, N, D) tensor when prefix tokens were sliced off
@@ -885,7 +883,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     ck = train and wl.checkpointing == Checkpointing.full
     # timm's ``self.blocks(x)`` (an nn.Sequential) and Hugging Face's encoder
     # (``embedding_output``) hold their input until the last block returns
-    keeps_embedding = not train or (spec.video and videomae.upcasts(sh))
+    keeps_embedding = not train or sh.ln_upcast  # (then no norm saves the stream: it is held)
     full = r.FULL or spec.drop_path  # (the first block has no drop path: the blocks differ, none is lumped)
     if full:
         for i in range(depth):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vitcost.replay import B, F, G, O, OT, S, WC, Replay
+from vitcost.replay import B, F, G, O, OT, S, WC, Replay, _round_up
 from vitcost.specs import AttentionKernel, Optimizer, Workload
 
 
@@ -88,9 +88,24 @@ class Shapes:
         return self.amp and self.res != self.lo
 
     @property
+    def ln_upcast(self) -> bool:
+        """CUDA autocast runs LayerNorm in fp32: on a low-precision stream (VideoMAE's) each
+        norm copies its input up, keeps the copy, and hands the linears an fp32 output to cast.
+        (CPU autocast keeps a bf16 norm bf16.)"""
+        return self.amp and self.cuda and self.res == self.lo
+
+    @property
     def softmax_fp32(self) -> bool:
         """CUDA autocast runs softmax in fp32; CPU autocast (bf16) does not."""
         return self.amp and self.cuda
+
+
+def kernel_sizes(n: int, d: int, h: int, cuda: bool, lo: int) -> dict[str, int]:
+    """What the fused attention kernels pad: CPU flash and CUDA flash keep (B, H, N)
+    statistics, CUDA memory-efficient (fp32 inputs) pads N to 32; CUDA flash backward's
+    workspaces round N to 128 and the head width to 32."""
+    return dict(lse_n=_round_up(n, 32) if cuda and lo == 4 else n, n128=_round_up(n, 128),
+                hd32=_round_up(d // h, 32))
 
 
 def lse_bytes(sh: Shapes) -> int:

@@ -13,7 +13,7 @@ attention module; the softmax is a plain one.
 
 Under autocast the stream stays bf16: the conv makes it so and no fp32 parameter meets it.
 CPU autocast keeps a bf16 LayerNorm bf16 (fp32 statistics), so no linear casts its input;
-CUDA autocast runs LayerNorm in fp32 (``upcasts``): each norm copies its input up and keeps
+CUDA autocast runs LayerNorm in fp32 (``Shapes.ln_upcast``): each norm copies its input up and keeps
 the copy, its fp32 output is cast for each linear, and its gradient is cast back (derived from
 autocast's policy, not measured). Sizes in bytes.
 """
@@ -36,11 +36,6 @@ from vitcost.specs import AttentionKernel, Checkpointing, ViTSpec, Workload
 ORDER = ("k", "v", "q")  # VideoMAESelfAttention's order
 
 
-def table_bytes(spec: ViTSpec) -> int:
-    """The sin-cos table, fp32 on the CPU: a plain attribute of the module, not a buffer."""
-    return spec.patch_tokens * spec.dim * 4
-
-
 def prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_elems: int) -> None:
     """The tubelet embedding and the table; leaves ``b0.in``."""
     r.where = "forward: patch embedding"
@@ -56,12 +51,6 @@ def prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_ele
     r.free("table.copy", "patches")
 
 
-def upcasts(sh: Shapes) -> bool:
-    """CUDA autocast runs LayerNorm in fp32 on VideoMAE's bf16 stream (CPU autocast does not):
-    each norm copies its input up, keeps the copy, and gives the linears an fp32 output to cast."""
-    return sh.amp and sh.cuda
-
-
 def block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
                   checkpointed: bool = False, recompute: bool = False, label: int | None = None,
                   keep_input: bool = False) -> None:
@@ -71,7 +60,7 @@ def block_forward(r: Replay, i: int, nxt: str, sh: Shapes, spec: ViTSpec, wl: Wo
     phase = f"backward: blocks.{label if label is not None else i} (recompute)" if recompute else f"forward: blocks.{i}"
     r.where = phase + ".attn"
     sdpa = wl.attention == AttentionKernel.sdpa
-    up = upcasts(sh)
+    up = sh.ln_upcast
     cast = sh.casts or up  # the linears after a norm cast its output down
     ln_cat = F if (cast or not grad) else S
     layernorm_forward(r, sh, p + "ln1", ln_cat, keep, grad, upcast=up)
@@ -125,7 +114,7 @@ def block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpe
     label = i if label is None else label
     d, f, bn = sh.d, sh.f, sh.b * sh.n
     casts = sh.casts
-    up = upcasts(sh)
+    up = sh.ln_upcast
     ck = wl.checkpointing == Checkpointing.full
     if ck:
         if casts:
