@@ -119,6 +119,30 @@ def pct(err) -> str:
     return "n/a" if err is None else f"{100 * err:+.4f}%"
 
 
+def run_grid(calls, tolerance: float, row_limit_bytes: int = ROW_LIMIT_BYTES):
+    """Measure each call (``vitcost`` keyword arguments, a label for the log) on the CPU.
+    Every row's predicted peak is checked against ``row_limit_bytes`` before any row runs,
+    so a grid that would not fit this machine is refused whole. Returns the results and the
+    seconds the measuring took."""
+    import vitcost
+    from vitcost.calibrate import calibrate
+
+    for kwargs, label in calls:
+        peak = vitcost.plan(device="cpu", **kwargs).memory.peak
+        if peak > row_limit_bytes:
+            raise SystemExit(f"{kwargs['model']} {kwargs['image']} batch {kwargs['batch']} {label}: predicted "
+                             f"peak {gib(peak)} is over the {gib(row_limit_bytes)} a row may use")
+    results = []
+    start = time.perf_counter()
+    for i, (kwargs, label) in enumerate(calls, 1):
+        (cal,) = calibrate(device="cpu", tolerance=tolerance, **kwargs).results
+        results.append(cal)
+        worst = cal.worst
+        print(f"[{i:2}/{len(calls)}] {cal.label} {label}: {cal.status}, "
+              f"worst {worst.name} {pct(worst.error)}, {cal.seconds:.1f} s", file=sys.stderr, flush=True)
+    return results, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "accuracy.md")
@@ -129,28 +153,11 @@ def main() -> None:
 
     import torch
 
-    import vitcost
-    from vitcost.calibrate import calibrate
-
     rows = GRID[: args.limit] if args.limit else GRID
-    for model, image, patch, batch, mode, precision, attention, keep in rows:  # refuse before running
-        peak = vitcost.plan(model, image=image, patch=patch, batch=batch, mode=mode, precision=precision,
-                            attention=attention, keep_grads=keep, device="cpu").memory.peak
-        if peak > ROW_LIMIT_BYTES:
-            raise SystemExit(f"{model} {image}/{patch} batch {batch} {mode}: predicted peak {gib(peak)} "
-                             f"is over the {gib(ROW_LIMIT_BYTES)} a row may use")
-
-    results = []
-    start = time.perf_counter()
-    for i, (model, image, patch, batch, mode, precision, attention, keep) in enumerate(rows, 1):
-        run = calibrate(model, image=image, patch=patch, batch=batch, mode=mode, precision=precision,
-                        attention=attention, keep_grads=keep, device="cpu", tolerance=TOLERANCE)
-        (cal,) = run.results
-        results.append(cal)
-        worst = cal.worst
-        print(f"[{i:2}/{len(rows)}] {cal.label} {mode} {precision} {attention} keep_grads={keep}: {cal.status}, "
-              f"worst {worst.name} {pct(worst.error)}, {cal.seconds:.1f} s", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - start
+    calls = [(dict(model=model, image=image, patch=patch, batch=batch, mode=mode, precision=precision,
+                   attention=attention, keep_grads=keep), f"{mode} {precision} {attention} keep_grads={keep}")
+             for model, image, patch, batch, mode, precision, attention, keep in rows]
+    results, seconds = run_grid(calls, TOLERANCE)
 
     write_markdown(args.out, results, seconds, torch.__version__, torch.get_num_threads())
     if args.json:

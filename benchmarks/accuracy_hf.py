@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import gib, pct, write_markdown  # noqa: E402
+from accuracy import run_grid, write_markdown  # noqa: E402
 
 ROW_LIMIT_BYTES = 6 * 2**30
 TOLERANCE = 0.005
@@ -145,27 +144,11 @@ def main() -> None:
 
     import torch
 
-    import vitcost
-    from vitcost.calibrate import calibrate
-
     rows = GRID[: args.limit] if args.limit else GRID
-    for model, arch, image, batch, mode, precision, attention, ck in rows:  # refuse before running
-        peak = vitcost.plan(model, image=image, batch=batch, mode=mode, precision=precision, attention=attention,
-                            checkpointing=ck, device="cpu", impl="hf", **arch).memory.peak
-        if peak > ROW_LIMIT_BYTES:
-            raise SystemExit(f"{model} {image} batch {batch} {mode}: predicted peak {gib(peak)} "
-                             f"is over the {gib(ROW_LIMIT_BYTES)} a row may use")
-    results = []
-    start = time.perf_counter()
-    for i, (model, arch, image, batch, mode, precision, attention, ck) in enumerate(rows, 1):
-        run = calibrate(model, image=image, batch=batch, mode=mode, precision=precision, attention=attention,
-                        checkpointing=ck, device="cpu", tolerance=TOLERANCE, impl="hf", **arch)
-        (cal,) = run.results
-        results.append(cal)
-        worst = cal.worst
-        print(f"[{i:2}/{len(rows)}] {cal.label} {mode} {precision} {attention} checkpointing={ck}: {cal.status}, "
-              f"worst {worst.name} {pct(worst.error)}, {cal.seconds:.1f} s", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - start
+    calls = [(dict(model=model, image=image, batch=batch, mode=mode, precision=precision, attention=attention,
+                   checkpointing=ck, impl="hf", **arch), f"{mode} {precision} {attention} checkpointing={ck}")
+             for model, arch, image, batch, mode, precision, attention, ck in rows]
+    results, seconds = run_grid(calls, TOLERANCE, ROW_LIMIT_BYTES)
     explained = {i for i, row in enumerate(rows) if (row[0], *row[2:]) in EXPLAINED}
     outro = []
     if explained:
