@@ -167,21 +167,26 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
         r.retag("b0.in", saved)
 
 
+def _interpolated_in_fp32(r: Replay, name: str, in_elems: int, out_elems: int, par: int, cat: int) -> None:
+    """An interpolation (or its backward) that runs in fp32: below fp32 the input is cast up,
+    interpolated, the fp32 input freed and the result cast back; in fp32, just the result."""
+    if par == 4:
+        r.alloc(name, out_elems * 4, cat)
+        return
+    r.alloc(f"{name}.in.32", in_elems * 4, cat)
+    r.alloc(f"{name}.32", out_elems * 4, cat)
+    r.free(f"{name}.in.32")
+    r.alloc(name, out_elems * par, cat)
+    r.free(f"{name}.32")
+
+
 def _interpolated_pos(r: Replay, spec: ViTSpec, sh: Shapes) -> None:
     """Hugging Face's DINOv2 run at an image other than the one it was built for: its patch
     positions are interpolated (bicubic, in fp32) to the image's grid every forward, and the
     class row put back in front (``pos.i``, which the add reads)."""
     if not spec.pos_grid:
         return
-    hw = sh.patches * sh.d
-    if sh.par != 4:  # interpolated in fp32 and cast back
-        r.alloc("pos.32", spec.pos_grid ** 2 * sh.d * 4, F)
-        r.alloc("pos.up.32", hw * 4, F)
-        r.free("pos.32")
-        r.alloc("pos.up", hw * sh.par, F)
-        r.free("pos.up.32")
-    else:
-        r.alloc("pos.up", hw * 4, F)
+    _interpolated_in_fp32(r, "pos.up", spec.pos_grid ** 2 * sh.d, sh.patches * sh.d, sh.par, F)
     r.alloc("pos.i", (sh.patches + 1) * sh.d * sh.par, F)
     r.free("pos.up")
 
@@ -191,15 +196,7 @@ def _interpolated_pos_backward(r: Replay, gr: Grads, spec: ViTSpec, sh: Shapes) 
     (in fp32) back to the grid's, each of the two slices put into a zero table, added."""
     table = sh.pos * sh.d * sh.par
     r.alloc("g.pos.i", (sh.patches + 1) * sh.d * sh.par, B)
-    grid = spec.pos_grid ** 2 * sh.d
-    if sh.par != 4:
-        r.alloc("g.pos.up.32", sh.patches * sh.d * 4, B)
-        r.alloc("g.pos.grid.32", grid * 4, B)
-        r.free("g.pos.up.32")
-        r.alloc("g.pos.grid", grid * sh.par, B)
-        r.free("g.pos.grid.32")
-    else:
-        r.alloc("g.pos.grid", grid * 4, B)
+    _interpolated_in_fp32(r, "g.pos.grid", sh.patches * sh.d, spec.pos_grid ** 2 * sh.d, sh.par, B)
     r.alloc("g.pos.rows", table, B)
     r.free("g.pos.grid")
     r.alloc("g.pos.first", table, B)
