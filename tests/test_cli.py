@@ -119,10 +119,17 @@ def test_documented_compare_example():
     """vitcost compare --image 384 --patch 8,14,16,32 --gpu a100: one row per patch."""
     result = ok("compare", "--image", "384", "--patch", "8,14,16,32", "--gpu", "a100")
     rows = [r for r in table_rows(result.stdout) if r[0] == "384"]
-    assert [r[1] for r in rows] == ["8", "14", "16", "32"]
+    assert [r[1] for r in rows[:4]] == ["8", "14", "16", "32"]
     # tokens: 48^2+1, 27^2+1 (384 = 27*14 + 6), 24^2+1, 12^2+1
-    assert [r[2].split()[0] for r in rows] == ["2,305", "730", "577", "145"]
-    assert all(r[-2] in ("yes", "no") for r in rows)
+    assert [r[2].split()[0] for r in rows[:4]] == ["2,305", "730", "577", "145"]
+    # batch 8 fits at every patch: the largest batch is shown unmarked
+    main, timed = rows[:4], rows[4:]
+    assert all(int(r[7].replace(",", "")) >= 8 for r in main) and "does not fit" not in result.stdout
+    # the step's time and throughput (a second table): patch 8 (2,305 tokens) is the slowest, 32 the fastest
+    assert [r[1] for r in timed] == ["8", "14", "16", "32"]
+    ms = [float(r[2].replace(",", "")) for r in timed]
+    samples = [float(r[3].replace(",", "")) for r in timed]
+    assert ms == sorted(ms, reverse=True) and samples == sorted(samples)
     assert words(result.stdout).count("not divisible by patch") == 1  # the one warning, for 14
     assert "not divisible by patch 14" in words(result.stdout)
 

@@ -113,8 +113,13 @@ def test_compare_at_80_columns_keeps_every_figure_and_ratio_whole():
 
     expected = []
     for r in reports:
-        expected += [str(r["inputs"]["image_h"]), str(r["inputs"]["patch"]), f"{r['max_batch_size']:,}",
-                     "yes" if r["fits"] else "no"]
+        expected += [str(r["inputs"]["image_h"]), str(r["inputs"]["patch"]),
+                     f"{r['max_batch_size']:,}" + ("" if r["fits"] else " x")]
+        t = r["time"]  # the second table: time per step and samples/s, ratios to the first row
+        expected += [f"{t['step_seconds'] * 1e3:,.1f}", f"{t['samples_per_s']:,.0f}", f"{t['mfu']:.0%}"]
+        if r is not base:
+            expected += [f"{t['step_seconds'] / base['time']['step_seconds']:.3g}x",
+                         f"{t['samples_per_s'] / base['time']['samples_per_s']:.3g}x"]
         for (value, text), (ref, _) in zip(figures(r), figures(base)):
             expected.append(text)
             if r is not base:

@@ -12,7 +12,8 @@ from functools import lru_cache, partial
 from typing import Any, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError, shorten
-from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, build_report
+from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, RunOptions, TimeReport, build_report, estimate_time
+from vitcost.kernels import NotModelled
 from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
 from vitcost.specs import ViTSpec, Workload, make_workload
@@ -122,6 +123,10 @@ def plan(
     allocator: str = "native",
     strict: bool = False,
     hf_config: Optional[str] = None,
+    tf32: bool = False,
+    epochs: Optional[float] = None,
+    dataset_size: Optional[int] = None,
+    price_per_gpu_hour: Optional[float] = None,
     **arch: Any,
 ) -> Report:
     """Tokens, parameters, MACs, attention maps and memory of one configuration.
@@ -133,8 +138,11 @@ def plan(
     and the largest batch that does, on the caching allocator's rules (``allocator``:
     ``native``, or ``expandable`` for ``expandable_segments:True``). ``hf_config``: a Hugging
     Face ``config.json`` as the architecture, run by Hugging Face's code; explicit options
-    override what it says.
+    override what it says. With a profile that has a ``time`` section the step is priced
+    (``tf32``: fp32 matmuls on TF32 tensor cores); ``epochs`` over ``dataset_size`` samples
+    give a run's wall time and GPU-hours, ``price_per_gpu_hour`` its cost.
     """
+    run = run_options(tf32, epochs, dataset_size, price_per_gpu_hour)
     explicit_classes = arch.get("classes")
     notes: tuple[str, ...] = ()
     name = None
@@ -154,7 +162,28 @@ def plan(
                                "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing,
-                      gpu=gpu, device=device, allocator=allocator)
+                      gpu=gpu, device=device, allocator=allocator, run=run)
+
+
+def run_options(tf32: bool = False, epochs: Optional[float] = None, dataset_size: Optional[int] = None,
+                price_per_gpu_hour: Optional[float] = None) -> RunOptions:
+    """Validated time options: every figure positive and finite, a run named by both its epochs
+    and its dataset size, a price only for a run."""
+    for flag, value in (("--epochs", epochs), ("--dataset-size", dataset_size),
+                        ("--price-per-gpu-hour", price_per_gpu_hour)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{flag} {value}: must be a number greater than 0")
+    if dataset_size is not None and int(dataset_size) != dataset_size:
+        raise ConfigError(f"--dataset-size {dataset_size}: a whole number of samples")
+    if (epochs is None) != (dataset_size is None):
+        raise ConfigError("--epochs and --dataset-size go together: a run is so many epochs over so many samples")
+    if price_per_gpu_hour is not None and epochs is None:
+        raise ConfigError("--price-per-gpu-hour prices a run: give --epochs and --dataset-size too")
+    return RunOptions(tf32=bool(tf32), epochs=None if epochs is None else float(epochs),
+                      dataset_size=None if dataset_size is None else int(dataset_size),
+                      price_per_gpu_hour=price_per_gpu_hour)
 
 
 def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Optional[int],
@@ -183,7 +212,8 @@ def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Op
 
 
 def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],
-               device: Optional[str], allocator: str = "native", **workload: Any) -> Report:
+               device: Optional[str], allocator: str = "native", run: RunOptions = RunOptions(),
+               **workload: Any) -> Report:
     if gpu is not None and not str(gpu).strip():
         raise ConfigError("--gpu '': name a GPU profile (see 'vitcost gpus') or a YAML file, or leave --gpu out")
     if allocator not in ALLOCATORS:
@@ -193,7 +223,9 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if batch is not None and batch <= 0:
         raise ConfigError(f"--batch {batch}: the batch size must be at least 1")
     per_gpu = math.ceil(batch / gpus)
-    values = (per_gpu, device or "cuda", *(workload[k] for k in _WORKLOAD_KEYS))
+    if device is None:
+        device = resolved.profile.device if resolved else "cuda"
+    values = (per_gpu, device, *(workload[k] for k in _WORKLOAD_KEYS))
     try:
         wl = _workload(*values)
     except TypeError:  # an unhashable argument: validation says what is wrong with it
@@ -208,7 +240,30 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         warnings = warnings + (f"batch {batch} does not split evenly over {gpus} GPUs: "
                                f"each runs {per_gpu} (the largest share)",)
     fit = None if resolved is None else partial(_fit, spec, wl, resolved, allocator)
-    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch)
+    time = None if resolved is None else partial(_time, spec, wl, resolved, batch, run)
+    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch, time=time)
+
+
+def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) -> tuple[Optional[TimeReport], Optional[str]]:
+    """The step priced on the profile, or why it is not."""
+    profile = resolved.profile
+    dtype = _MATMUL_DTYPE[wl.precision]
+    if dtype == "fp32" and run.tf32:
+        dtype = "tf32"
+    rates = profile.rates(dtype)
+    if rates is None:
+        return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
+                      "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
+    rates = calibrated_rates(resolved.canonical, dtype, rates)
+    try:
+        return estimate_time(spec, wl, rates, dtype, batch, run), None
+    except NotModelled as err:
+        return None, f"{err}: the step is not priced"
+
+
+def calibrated_rates(canonical: str, dtype: str, rates):
+    """The profile's rates with what ``calibrate --save`` measured for this GPU put in."""
+    return rates
 
 
 _WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing")

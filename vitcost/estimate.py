@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional
 
-from vitcost import formulas
+from vitcost import formulas, kernels, timing
+from vitcost.memory import shapes_of
 from vitcost.replay import MemoryResult
 from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
@@ -80,6 +81,89 @@ class GPUFit:
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """What the time half is asked beyond the step: TF32 for fp32 matmuls, and a run."""
+
+    tf32: bool = False
+    epochs: Optional[float] = None
+    dataset_size: Optional[int] = None
+    price_per_gpu_hour: Optional[float] = None
+
+
+# What MFU counts, said once for the JSON and the table.
+MFU_COUNTS = ("model FLOPs (2 x the MACs of every matmul and attention product of the forward, and of "
+              "the backward when training; a checkpoint's recompute not counted) per second, over the "
+              "matmul dtype's dense peak")
+
+
+@dataclass(frozen=True)
+class TimeReport:
+    """A step's time on a device (per GPU: every GPU runs its share at once)."""
+
+    step: timing.StepTime
+    global_batch: int
+    gpus: int
+    matmul_dtype: str
+    peak_flops_per_s: float
+    model_flops_per_step: int  # per GPU
+    run: Optional[timing.RunCost] = None
+    options: RunOptions = RunOptions()
+
+    @property
+    def step_seconds(self) -> float:
+        return self.step.step_seconds
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.global_batch / self.step.step_seconds
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops_per_step / self.step.step_seconds / self.peak_flops_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        run = self.run
+        return {
+            "step_seconds": self.step_seconds,
+            "samples_per_s": self.samples_per_s,
+            "mfu": self.mfu,
+            "mfu_counts": MFU_COUNTS,
+            "model_flops_per_step": self.model_flops_per_step,
+            "matmul_dtype": self.matmul_dtype,
+            "peak_flops_per_s": self.peak_flops_per_s,
+            "breakdown_seconds": dict(self.step.breakdown_seconds),
+            "phase_seconds": dict(self.step.phase_seconds),
+            "launches": self.step.launches,
+            "allreduce_seconds": self.step.allreduce_seconds,
+            "allreduce_overlapped_with_backward": bool(self.step.allreduce_seconds),
+            "epochs": self.options.epochs,
+            "dataset_size": self.options.dataset_size,
+            "steps": run.steps if run else None,
+            "run_seconds": run.run_seconds if run else None,
+            "run_gpu_hours": run.run_gpu_hours if run else None,
+            "price_per_gpu_hour": self.options.price_per_gpu_hour,
+            "run_cost": run.run_cost if run else None,
+        }
+
+
+def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype: str, global_batch: int,
+                  options: RunOptions = RunOptions()) -> TimeReport:
+    """Price the step's kernels on ``rates``; raises ``kernels.NotModelled`` where there is no
+    kernel list."""
+    sh = shapes_of(spec, wl)
+    ks = kernels.step_kernels(spec, wl, sh)
+    grads = sh.grads if wl.training and rates.gpus > 1 else 0
+    step = timing.step_time(ks, rates, grad_bytes=grads)
+    run = None
+    if options.epochs is not None and options.dataset_size is not None:
+        run = timing.run_cost(step.step_seconds, global_batch, rates.gpus, options.epochs, options.dataset_size,
+                              options.price_per_gpu_hour)
+    return TimeReport(step=step, global_batch=global_batch, gpus=rates.gpus, matmul_dtype=matmul_dtype,
+                      peak_flops_per_s=rates.matmul_flops_per_s, model_flops_per_step=2 * kernels.model_macs(ks),
+                      run=run, options=options)
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything vitcost says about one configuration."""
 
@@ -95,6 +179,8 @@ class Report:
     gpu: Optional[GPUFit] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     global_batch: int = 0  # the batch asked for, over every GPU (0: the workload's)
+    time: Optional[TimeReport] = None
+    time_reason: Optional[str] = None  # why ``time`` is None
 
     @property
     def batch(self) -> int:
@@ -211,6 +297,8 @@ class Report:
             "fits": gpu.fits if gpu else None,
             "headroom_bytes": gpu.headroom_bytes if gpu else None,
             "max_batch_size": gpu.max_batch_size if gpu else None,
+            "time": self.time.to_dict() if self.time else None,
+            "time_reason": self.time_reason,
             "warnings": list(self.warnings),
         }
 
@@ -246,7 +334,8 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
 
 
 def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
-                 fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0) -> Report:
+                 fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0,
+                 time: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = None) -> Report:
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
@@ -257,6 +346,7 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
     gpu = None
     if fit is not None:
         gpu = fit(memory.peak + ddp, ddp, sum((train if workload.training else fwd).values()))
+    timed, reason = time() if time is not None else (None, "no GPU profile given (--gpu NAME prices the step)")
     return Report(
         spec=spec,
         workload=workload,
@@ -270,6 +360,8 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         gpu=gpu,
         warnings=warnings,
         global_batch=global_batch,
+        time=timed,
+        time_reason=reason,
     )
 
 

@@ -57,6 +57,21 @@ class Interconnect(BaseModel):
     gb_per_s_per_direction: float = Field(ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
 
 
+class TimeFigures(BaseModel):
+    """What the time model needs beyond the datasheet rates (``vitcost.timing``), with a source."""
+
+    model_config = _CONFIG
+
+    compute_units: int = Field(gt=0, le=1 << 20, strict=True)  # SMs (a GPU) or cores (a CPU)
+    memory_bandwidth_efficiency: float = Field(ge=0.01, le=1, strict=True, allow_inf_nan=False)
+    attention_efficiency: float = Field(ge=0.01, le=1, strict=True, allow_inf_nan=False)
+    kernel_overhead_us: float = Field(ge=0, le=1e6, strict=True, allow_inf_nan=False)
+    host_overhead_us: float = Field(ge=0, le=1e6, strict=True, allow_inf_nan=False)
+    matmul_tile: int = Field(default=128, ge=0, le=4096, strict=True)  # 0: no tile or wave quantization
+    attention_tile: int = Field(default=128, ge=0, le=4096, strict=True)  # 0: the fused kernel pads nothing
+    source: str = Field(min_length=1)
+
+
 class GPUProfile(BaseModel):
     """One GPU model (or a node of ``gpus`` identical GPUs), per-GPU figures."""
 
@@ -67,7 +82,7 @@ class GPUProfile(BaseModel):
     aliases: tuple[str, ...] = ()
     gpus: int = Field(default=1, gt=0, le=65536, strict=True)
     memory_mib: int = Field(gt=0, le=1 << 24, strict=True)  # up to 16 TiB per GPU
-    cuda_context_mib: int = Field(gt=0, le=1 << 24, strict=True)
+    cuda_context_mib: int = Field(ge=0, le=1 << 24, strict=True)  # 0 only for a CPU
     library_workspace_mib: float = Field(ge=0, le=1 << 24, strict=True, allow_inf_nan=False)
     overheads_source: str = Field(min_length=1)
     memory_bandwidth_gb_per_s: float = Field(ge=1, le=1e6, strict=True, allow_inf_nan=False)
@@ -76,10 +91,14 @@ class GPUProfile(BaseModel):
     interconnect: Interconnect
     node_interconnect: Optional[Interconnect] = None
     allreduce_bus_gb_per_s: Optional[float] = Field(default=None, ge=0.01, le=1e6, strict=True, allow_inf_nan=False)
+    time: Optional[TimeFigures] = None  # without it, plan answers memory and says what time needs
+    device: Literal["cuda", "cpu"] = "cuda"  # "cpu": a machine measured by 'vitcost probe'
     source: str = Field(min_length=1)
 
     @model_validator(mode="after")
     def _context_fits(self) -> "GPUProfile":
+        if self.device == "cuda" and not self.cuda_context_mib:
+            raise ValueError("cuda_context_mib: a GPU's CUDA context takes memory; give it (0 only with device: cpu)")
         if self.cuda_context_mib + self.library_workspace_mib >= self.memory_mib:
             raise ValueError(
                 f"cuda_context_mib {self.cuda_context_mib} + library_workspace_mib {self.library_workspace_mib:g} "
@@ -117,6 +136,22 @@ class GPUProfile(BaseModel):
         if dtype not in DenseTflops.model_fields:
             raise ValueError(f"dtype must be one of {', '.join(DenseTflops.model_fields)}, got {dtype!r}")
         return getattr(self.dense_tflops, dtype) * 1e12
+
+    def rates(self, dtype: Dtype):
+        """The time engine's view of one GPU for matmuls in ``dtype`` (None without ``time``)."""
+        from vitcost.timing import Rates
+
+        t = self.time
+        if t is None:
+            return None
+        link = self.allreduce_bus_gb_per_s or self.interconnect.gb_per_s_per_direction
+        return Rates(
+            matmul_flops_per_s=self.peak_flops_per_s(dtype), matmul_efficiency=self.matmul_efficiency,
+            attention_efficiency=t.attention_efficiency,
+            memory_bytes_per_s=self.memory_bandwidth_bytes_per_s * t.memory_bandwidth_efficiency,
+            kernel_seconds=t.kernel_overhead_us * 1e-6, host_seconds=t.host_overhead_us * 1e-6,
+            compute_units=t.compute_units, tile=t.matmul_tile, attention_tile=t.attention_tile,
+            asynchronous=self.device == "cuda", gpus=self.gpus, allreduce_bytes_per_s=link * 1e9)
 
     def achievable_flops_per_s(self, dtype: Dtype) -> float:
         """Peak FLOP/s times ``matmul_efficiency``: what large matmuls reach in practice."""
@@ -232,6 +267,7 @@ _SUBMODELS: dict[str, type[BaseModel]] = {
     "dense_tflops": DenseTflops,
     "interconnect": Interconnect,
     "node_interconnect": Interconnect,
+    "time": TimeFigures,
 }
 
 

@@ -180,14 +180,73 @@ def fit_text(report: Report) -> Text:
                 f"the {gpu.allocator} "
                 "caching allocator's segments, over a first step and the steady ones, must fit\n", style="dim")
     per = f" ({gpu.max_batch_size // gpu.gpus} per GPU x {gpu.gpus})" if gpu.gpus > 1 else ""
-    text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}\n", style="bold")
-    text.append(f"compute: {fmt_count(gpu.peak_flops_per_s, 'FLOP/s')} dense {gpu.matmul_dtype} peak x "
-                f"{gpu.matmul_efficiency:.0%} achievable -> step >= {gpu.step_seconds_lower_bound * 1e3:.1f} ms")
+    text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}", style="bold")
     return text
 
 
+_GROUP_LABELS = {
+    "matmul": "matmul (linears, patch embedding, head)",
+    "attention": "attention (fused kernel, or the eager maps and their matmuls)",
+    "memory": "memory-bound (LayerNorm, GELU, residual adds, casts, loss)",
+    "optimizer": "optimizer step",
+    "communication": "gradient all-reduce not hidden by backward",
+    "launch": "kernel launches",
+}
+
+
+def time_parts(report: Report) -> list[Any]:
+    """The step's time, where it goes, and a run's wall time, GPU-hours and cost."""
+    t = report.time
+    if t is None:
+        if report.gpu is None:
+            return []
+        return [Text(f"time: not priced: {escape_control(report.time_reason or '')}", style="yellow")]
+    step = t.step_seconds
+    per = f" ({report.workload.batch:,} per GPU x {t.gpus})" if t.gpus > 1 else ""
+    head = Text()
+    head.append(f"time: {fmt_seconds(step)} per step of {t.global_batch:,}{per} -> {t.samples_per_s:,.0f} samples/s; "
+                f"MFU {t.mfu:.0%}", style="bold")
+    head.append(f" (model FLOPs/s over the {t.matmul_dtype} dense peak, "
+                f"{fmt_count(t.peak_flops_per_s, 'FLOP/s')})", style="dim")
+    table = Table(title="where the time goes (per GPU)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("part")
+    table.add_column("ms", justify="right")
+    table.add_column("share", justify="right")
+    for group, seconds in t.step.breakdown_seconds.items():
+        if seconds or group in ("matmul", "memory"):
+            table.add_row(_GROUP_LABELS[group], f"{seconds * 1e3:,.2f}", f"{100 * seconds / step:.1f}%")
+    table.add_row("step", f"{step * 1e3:,.2f}", "100.0%", style="bold")
+    notes = [f"{t.step.launches:,} kernel launches"]
+    if t.step.allreduce_seconds:
+        notes.append(f"all-reduce {fmt_seconds(t.step.allreduce_seconds)}, overlapped with backward")
+    table.caption = "; ".join(notes)
+    parts: list[Any] = [head, table]
+    if t.run is not None:
+        run = t.run
+        line = (f"run: {t.options.epochs:g} epochs x {t.options.dataset_size:,} samples = {run.steps:,} steps: "
+                f"{fmt_seconds(run.run_seconds)} wall, {run.run_gpu_hours:,.1f} GPU-hours")
+        if run.run_cost is not None:
+            line += f", cost {run.run_cost:,.2f} at {t.options.price_per_gpu_hour:g} per GPU-hour"
+        parts.append(Text(line, style="bold"))
+    return parts
+
+
+def fmt_seconds(seconds: float) -> str:
+    """Seconds for reading: ms under a second, s under a minute, then h:mm:ss-style units."""
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 86400 * 2:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def render_plan(report: Report, console: Console) -> None:
-    parts = [header(report), tokens_table(report), compute_table(report), memory_table(report), fit_text(report)]
+    parts = [header(report), tokens_table(report), compute_table(report), memory_table(report), fit_text(report),
+             *time_parts(report)]
     for w in report.warnings:
         parts.append(Text(f"warning: {escape_control(w)}", style="yellow"))
     console.print(Group(*parts))
@@ -211,9 +270,11 @@ def render_compare(reports: list[Report], console: Console) -> None:
                   box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
     for col in ("image", "patch", "tokens", "attn map\nper head", "GMACs\n/image", "saved for\nbackward", "peak"):
         table.add_column(col, justify="right", no_wrap=True)
-    if has_gpu:
-        table.add_column("fits", justify="right", no_wrap=True)
+    if has_gpu:  # whether the batch fits is told by the largest batch: marked where it is smaller
         table.add_column("max\nbatch", justify="right", no_wrap=True)
+        if not all(r.gpu.fits for r in reports):
+            table.caption = f"x: batch {base.batch:,} does not fit"
+            table.caption_justify = "left"
     for r in reports:
         first = r is base
         row = [
@@ -228,12 +289,41 @@ def render_compare(reports: list[Report], console: Console) -> None:
             _with_ratio(fmt_bytes(r.peak_bytes), r.peak_bytes, base.peak_bytes, first),
         ]
         if has_gpu:
-            row += [Text("yes" if r.gpu.fits else "no"), Text(f"{r.gpu.max_batch_size:,}")]
+            row.append(Text(f"{r.gpu.max_batch_size:,}" + ("" if r.gpu.fits else " x"),
+                            style="" if r.gpu.fits else "bold red"))
         table.add_row(*row)
-    console.print(Group(header(base), table))
+    parts: list[Any] = [header(base), table]
+    if any(r.time is not None for r in reports):
+        parts.append(_compare_time_table(reports))
+    console.print(Group(*parts))
     for r in reports:
         for w in r.warnings:
             console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
+
+
+def _compare_time_table(reports: list[Report]) -> Table:
+    """The rows' speed: time per step, samples/s and MFU on the GPU, with ratios to the first."""
+    base = reports[0]
+    table = Table(title=f"time per step on {escape_control(base.gpu.display_name)} (second lines: ratio to the first row)",
+                  title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    for col in ("image", "patch", "ms/step", "samples/s", "MFU", "matmul", "attention", "memory-bound"):
+        table.add_column(col, justify="right", no_wrap=True)
+    t0 = base.time
+    for r in reports:
+        t = r.time
+        cells = [Text(f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h)),
+                 Text(str(r.spec.patch))]
+        if t is None:
+            cells += [Text("-")] * 6
+        else:
+            first = r is base or t0 is None
+            parts = t.step.breakdown_seconds
+            cells += [_with_ratio(f"{t.step_seconds * 1e3:,.1f}", t.step_seconds, t0.step_seconds if t0 else 0, first),
+                      _with_ratio(f"{t.samples_per_s:,.0f}", t.samples_per_s, t0.samples_per_s if t0 else 0, first),
+                      Text(f"{t.mfu:.0%}")]
+            cells += [Text(f"{100 * parts[g] / t.step_seconds:.0f}%") for g in ("matmul", "attention", "memory")]
+        table.add_row(*cells)
+    return table
 
 
 def render_gpus(rows: list[tuple[Any, int, str]], console: Console) -> None:

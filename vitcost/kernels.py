@@ -1,0 +1,453 @@
+"""The ViT family as a list of kernels: what each operator of a step computes and moves.
+
+This module is a *model* for the time engine (``vitcost.timing``), as ``vitcost.memory`` is
+for the memory replay: it walks the same operators in the same order (patch embedding,
+LayerNorm, the linears under autocast with their input casts, attention by kernel, GELU or
+SwiGLU, LayerScale, residual adds, the head and loss, their backward, the recompute of
+checkpointed blocks, the optimizer step) and writes down, per operator, the kernels it
+launches: a matmul's shape and MACs, a fused attention kernel's MACs, and the bytes every
+kernel reads and writes. Element sizes come from the memory model's :class:`Shapes` (which
+tensor is fp32 and which is low precision under autocast is decided there, once); MACs of
+the linears are ``formulas.linear_macs``, the attention matmuls N^2 * head_dim per head.
+
+Bias additions are fused into the matmul (cuBLASLt's epilogue); views (reshape, transpose
+of a contiguous tensor, slicing the class token) launch nothing. Each kernel carries
+``count``: the times it runs per step (a block's kernels run ``depth`` times).
+Every size is in bytes; every count of work in MACs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+import math
+from typing import Optional
+
+from vitcost.formulas import linear_macs, param_tensors
+from vitcost.ops import Shapes
+from vitcost.specs import AttentionKernel, Checkpointing, Device, Impl, Mlp, Optimizer, Pooling, PosEmbed, ViTSpec, Workload
+
+# Where the time goes: the groups of the breakdown (``launch`` is added by the engine).
+GROUPS = ("matmul", "attention", "memory", "optimizer")
+
+# Kinds the engine prices differently.
+GEMM = "gemm"  # a (batched) matmul: MACs over the shape-aware matmul rate, or its bytes
+FLASH = "flash"  # a fused attention kernel: MACs over the attention rate, or its bytes
+STREAM = "stream"  # memory-bound: bytes over the bandwidth
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel (or a few launched together), run ``count`` times a step."""
+
+    name: str  # component path: blocks/attn/qkv, blocks/norm1, optimizer, ...
+    phase: str  # forward | backward | recompute | optimizer
+    group: str  # one of GROUPS
+    kind: str  # GEMM | FLASH | STREAM
+    bytes: int  # read + written, one run
+    macs: int = 0  # one run
+    m: int = 0  # a GEMM's output rows, columns and reduction, and its batch
+    n: int = 0
+    k: int = 0
+    batch: int = 1
+    tokens: int = 0  # a FLASH kernel's sequence length (its tiles pad it)
+    launches: int = 1  # kernels launched per run
+    count: int = 1
+
+
+class NotModelled(ValueError):
+    """The time model has no kernels for this configuration (the reason is the message)."""
+
+
+def _why_not(spec: ViTSpec) -> Optional[str]:
+    if spec.mae is not None:
+        return "MAE pretraining (two stacks of blocks) has no kernel list yet"
+    return None
+
+
+class _Walk:
+    """Collects kernels in execution order for one phase at a time."""
+
+    def __init__(self, sh: Shapes) -> None:
+        self.sh = sh
+        self.out: list[Kernel] = []
+        self.phase = "forward"
+        self.count = 1
+
+    def gemm(self, name: str, group: str, m: int, n: int, k: int, a: int, b: int, c: int, batch: int = 1) -> None:
+        """``a``, ``b``, ``c``: element bytes of the two operands and the output."""
+        self.out.append(Kernel(name, self.phase, group, GEMM, batch * (m * k * a + k * n * b + m * n * c),
+                               macs=batch * m * n * k, m=m, n=n, k=k, batch=batch, count=self.count))
+
+    def stream(self, name: str, group: str, read: int, write: int, launches: int = 1) -> None:
+        self.out.append(Kernel(name, self.phase, group, STREAM, read + write, launches=launches, count=self.count))
+
+    def flash(self, name: str, macs: int, tokens: int, read: int, write: int, launches: int = 1) -> None:
+        self.out.append(Kernel(name, self.phase, "attention", FLASH, read + write, macs=macs, tokens=tokens,
+                               launches=launches, count=self.count))
+
+
+# --- forward ----------------------------------------------------------------------------------
+
+
+def _layernorm(w: _Walk, name: str, rows: int, d: int) -> int:
+    """LayerNorm over ``rows`` rows of ``d``: reads the stream, writes its output and the (rows,)
+    statistics. Returns the output's element bytes (fp32 under CUDA autocast)."""
+    sh = w.sh
+    out = 4 if sh.ln_upcast else sh.res
+    if sh.ln_upcast:
+        w.stream(name, "memory", rows * d * sh.res, rows * d * 4)  # the copy up
+    w.stream(name, "memory", rows * d * (4 if sh.ln_upcast else sh.res), rows * d * out + 2 * rows * sh.stat)
+    return out
+
+
+def _linear(w: _Walk, name: str, rows: int, d_in: int, d_out: int, in_bytes: int, group: str = "matmul") -> None:
+    """A linear over ``rows``: under autocast an input of another dtype is cast down first."""
+    sh = w.sh
+    if sh.amp and in_bytes != sh.lo:
+        w.stream(name, "memory", rows * d_in * in_bytes, rows * d_in * sh.lo)
+    w.gemm(name, group, rows, d_out, d_in, sh.lo, sh.lo, sh.lo)
+
+
+def _attention_forward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
+    sh = w.sh
+    b, n, d, h = sh.b, sh.n, sh.d, sh.h
+    hd = d // h
+    t = b * n * d * sh.lo
+    amap = sh.amap
+    if wl.attention == AttentionKernel.sdpa:
+        w.flash(p + "attn/core", b * h * n * n * hd * 2, n, 3 * t, t + b * h * n * 4)
+        return
+    explicit32 = spec.impl == Impl.hf
+    softmax32 = (explicit32 or sh.softmax_fp32) and sh.lo == 2
+    post = wl.attention == AttentionKernel.eager_postscale
+    name = p + "attn/core"
+    if not post:
+        w.stream(name, "attention", t, t)  # q * scale
+    if not sh.eager_views:
+        w.stream(name, "attention", t, t)  # q made contiguous for bmm
+        w.stream(name, "attention", t, t)  # k^T made contiguous
+    w.gemm(p + "attn/q_kT", "attention", n, n, hd, sh.lo, sh.lo, sh.lo, batch=b * h)
+    if post:
+        w.stream(name, "attention", amap, amap)  # scores * scale
+    if softmax32:
+        w.stream(name, "attention", amap, 2 * amap)  # the scores cast up
+        w.stream(name, "attention", 2 * amap, 2 * amap)  # softmax in fp32
+        w.stream(name, "attention", 2 * amap, amap)  # cast back for the matmul
+    else:
+        w.stream(name, "attention", amap, amap)  # softmax
+    if not sh.eager_views:
+        w.stream(name, "attention", t, t)  # v made contiguous
+    w.gemm(p + "attn/attn_v", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)
+    w.stream(name, "attention", t, t)  # transpose(1, 2).reshape: a copy
+
+
+def _block_forward(w: _Walk, spec: ViTSpec, wl: Workload, recompute: bool = False) -> None:
+    sh = w.sh
+    rows, d, f = sh.b * sh.n, sh.d, sh.f
+    p = "blocks/"
+    ln = _layernorm(w, p + "norm1", rows, d)
+    if spec.impl == Impl.hf:
+        for _ in range(3):  # q, k and v: three linears, each casting its input
+            _linear(w, p + "attn/qkv", rows, d, d, ln)
+    else:
+        _linear(w, p + "attn/qkv", rows, d, 3 * d, ln)
+    _attention_forward(w, spec, wl, p)
+    _linear(w, p + "attn/proj", rows, d, d, sh.lo)
+    _branch_end(w, spec, wl, p + "attn/proj", rows)
+    ln = _layernorm(w, p + "norm2", rows, d)
+    if spec.mlp == Mlp.swiglu:
+        _linear(w, p + "mlp/fc1", rows, d, 2 * f, ln)
+        w.stream(p + "mlp/act", "memory", rows * 2 * f * sh.lo, rows * f * sh.lo, launches=2)  # silu(x1) * x2
+    else:
+        _linear(w, p + "mlp/fc1", rows, d, f, ln)
+        w.stream(p + "mlp/act", "memory", rows * f * sh.lo, rows * f * sh.lo)  # GELU
+    if recompute and not spec.layer_scale:
+        return  # the non-reentrant checkpoint stops at the last saved tensor: fc2 is not rerun
+    _linear(w, p + "mlp/fc2", rows, f, d, sh.lo)
+    if recompute:
+        return
+    _branch_end(w, spec, wl, p + "mlp/fc2", rows)
+
+
+def _branch_end(w: _Walk, spec: ViTSpec, wl: Workload, name: str, rows: int) -> None:
+    """LayerScale, drop-path's mask, and the residual add that ends a branch."""
+    sh = w.sh
+    d = sh.d
+    branch = sh.lo
+    if spec.layer_scale:
+        w.stream(name, "memory", rows * d * branch, rows * d * sh.res)
+        branch = sh.res
+    if spec.drop_path and wl.training:
+        w.stream(name, "memory", rows * d * branch, rows * d * sh.res)
+        branch = sh.res
+    w.stream(name, "memory", rows * d * (sh.res + branch), rows * d * sh.res)  # x + branch
+
+
+def _prologue_forward(w: _Walk, spec: ViTSpec) -> None:
+    sh = w.sh
+    b, d = sh.b, sh.d
+    k = sh.conv_w // d
+    if sh.amp:
+        w.stream("patch_embed", "memory", sh.b * sh.image * 4, sh.b * sh.image * sh.lo)  # the image cast down
+    # the conv as an implicit GEMM: one (C P^2) x D product per patch
+    w.gemm("patch_embed", "matmul", b * sh.patches, d, k, sh.lo, sh.lo, sh.lo)
+    rows = b * sh.n
+    if spec.prefix_tokens or spec.impl == Impl.hf:
+        w.stream("prefix_tokens", "memory", b * sh.patches * d * sh.lo, rows * d * sh.res)  # cat
+    if spec.pos_embed != PosEmbed.none or spec.video:
+        w.stream("pos_embed", "memory", rows * d * sh.res + sh.pos * d * 4, rows * d * sh.res)
+
+
+def _epilogue_forward(w: _Walk, spec: ViTSpec, wl: Workload) -> None:
+    sh = w.sh
+    b, d = sh.b, sh.d
+    if not spec.classes:
+        _layernorm(w, "norm", b * sh.n, d)
+        return
+    if spec.pooling == Pooling.avg:
+        w.stream("norm", "memory", b * sh.n * d * sh.res, b * d * sh.res)  # the mean over tokens
+        ln = _layernorm(w, "norm", b, d)
+    else:
+        ln = _layernorm(w, "norm", b * sh.n, d)
+        if spec.pooling == Pooling.token_avg:
+            w.stream("norm", "memory", b * sh.n * d * ln, 2 * b * d * ln)  # mean, then the cat
+    heads = 1 + int(spec.dist_token)
+    width = 2 if spec.pooling == Pooling.token_avg else 1
+    for _ in range(heads):
+        _linear(w, "head", b, width * d, spec.classes, ln)
+    if wl.training:
+        logits = heads * b * spec.classes
+        w.stream("loss", "memory", logits * sh.lo, logits * 4 * 2, launches=2 * heads)  # log_softmax, nll
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+
+def _linear_backward(w: _Walk, name: str, rows: int, d_in: int, d_out: int, grad_bytes: int, in_bytes: int,
+                     input_grad: bool = True, group: str = "matmul") -> int:
+    """A linear's backward: the incoming gradient cast down under autocast, the input's gradient
+    (grad @ W), the weight's (grad^T @ input), the bias's (a sum over rows), the weight's and
+    bias's gradients cast up to fp32, the input's cast back to its dtype. Returns its bytes."""
+    sh = w.sh
+    if sh.amp and grad_bytes != sh.lo:
+        w.stream(name, "memory", rows * d_out * grad_bytes, rows * d_out * sh.lo)
+    if input_grad:
+        w.gemm(name, group, rows, d_in, d_out, sh.lo, sh.lo, sh.lo)
+    w.gemm(name, group, d_out, d_in, rows, sh.lo, sh.lo, sh.lo)
+    w.stream(name, "memory", rows * d_out * sh.lo, d_out * sh.lo)  # the bias's gradient
+    if sh.amp:
+        w.stream(name, "memory", (d_in + 1) * d_out * sh.lo, (d_in + 1) * d_out * 4, launches=2)
+        if input_grad and in_bytes != sh.lo:
+            w.stream(name, "memory", rows * d_in * sh.lo, rows * d_in * in_bytes)
+            return in_bytes
+    return sh.lo
+
+
+def _layernorm_backward(w: _Walk, name: str, rows: int, d: int, grad_bytes: int) -> None:
+    """The input's gradient (one kernel) and gamma's and beta's (another), each reading the
+    gradient and the saved input."""
+    sh = w.sh
+    x = 4 if sh.ln_upcast else sh.res
+    w.stream(name, "memory", 2 * rows * d * (grad_bytes + x) + 2 * rows * sh.stat, rows * d * x, launches=2)
+    if sh.ln_upcast:
+        w.stream(name, "memory", rows * d * 4, rows * d * sh.res)
+
+
+def _attention_backward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
+    sh = w.sh
+    b, n, d, h = sh.b, sh.n, sh.d, sh.h
+    hd = d // h
+    t = b * n * d * sh.lo
+    amap = sh.amap
+    name = p + "attn/core"
+    if wl.attention == AttentionKernel.sdpa:
+        # FlashAttention's backward recomputes the scores: 5 matmuls of N^2 hd per head where
+        # the forward has 2; a preprocessing pass (dO . O) and the dq conversion launch too
+        w.flash(name, b * h * n * n * hd * 5, n, 5 * t + b * h * n * 4, 3 * t, launches=3)
+    else:
+        explicit32 = spec.impl == Impl.hf
+        softmax32 = (explicit32 or sh.softmax_fp32) and sh.lo == 2
+        if not sh.eager_views:
+            w.stream(name, "attention", t, t)  # the transposed gradient made contiguous
+        w.gemm(p + "attn/attn_v", "attention", n, n, hd, sh.lo, sh.lo, sh.lo, batch=b * h)  # g @ v^T
+        w.gemm(p + "attn/attn_v", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # probs^T @ g
+        if softmax32:
+            w.stream(name, "attention", amap, 2 * amap)
+            w.stream(name, "attention", 4 * amap, 2 * amap)
+            w.stream(name, "attention", 2 * amap, amap)
+        else:
+            w.stream(name, "attention", 2 * amap, amap)  # softmax backward reads its output
+        if wl.attention == AttentionKernel.eager_postscale:
+            w.stream(name, "attention", amap, amap)
+        w.gemm(p + "attn/q_kT", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # g @ k
+        w.gemm(p + "attn/q_kT", "attention", hd, n, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # q^T @ g
+        if wl.attention != AttentionKernel.eager_postscale:
+            w.stream(name, "attention", t, t)  # times the scale
+    if spec.impl == Impl.hf:
+        w.stream(name, "attention", 3 * t, 3 * t, launches=3)  # each head-split gradient made contiguous
+    else:
+        w.stream(name, "attention", 3 * t, 3 * t)  # unbind's backward stacks q, k, v
+        w.stream(name, "attention", 3 * t, 3 * t)  # the permuted stack copied to (B, N, 3D)
+
+
+def _block_backward(w: _Walk, spec: ViTSpec, wl: Workload) -> None:
+    sh = w.sh
+    rows, d, f = sh.b * sh.n, sh.d, sh.f
+    p = "blocks/"
+    ln = 4 if sh.ln_upcast else sh.res
+    g = _branch_backward(w, spec, wl, p + "mlp/fc2", rows)
+    _linear_backward(w, p + "mlp/fc2", rows, f, d, g, sh.lo)
+    if spec.mlp == Mlp.swiglu:
+        w.stream(p + "mlp/act", "memory", rows * 3 * f * sh.lo, rows * 2 * f * sh.lo, launches=3)
+        gi = _linear_backward(w, p + "mlp/fc1", rows, d, 2 * f, sh.lo, ln)
+    else:
+        w.stream(p + "mlp/act", "memory", rows * 2 * f * sh.lo, rows * f * sh.lo)  # GELU's backward
+        gi = _linear_backward(w, p + "mlp/fc1", rows, d, f, sh.lo, ln)
+    _layernorm_backward(w, p + "norm2", rows, d, gi)
+    w.stream(p + "norm2", "memory", 2 * rows * d * sh.res, rows * d * sh.res)  # the residual's two gradients added
+    g = _branch_backward(w, spec, wl, p + "attn/proj", rows)
+    _linear_backward(w, p + "attn/proj", rows, d, d, g, sh.lo)
+    _attention_backward(w, spec, wl, p)
+    if spec.impl == Impl.hf:
+        for i in range(3):
+            gi = _linear_backward(w, p + "attn/qkv", rows, d, d, sh.lo, ln)
+            if i:
+                w.stream(p + "attn/qkv", "memory", 2 * rows * d * gi, rows * d * gi)  # the input's gradients added
+    else:
+        gi = _linear_backward(w, p + "attn/qkv", rows, d, 3 * d, sh.lo, ln)
+    _layernorm_backward(w, p + "norm1", rows, d, gi)
+    w.stream(p + "norm1", "memory", 2 * rows * d * sh.res, rows * d * sh.res)
+
+
+def _branch_backward(w: _Walk, spec: ViTSpec, wl: Workload, name: str, rows: int) -> int:
+    """Drop-path's and LayerScale's backward; returns the gradient's element bytes as it
+    reaches the linear."""
+    sh = w.sh
+    d = sh.d
+    if spec.drop_path and wl.training:
+        w.stream(name, "memory", 2 * rows * d * sh.res, rows * d * sh.res)
+    if spec.layer_scale:
+        w.stream(name, "memory", rows * d * sh.res, rows * d * sh.res)  # g * gamma
+        w.stream(name, "memory", rows * d * (sh.res + sh.lo), d * 4, launches=2)  # gamma's: (g * x).sum
+    return sh.res
+
+
+def _epilogue_backward(w: _Walk, spec: ViTSpec) -> None:
+    sh = w.sh
+    b, d = sh.b, sh.d
+    heads = 1 + int(spec.dist_token)
+    logits = heads * b * spec.classes
+    w.stream("loss", "memory", logits * 8, logits * 4, launches=2 * heads)
+    ln = 4 if sh.ln_upcast else sh.res
+    width = 2 if spec.pooling == Pooling.token_avg else 1
+    for i in range(heads):
+        _linear_backward(w, "head", b, width * d, spec.classes, 4 if sh.amp else sh.lo, ln)
+    rows = b if spec.pooling == Pooling.avg else b * sh.n
+    if spec.pooling != Pooling.avg:
+        w.stream("norm", "memory", 0, rows * d * ln)  # the class row's gradient scattered into zeros
+    _layernorm_backward(w, "norm", rows, d, ln)
+    if spec.pooling == Pooling.avg:
+        w.stream("norm", "memory", b * d * sh.res, b * sh.n * d * sh.res)  # the mean's gradient expanded
+
+
+def _prologue_backward(w: _Walk, spec: ViTSpec) -> None:
+    sh = w.sh
+    b, d = sh.b, sh.d
+    rows = b * sh.n
+    if spec.pos_embed != PosEmbed.none:
+        w.stream("pos_embed", "memory", rows * d * sh.res, sh.pos * d * 4)  # summed over the batch
+    if spec.prefix_tokens or spec.impl == Impl.hf:
+        w.stream("prefix_tokens", "memory", rows * d * sh.res, b * sh.patches * d * sh.lo)  # the cat's slice, cast
+    # the conv's weight gradient; the image needs none
+    _linear_backward(w, "patch_embed", b * sh.patches, sh.conv_w // d, d, sh.lo, sh.lo, input_grad=False)
+
+
+# --- the optimizer ----------------------------------------------------------------------------
+
+# Bytes read + written per parameter element of fp32 state, and the passes over the
+# parameters, of each optimizer's step as PyTorch writes it (torch/optim/adamw.py, sgd.py):
+# AdamW: params *= 1 - lr wd; exp_avg.lerp_(g); exp_avg_sq *= b2; exp_avg_sq += (1 - b2) g^2;
+# denom = sqrt(exp_avg_sq) / bc2 + eps (three passes); params.addcdiv_(exp_avg, denom).
+_OPTIMIZER_PASSES = {
+    Optimizer.adamw: (80, 8),
+    Optimizer.adam: (72, 7),
+    Optimizer.sgd_momentum: (32, 3),  # buf *= m; buf += g; params -= lr buf
+    Optimizer.sgd: (12, 1),
+}
+# torch's multi_tensor_apply: 65,536-element chunks, at most 320 blocks and (for 4 lists) 36
+# tensors per launch (aten/src/ATen/native/cuda/MultiTensorApply.cuh).
+_CHUNK, _BLOCKS, _TENSORS = 65536, 320, 36
+
+
+def _optimizer(w: _Walk, spec: ViTSpec, wl: Workload, sizes: tuple[int, ...]) -> None:
+    sh = w.sh
+    w.phase, w.count = "optimizer", 1
+    elems = sum(sizes)
+    per_elem, passes = _OPTIMIZER_PASSES[wl.optimizer]
+    scale = sh.par / 4
+    if wl.keep_grads:
+        w.stream("optimizer", "optimizer", 0, elems * sh.par, launches=len(sizes))  # zero_grad() writes zeros
+    if sh.cuda:  # foreach (the CUDA default): a few launches per pass over every tensor
+        chunks = sum(math.ceil(s / _CHUNK) for s in sizes)
+        launches = passes * max(math.ceil(len(sizes) / _TENSORS), math.ceil(chunks / _BLOCKS))
+    else:  # one kernel per pass and tensor (the CPU default)
+        launches = passes * len(sizes)
+    w.stream("optimizer", "optimizer", int(elems * per_elem * scale), 0, launches=launches)  # read + written
+
+
+# --- a step ---------------------------------------------------------------------------------
+
+
+def _weight_casts(w: _Walk, spec: ViTSpec, sizes: tuple[int, ...], matrices: int) -> None:
+    """Autocast's low-precision copies of the matmul weights, made once per forward."""
+    sh = w.sh
+    if sh.amp:
+        w.stream("autocast", "memory", matrices * 4, matrices * sh.lo, launches=len(sizes))
+
+
+@lru_cache(maxsize=1024)
+def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
+    """Every kernel of one step (a training step, or one forward under no_grad) in order."""
+    why = _why_not(spec)
+    if why:
+        raise NotModelled(why)
+    w = _Walk(sh)
+    tensors = param_tensors(spec)
+    sizes = tuple(e for _, e in tensors if e)
+    matrices = sum(e for path, e in tensors if path.endswith("weight") and "norm" not in path)
+    _weight_casts(w, spec, sizes, matrices)
+    _prologue_forward(w, spec)
+    w.count = spec.depth
+    _block_forward(w, spec, wl)
+    w.count = 1
+    _epilogue_forward(w, spec, wl)
+    if not wl.training:
+        return tuple(w.out)
+    w.phase = "backward"
+    _epilogue_backward(w, spec)
+    w.count = spec.depth
+    if wl.checkpointing == Checkpointing.full:
+        w.phase = "recompute"
+        _block_forward(w, spec, wl, recompute=True)
+        w.phase = "backward"
+    _block_backward(w, spec, wl)
+    w.count = 1
+    _prologue_backward(w, spec)
+    _optimizer(w, spec, wl, sizes)
+    return tuple(w.out)
+
+
+def model_macs(kernels: tuple[Kernel, ...]) -> int:
+    """MACs of the step as the model defines it: every matmul and attention MAC of forward and
+    backward, none of a checkpoint's recompute; the fused backward's recomputed scores count
+    as the two matmuls of an eager backward would, not five."""
+    total = 0
+    for kern in kernels:
+        if kern.phase == "recompute":
+            continue
+        macs = kern.macs
+        if kern.kind == FLASH and kern.phase == "backward":
+            macs = macs * 4 // 5
+        total += macs * kern.count
+    return total

@@ -1,0 +1,153 @@
+"""The time engine: a step's kernels (``vitcost.kernels``) priced on a device's rates.
+
+Pure: no torch, typer or rich. Each kernel takes the longer of its compute and its memory
+traffic (a roofline), plus a fixed cost per launch on the device:
+
+* a matmul runs at the dtype's dense peak times the large-matmul efficiency, times how well
+  its output tiles fill the device: ``ceil(m / tile) * ceil(n / tile) * batch`` tiles are
+  spread over the compute units in waves, and a partial tile or a partial last wave does the
+  work of a full one (tile and wave quantization). A matmul with fewer tiles than units
+  splits its reduction (split-K), as cuBLAS does, when the reduction is long;
+* a fused attention kernel runs at the peak times the attention efficiency, over the
+  sequence padded to the kernel's tile (FlashAttention computes whole tiles);
+* everything else moves its bytes at the achievable memory bandwidth.
+
+The host dispatches every kernel; on a GPU it runs ahead of the device (asynchronously), so
+a step takes the longer of the device's sum and the host's; on a CPU the two add up.
+Multi-GPU data parallel adds the gradient all-reduce, overlapped with backward: only what
+backward does not hide is added (and the last bucket, which waits for backward to end).
+Every time is in seconds; every rate per second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import math
+from typing import Optional
+
+from vitcost.kernels import FLASH, GEMM, GROUPS, Kernel
+
+# Groups of the breakdown, in the order they are shown.
+BREAKDOWN = GROUPS + ("communication", "launch")
+
+# DDP's last bucket: the all-reduce that cannot start before backward ends (25 MiB default).
+DDP_LAST_BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the time engine needs of a device; each figure's source is the profile's."""
+
+    matmul_flops_per_s: float  # dense peak of the matmul dtype
+    matmul_efficiency: float  # what large matmuls reach, of the peak
+    attention_efficiency: float  # what a fused attention kernel's matmuls reach, of the peak
+    memory_bytes_per_s: float  # achievable streaming bandwidth
+    kernel_seconds: float  # fixed device time per launch
+    host_seconds: float  # host dispatch per launch
+    compute_units: int  # SMs (GPU) or cores (CPU)
+    tile: int  # output tile edge of a matmul (0: no tile or wave quantization)
+    attention_tile: int  # sequence tile of the fused attention kernel (0: none)
+    asynchronous: bool  # the host runs ahead of the device (CUDA)
+    gpus: int = 1
+    allreduce_bytes_per_s: float = 0.0  # bus bandwidth of a ring all-reduce (0: one GPU)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    step_seconds: float
+    breakdown_seconds: dict[str, float]
+    phase_seconds: dict[str, float]
+    device_seconds: float
+    host_seconds: float
+    launches: int
+    allreduce_seconds: float = 0.0  # the whole all-reduce, hidden or not
+    overlapped: bool = True
+
+
+def tile_utilisation(m: int, n: int, k: int, batch: int, rates: Rates) -> float:
+    """The share of the device's issued work that is useful, for an m x n output (times batch)
+    made in tiles of ``tile`` over ``compute_units`` in waves."""
+    t, units = rates.tile, rates.compute_units
+    if not t or not units:
+        return 1.0
+    tiles = math.ceil(m / t) * math.ceil(n / t) * batch
+    useful = m * n * batch / (tiles * t * t)
+    if tiles < units and k >= 2 * t:
+        # split-K: the reduction is cut so that every unit has a piece, no piece under 2 tiles deep
+        tiles *= min(math.ceil(units / tiles), k // (2 * t))
+    waves = math.ceil(tiles / units)
+    return useful * tiles / (waves * units)
+
+
+def kernel_seconds(kern: Kernel, rates: Rates) -> float:
+    """One run of a kernel on the device, without its launch cost."""
+    memory = kern.bytes / rates.memory_bytes_per_s
+    if kern.kind == GEMM:
+        rate = rates.matmul_flops_per_s * rates.matmul_efficiency * tile_utilisation(kern.m, kern.n, kern.k, kern.batch, rates)
+        return max(2 * kern.macs / rate, memory)
+    if kern.kind == FLASH:
+        padded = kern.macs
+        if rates.attention_tile:
+            ratio = math.ceil(kern.tokens / rates.attention_tile) * rates.attention_tile / kern.tokens
+            padded = kern.macs * ratio * ratio
+        return max(2 * padded / (rates.matmul_flops_per_s * rates.attention_efficiency), memory)
+    return memory
+
+
+def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
+    """A ring all-reduce of ``grad_bytes`` over ``gpus``: each GPU sends and receives
+    2 (g - 1) / g of the bytes, at the bus bandwidth (NCCL's busbw convention)."""
+    g = rates.gpus
+    if g <= 1 or not rates.allreduce_bytes_per_s:
+        return 0.0
+    return grad_bytes * 2 * (g - 1) / g / rates.allreduce_bytes_per_s
+
+
+def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0) -> StepTime:
+    """Price a step: per group, per phase, the launches, and (``gpus`` > 1, training) the
+    all-reduce of ``grad_bytes`` not hidden behind backward."""
+    groups = dict.fromkeys(BREAKDOWN, 0.0)
+    phases: dict[str, float] = {}
+    launches = 0
+    for kern in kernels:
+        seconds = kernel_seconds(kern, rates) * kern.count
+        groups[kern.group] += seconds
+        phases[kern.phase] = phases.get(kern.phase, 0.0) + seconds
+        launches += kern.launches * kern.count
+    device_launch = launches * rates.kernel_seconds
+    work = sum(groups.values())
+    device = work + device_launch
+    host = launches * rates.host_seconds
+    if rates.asynchronous:
+        launch = device_launch + max(0.0, host - device)
+    else:
+        launch = device_launch + host
+    groups["launch"] = launch
+    allreduce = allreduce_seconds(grad_bytes, rates)
+    if allreduce:
+        backward = phases.get("backward", 0.0) + phases.get("recompute", 0.0)
+        last = allreduce_seconds(min(grad_bytes, DDP_LAST_BUCKET_BYTES), rates)
+        groups["communication"] = max(allreduce - backward, last)
+    return StepTime(step_seconds=sum(groups.values()), breakdown_seconds=groups, phase_seconds=phases,
+                    device_seconds=device, host_seconds=host, launches=launches, allreduce_seconds=allreduce)
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """A training run: ``epochs`` over ``dataset_size`` samples at a global batch."""
+
+    steps: int
+    run_seconds: float
+    run_gpu_hours: float
+    run_cost: Optional[float] = None
+
+
+def run_cost(step_seconds: float, global_batch: int, gpus: int, epochs: float, dataset_size: int,
+             price_per_gpu_hour: Optional[float] = None) -> RunCost:
+    """Steps of ``ceil(dataset_size / global_batch)`` per epoch (the last batch partial, priced as
+    a full one), their wall time, GPU-hours over every GPU, and the price of those hours."""
+    steps = math.ceil(math.ceil(dataset_size / global_batch) * epochs)
+    seconds = steps * step_seconds
+    hours = seconds / 3600 * gpus
+    return RunCost(steps=steps, run_seconds=seconds, run_gpu_hours=hours,
+                   run_cost=None if price_per_gpu_hour is None else hours * price_per_gpu_hour)
