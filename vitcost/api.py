@@ -13,6 +13,7 @@ from typing import Any, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError, shorten
 from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, RunOptions, TimeReport, build_report, estimate_time
+from vitcost import timing
 from vitcost.kernels import NotModelled
 from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
@@ -244,26 +245,29 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch, time=time)
 
 
-def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) -> tuple[Optional[TimeReport], Optional[str]]:
-    """The step priced on the profile, or why it is not."""
+def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
+          grad_bytes: int) -> tuple[Optional[TimeReport], Optional[str]]:
+    """The step priced on the profile (``grad_bytes``: one GPU's gradients, for the all-reduce),
+    or why it is not."""
     profile = resolved.profile
     dtype = _MATMUL_DTYPE[wl.precision]
     if dtype == "fp32" and run.tf32:
         dtype = "tf32"
-    rates = profile.rates(dtype)
+    rates = _rates(profile, dtype)
     if rates is None:
         return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
                       "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
-    rates = calibrated_rates(resolved.canonical, dtype, rates)
+    from vitcost.calibration_store import calibrated_time_ratio
+
+    saved = calibrated_time_ratio(resolved.canonical)
+    where = None
+    if saved is not None:
+        ratio, where = saved
+        rates = timing.scaled(rates, ratio)
     try:
-        return estimate_time(spec, wl, rates, dtype, batch, run), None
+        return estimate_time(spec, wl, rates, dtype, batch, run, calibrated=where, grad_bytes=grad_bytes), None
     except NotModelled as err:
         return None, f"{err}: the step is not priced"
-
-
-def calibrated_rates(canonical: str, dtype: str, rates):
-    """The profile's rates with what ``calibrate --save`` measured for this GPU put in."""
-    return rates
 
 
 _WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing")
@@ -318,6 +322,11 @@ def _fit(spec: ViTSpec, wl: Workload, resolved, allocator: str, peak: int, ddp: 
         # DDP's buckets are one more tensor, made before the first step and kept
         solver=Solver(spec, wl, usable, allocator, ddp),
     )
+
+
+@lru_cache(maxsize=64)
+def _rates(profile, dtype: str):
+    return profile.rates(dtype)
 
 
 def _as_list(value: Any) -> list:

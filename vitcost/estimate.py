@@ -7,11 +7,10 @@ Pure: no torch, typer or rich. ``Report.to_dict()`` is the JSON the CLI prints
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from typing import Any, Callable, Optional
 
 from vitcost import formulas, kernels, timing
-from vitcost.memory import shapes_of
 from vitcost.replay import MemoryResult
 from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
@@ -108,6 +107,8 @@ class TimeReport:
     model_flops_per_step: int  # per GPU
     run: Optional[timing.RunCost] = None
     options: RunOptions = RunOptions()
+    device: str = "cuda"  # what the rates describe: a GPU, or a CPU ('vitcost probe')
+    calibrated: Optional[str] = None  # where a measured step-time ratio came from, if one was applied
 
     @property
     def step_seconds(self) -> float:
@@ -131,6 +132,8 @@ class TimeReport:
             "model_flops_per_step": self.model_flops_per_step,
             "matmul_dtype": self.matmul_dtype,
             "peak_flops_per_s": self.peak_flops_per_s,
+            "device": self.device,
+            "calibrated": self.calibrated,
             "breakdown_seconds": dict(self.step.breakdown_seconds),
             "phase_seconds": dict(self.step.phase_seconds),
             "launches": self.step.launches,
@@ -147,20 +150,37 @@ class TimeReport:
 
 
 def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype: str, global_batch: int,
-                  options: RunOptions = RunOptions()) -> TimeReport:
-    """Price the step's kernels on ``rates``; raises ``kernels.NotModelled`` where there is no
-    kernel list."""
-    sh = shapes_of(spec, wl)
-    ks = kernels.step_kernels(spec, wl, sh)
-    grads = sh.grads if wl.training and rates.gpus > 1 else 0
-    step = timing.step_time(ks, rates, grad_bytes=grads)
+                  options: RunOptions = RunOptions(), calibrated: Optional[str] = None,
+                  grad_bytes: int = 0) -> TimeReport:
+    """Price the step's kernels on ``rates`` (``grad_bytes``: what a data-parallel step
+    all-reduces); raises ``kernels.NotModelled`` where there is no kernel list."""
+    why = kernels._why_not(spec)
+    if why:
+        raise kernels.NotModelled(why)
+    grads = grad_bytes if wl.training and rates.gpus > 1 else 0
+    lines = kernels.lines(spec, wl)
+    if lines is None:
+        ks = kernels.at_batch(spec, wl)
+        step, flops = timing.step_time(ks, rates, grad_bytes=grads), 2 * kernels.model_macs(ks)
+    else:
+        step, flops = timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads), 2 * _model_macs(spec, wl)
     run = None
     if options.epochs is not None and options.dataset_size is not None:
         run = timing.run_cost(step.step_seconds, global_batch, rates.gpus, options.epochs, options.dataset_size,
                               options.price_per_gpu_hour)
     return TimeReport(step=step, global_batch=global_batch, gpus=rates.gpus, matmul_dtype=matmul_dtype,
-                      peak_flops_per_s=rates.matmul_flops_per_s, model_flops_per_step=2 * kernels.model_macs(ks),
-                      run=run, options=options)
+                      peak_flops_per_s=rates.matmul_flops_per_s, model_flops_per_step=flops,
+                      run=run, options=options, device="cuda" if rates.asynchronous else "cpu",
+                      calibrated=calibrated)
+
+
+def _model_macs(spec: ViTSpec, wl: Workload) -> int:
+    """The step's model MACs: the forward's (and, training, the backward's) per image, times
+    the batch, from the MAC counts (a checkpoint's recompute left out)."""
+    fwd = _macs(spec)
+    if not wl.training:
+        return sum(fwd.values()) * wl.batch
+    return sum(formulas.training_macs(fwd).values()) * wl.batch
 
 
 @dataclass(frozen=True)
@@ -179,8 +199,26 @@ class Report:
     gpu: Optional[GPUFit] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     global_batch: int = 0  # the batch asked for, over every GPU (0: the workload's)
-    time: Optional[TimeReport] = None
-    time_reason: Optional[str] = None  # why ``time`` is None
+    # the step's time, priced when first read (as the allocator's figures are): a sweep that
+    # reads memory only does not pay for it
+    timer: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = field(
+        default=None, repr=False, compare=False)
+
+    @cached_property
+    def _timed(self) -> tuple[Optional[TimeReport], Optional[str]]:
+        if self.timer is None:
+            return None, "no GPU profile given (--gpu NAME prices the step)"
+        return self.timer()
+
+    @property
+    def time(self) -> Optional[TimeReport]:
+        """The step's time on the GPU profile; None without one (``time_reason`` says why)."""
+        return self._timed[0]
+
+    @property
+    def time_reason(self) -> Optional[str]:
+        """Why ``time`` is None."""
+        return self._timed[1]
 
     @property
     def batch(self) -> int:
@@ -335,7 +373,7 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
 
 def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
                  fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0,
-                 time: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = None) -> Report:
+                 time: Optional[Callable[[int], tuple[Optional[TimeReport], Optional[str]]]] = None) -> Report:
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
@@ -346,7 +384,6 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
     gpu = None
     if fit is not None:
         gpu = fit(memory.peak + ddp, ddp, sum((train if workload.training else fwd).values()))
-    timed, reason = time() if time is not None else (None, "no GPU profile given (--gpu NAME prices the step)")
     return Report(
         spec=spec,
         workload=workload,
@@ -360,8 +397,7 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         gpu=gpu,
         warnings=warnings,
         global_batch=global_batch,
-        time=timed,
-        time_reason=reason,
+        timer=None if time is None else partial(time, memory.gradients),
     )
 
 

@@ -18,12 +18,13 @@ Every size is in bytes; every count of work in MACs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import lru_cache
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from vitcost.formulas import linear_macs, param_tensors
+from vitcost.memory import shapes_of
 from vitcost.ops import Shapes
 from vitcost.specs import AttentionKernel, Checkpointing, Device, Impl, Mlp, Optimizer, Pooling, PosEmbed, ViTSpec, Workload
 
@@ -36,8 +37,7 @@ FLASH = "flash"  # a fused attention kernel: MACs over the attention rate, or it
 STREAM = "stream"  # memory-bound: bytes over the bandwidth
 
 
-@dataclass(frozen=True)
-class Kernel:
+class Kernel(NamedTuple):
     """One kernel (or a few launched together), run ``count`` times a step."""
 
     name: str  # component path: blocks/attn/qkv, blocks/norm1, optimizer, ...
@@ -380,7 +380,7 @@ _OPTIMIZER_PASSES = {
 _CHUNK, _BLOCKS, _TENSORS = 65536, 320, 36
 
 
-def _optimizer(w: _Walk, spec: ViTSpec, wl: Workload, sizes: tuple[int, ...]) -> None:
+def _optimizer(w: _Walk, wl: Workload, sizes: tuple[int, ...], chunks: int) -> None:
     sh = w.sh
     w.phase, w.count = "optimizer", 1
     elems = sum(sizes)
@@ -389,7 +389,6 @@ def _optimizer(w: _Walk, spec: ViTSpec, wl: Workload, sizes: tuple[int, ...]) ->
     if wl.keep_grads:
         w.stream("optimizer", "optimizer", 0, elems * sh.par, launches=len(sizes))  # zero_grad() writes zeros
     if sh.cuda:  # foreach (the CUDA default): a few launches per pass over every tensor
-        chunks = sum(math.ceil(s / _CHUNK) for s in sizes)
         launches = passes * max(math.ceil(len(sizes) / _TENSORS), math.ceil(chunks / _BLOCKS))
     else:  # one kernel per pass and tensor (the CPU default)
         launches = passes * len(sizes)
@@ -407,15 +406,23 @@ def _weight_casts(w: _Walk, spec: ViTSpec, sizes: tuple[int, ...], matrices: int
 
 
 @lru_cache(maxsize=1024)
+def _weights(spec: ViTSpec) -> tuple[tuple[int, ...], int, int]:
+    """Elements of every parameter tensor, of the matmul weights among them, and the
+    tensors' 65,536-element chunks (``multi_tensor_apply``'s)."""
+    tensors = param_tensors(spec)
+    sizes = tuple(e for _, e in tensors if e)
+    return (sizes, sum(e for path, e in tensors if path.endswith("weight") and "norm" not in path),
+            sum(-(-s // _CHUNK) for s in sizes))
+
+
+@lru_cache(maxsize=1024)
 def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
     """Every kernel of one step (a training step, or one forward under no_grad) in order."""
     why = _why_not(spec)
     if why:
         raise NotModelled(why)
     w = _Walk(sh)
-    tensors = param_tensors(spec)
-    sizes = tuple(e for _, e in tensors if e)
-    matrices = sum(e for path, e in tensors if path.endswith("weight") and "norm" not in path)
+    sizes, matrices, chunks = _weights(spec)
     _weight_casts(w, spec, sizes, matrices)
     _prologue_forward(w, spec)
     w.count = spec.depth
@@ -434,7 +441,7 @@ def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
     _block_backward(w, spec, wl)
     w.count = 1
     _prologue_backward(w, spec)
-    _optimizer(w, spec, wl, sizes)
+    _optimizer(w, wl, sizes, chunks)
     return tuple(w.out)
 
 
@@ -451,3 +458,56 @@ def model_macs(kernels: tuple[Kernel, ...]) -> int:
             macs = macs * 4 // 5
         total += macs * kern.count
     return total
+
+
+# --- every batch from two -------------------------------------------------------------------
+
+
+def at_batch(spec: ViTSpec, wl: Workload) -> tuple[Kernel, ...]:
+    """The step's kernels at ``wl.batch``, memory-bound ones summed per group and phase (their
+    time is their bytes over the bandwidth, so the sum prices the same)."""
+    return _merged(step_kernels(spec, wl, shapes_of(spec, wl)))
+
+
+def lines(spec: ViTSpec, wl: Workload) -> Optional[tuple]:
+    """The kernels of every batch from 2 on as lines (``vitcost.timing.Line``), or None at
+    batch 1, which has a kernel list of its own.
+
+    Every kernel's bytes, MACs and the one matmul dimension that holds the batch are affine in
+    the batch, and which kernels run does not depend on it past batch 1 (eager attention copies
+    its operands from batch 2 on): the list is built at batches 2 and 3 once per structure, and
+    any other batch is a line through them.
+    """
+    if wl.batch == 1:
+        return None
+    return _lines(spec, wl.model_copy(update={"batch": 2}))
+
+
+@lru_cache(maxsize=1024)
+def _lines(spec: ViTSpec, wl2: Workload) -> tuple:
+    from vitcost.timing import lines_of
+
+    sh2 = shapes_of(spec, wl2)
+    two = _merged(step_kernels(spec, wl2, sh2))
+    # past batch 1 the batch enters the kernels through Shapes.b alone
+    three = _merged(step_kernels(spec, wl2, replace(sh2, b=3)))
+    if [(k.name, k.kind, k.phase) for k in two] != [(k.name, k.kind, k.phase) for k in three]:  # pragma: no cover
+        raise AssertionError("the kernel list changed between batches 2 and 3")
+    return lines_of(two, three)
+
+
+def _merged(kernels: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
+    """Memory-bound kernels summed per (group, phase), each counted ``count`` times; the
+    matmuls and fused attention kernels as they are."""
+    out: list[Kernel] = []
+    streams: dict[tuple[str, str], list[int]] = {}
+    for k in kernels:
+        if k.kind != STREAM:
+            out.append(k)
+            continue
+        acc = streams.setdefault((k.group, k.phase), [0, 0])
+        acc[0] += k.bytes * k.count
+        acc[1] += k.launches * k.count
+    out += [Kernel(f"{group} ({phase})", phase, group, STREAM, total, launches=launches)
+            for (group, phase), (total, launches) in streams.items()]
+    return tuple(out)

@@ -21,9 +21,9 @@ Every time is in seconds; every rate per second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from vitcost.kernels import FLASH, GEMM, GROUPS, Kernel
 
@@ -64,6 +64,17 @@ class StepTime:
     overlapped: bool = True
 
 
+def scaled(rates: Rates, ratio: float) -> Rates:
+    """Rates under which every step takes ``ratio`` times as long: what a measured
+    measured/predicted step-time ratio (``calibrate --save``) does to a profile."""
+    from dataclasses import replace
+
+    return replace(rates, matmul_efficiency=rates.matmul_efficiency / ratio,
+                   attention_efficiency=rates.attention_efficiency / ratio,
+                   memory_bytes_per_s=rates.memory_bytes_per_s / ratio, kernel_seconds=rates.kernel_seconds * ratio,
+                   host_seconds=rates.host_seconds * ratio, allreduce_bytes_per_s=rates.allreduce_bytes_per_s / ratio)
+
+
 def tile_utilisation(m: int, n: int, k: int, batch: int, rates: Rates) -> float:
     """The share of the device's issued work that is useful, for an m x n output (times batch)
     made in tiles of ``tile`` over ``compute_units`` in waves."""
@@ -81,17 +92,65 @@ def tile_utilisation(m: int, n: int, k: int, batch: int, rates: Rates) -> float:
 
 def kernel_seconds(kern: Kernel, rates: Rates) -> float:
     """One run of a kernel on the device, without its launch cost."""
-    memory = kern.bytes / rates.memory_bytes_per_s
-    if kern.kind == GEMM:
-        rate = rates.matmul_flops_per_s * rates.matmul_efficiency * tile_utilisation(kern.m, kern.n, kern.k, kern.batch, rates)
-        return max(2 * kern.macs / rate, memory)
-    if kern.kind == FLASH:
-        padded = kern.macs
+    return _seconds(kern.kind, kern.bytes, kern.macs, kern.m, kern.n, kern.k, kern.batch, kern.tokens, rates)
+
+
+def _seconds(kind: str, nbytes: int, macs: int, m: int, n: int, k: int, batch: int, tokens: int, rates: Rates) -> float:
+    memory = nbytes / rates.memory_bytes_per_s
+    if kind == GEMM:
+        rate = rates.matmul_flops_per_s * rates.matmul_efficiency * tile_utilisation(m, n, k, batch, rates)
+        return max(2 * macs / rate, memory)
+    if kind == FLASH:
+        padded = macs
         if rates.attention_tile:
-            ratio = math.ceil(kern.tokens / rates.attention_tile) * rates.attention_tile / kern.tokens
-            padded = kern.macs * ratio * ratio
+            ratio = math.ceil(tokens / rates.attention_tile) * rates.attention_tile / tokens
+            padded = macs * ratio * ratio
         return max(2 * padded / (rates.matmul_flops_per_s * rates.attention_efficiency), memory)
     return memory
+
+
+class Line(NamedTuple):
+    """A kernel whose bytes, MACs and shape are affine in the batch: each figure's value at
+    batch 0 and its slope (``vitcost.kernels.at_batch``'s lines, kept for pricing)."""
+
+    group: str
+    phase: str
+    kind: str
+    tokens: int
+    launches: int  # per step (times count)
+    count: int
+    figures: tuple[tuple[int, int], ...]  # (at batch 0, per image) of bytes, macs, m, n, k, batch
+
+
+_FIGURES = ("bytes", "macs", "m", "n", "k", "batch")
+
+
+def lines_of(at2: tuple[Kernel, ...], at3: tuple[Kernel, ...]) -> tuple[Line, ...]:
+    """The lines through a step's kernels at batches 2 and 3."""
+    out = []
+    for k2, k3 in zip(at2, at3):
+        # at batch 0: f(2) - 2 (f(3) - f(2))
+        figures = tuple((3 * getattr(k2, f) - 2 * getattr(k3, f), getattr(k3, f) - getattr(k2, f)) for f in _FIGURES)
+        out.append(Line(k2.group, k2.phase, k2.kind, k2.tokens, k2.launches * k2.count, k2.count, figures))
+    return tuple(out)
+
+
+def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: int = 0) -> StepTime:
+    """:func:`step_time` of the kernels the lines give at ``batch``."""
+    def runs():
+        for line in lines:
+            (b0, bs), (c0, cs), (m0, ms), (n0, ns), (k0, ks), (t0, ts) = line.figures
+            seconds = _seconds(line.kind, b0 + bs * batch, c0 + cs * batch, m0 + ms * batch, n0 + ns * batch,
+                               k0 + ks * batch, t0 + ts * batch, line.tokens, rates)
+            yield line.group, line.phase, seconds * line.count, line.launches
+    return _total(runs(), rates, grad_bytes)
+
+
+def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0) -> StepTime:
+    """Price a step: per group, per phase, the launches, and (``gpus`` > 1, training) the
+    all-reduce of ``grad_bytes`` not hidden behind backward."""
+    return _total(((k.group, k.phase, kernel_seconds(k, rates) * k.count, k.launches * k.count) for k in kernels),
+                  rates, grad_bytes)
 
 
 def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
@@ -103,17 +162,15 @@ def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
     return grad_bytes * 2 * (g - 1) / g / rates.allreduce_bytes_per_s
 
 
-def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0) -> StepTime:
-    """Price a step: per group, per phase, the launches, and (``gpus`` > 1, training) the
-    all-reduce of ``grad_bytes`` not hidden behind backward."""
+def _total(runs, rates: Rates, grad_bytes: int) -> StepTime:
+    """Sum (group, phase, seconds, launches) of every kernel into a step."""
     groups = dict.fromkeys(BREAKDOWN, 0.0)
     phases: dict[str, float] = {}
     launches = 0
-    for kern in kernels:
-        seconds = kernel_seconds(kern, rates) * kern.count
-        groups[kern.group] += seconds
-        phases[kern.phase] = phases.get(kern.phase, 0.0) + seconds
-        launches += kern.launches * kern.count
+    for group, phase, seconds, n in runs:
+        groups[group] += seconds
+        phases[phase] = phases.get(phase, 0.0) + seconds
+        launches += n
     device_launch = launches * rates.kernel_seconds
     work = sum(groups.values())
     device = work + device_launch
