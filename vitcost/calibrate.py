@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import sys
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -107,6 +108,7 @@ class Calibration:
     seconds: float = 0.0
     cuda: Optional[dict[str, Any]] = None
     warnings: tuple[str, ...] = ()
+    time: Optional[dict[str, Any]] = None  # predicted vs measured step seconds, where the profile prices this device
 
     @property
     def label(self) -> str:
@@ -151,6 +153,7 @@ class Calibration:
             "figures": [f.to_dict(self.tolerance) for f in self.figures],
             "worst": None if worst is None else worst.to_dict(self.tolerance),
             "cuda": self.cuda,
+            "time": self.time,
             "warnings": list(self.warnings),
         }
 
@@ -504,10 +507,11 @@ def _calibrate_one(model: Optional[str], image: Any, patch: Optional[int], batch
     warnings.extend(report.warnings)
     method = "traced" if meta else "measured"
 
-    def result(figures: list[Figure], status: str, message: str = "", cuda: Optional[dict] = None) -> Calibration:
+    def result(figures: list[Figure], status: str, message: str = "", cuda: Optional[dict] = None,
+               timed: Optional[dict] = None) -> Calibration:
         return Calibration(report=report, name=name or spec.name, method=method, device=device, model_source=source,
                            figures=tuple(figures), tolerance=tolerance, status=status, message=message,
-                           seconds=time.perf_counter() - start, cuda=cuda, warnings=tuple(warnings))
+                           seconds=time.perf_counter() - start, cuda=cuda, warnings=tuple(warnings), time=timed)
 
     # parameters and MACs: FlopCounterMode on the meta device, batch 1
     note("counting MACs (FlopCounterMode)")
@@ -573,8 +577,27 @@ def _calibrate_one(model: Optional[str], image: Any, patch: Optional[int], batch
     else:
         figures += _cpu_figures(report, mm)
         cuda = None
+    timed = None
+    if report.time is not None and report.time.device == device:
+        # timed apart from the memory run: nothing observes these steps
+        note(f"timing {TIME_REPEATS} steps")
+        secs = measure.time_steps(spec, wl, device, warmup=warmup, repeats=TIME_REPEATS,
+                                  model=make_model(False) if make_model is not None else None)
+        _release(device)
+        timed = time_figures(report.time.step_seconds, secs)
     bad = [f for f in figures if not f.within(tolerance)]
-    return result(figures, OFF if bad else OK, cuda=cuda)
+    return result(figures, OFF if bad else OK, cuda=cuda, timed=timed)
+
+
+TIME_REPEATS = 3  # steps timed per configuration: the machine may be shared, so min and median are kept
+
+
+def time_figures(predicted: float, measured: list[float]) -> dict[str, Any]:
+    """Predicted against measured step seconds: each run, their min and median, and the
+    prediction's error against each (a time is not held to the memory tolerance)."""
+    low, mid = min(measured), statistics.median(measured)
+    return {"predicted_seconds": predicted, "measured_seconds": measured, "min_seconds": low,
+            "median_seconds": mid, "error_vs_min": predicted / low - 1, "error_vs_median": predicted / mid - 1}
 
 
 def _release(device: str) -> None:
@@ -691,6 +714,13 @@ def _combo_label(model: Optional[str], image: Any, patch: Any, batch: Any) -> st
     return " ".join(parts)
 
 
+def _time_ratio(results: list[Calibration]) -> dict[str, float]:
+    """The median of measured (median) over predicted step seconds, for ``plan`` to scale its
+    prices by; nothing when no step was timed."""
+    ratios = [r.time["median_seconds"] / r.time["predicted_seconds"] for r in results if r.time]
+    return {"step_time_ratio": statistics.median(ratios), "step_time_rows": len(ratios)} if ratios else {}
+
+
 def save_gpu_calibration(results: Iterable[Calibration], profile: str) -> Path:
     """Keep, for ``profile``, what the CUDA run with the largest peak told: the context's
     size, the reserved/allocated ratio, the device's memory (``vitcost.calibration_store``)."""
@@ -707,6 +737,7 @@ def save_gpu_calibration(results: Iterable[Calibration], profile: str) -> Path:
         "cuda_context_bytes": info["non_allocator_bytes"],
         "reserved_over_allocated": info["reserved_over_allocated"],
         "measured_on": best.label,
+        **_time_ratio(measured),
         "torch_version": _measure().torch_version(),
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

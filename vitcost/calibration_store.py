@@ -77,6 +77,24 @@ def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Option
         raise ProfileError(f"calibration file {path}: entry {profile!r} {what}") from None
 
 
+def calibrated_time_ratio(profile: str, path: Optional[Path] = None) -> Optional[tuple[float, str]]:
+    """``(measured / predicted step time, "calibrated: <file>")`` for a profile whose saved
+    calibration timed its steps, or None."""
+    path = path or calibration_path()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    entry = _load_cached(str(path), stamp).get(profile)
+    if not entry or "step_time_ratio" not in entry:
+        return None
+    ratio = entry["step_time_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.01 <= ratio <= 100:
+        raise ProfileError(f"calibration file {path}: entry {profile!r}: step_time_ratio must be a number "
+                           "between 0.01 and 100")
+    return float(ratio), f"calibrated: {path}"
+
+
 @lru_cache(maxsize=8)
 def _load_cached(path: str, stamp: int) -> dict[str, dict[str, Any]]:
     """The file's calibrations, read again only when it changes (``stamp`` is its mtime)."""

@@ -299,6 +299,31 @@ class MeasureOn(str, Enum):
 
 
 @app.command()
+def probe(
+    out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help="Where the profile goes (.yaml).")] = "probe.yaml",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the measured figures as JSON.")] = False,
+) -> None:
+    """Measure this machine's matmul rates, memory bandwidth and dispatch cost with torch (a few
+    seconds) and write them as a profile: plan --gpu FILE prices a CPU step on them."""
+    from vitcost.probe import probe as run_probe
+
+    result = run_probe(out)
+    if json_out:
+        print_json(result)
+        return
+    f = result["figures"]
+    console = _console()
+    console.print(f"fp32 matmul: {f['fp32_flops_per_s'] / 1e9:,.1f} GFLOP/s at best, the ViT shapes at "
+                  f"{f['fp32_efficiency']:.0%} of it; bf16: {f['bf16_flops_per_s'] / 1e9:,.1f} GFLOP/s "
+                  f"({f['bf16_efficiency']:.0%})", markup=False, highlight=False)
+    console.print(f"memory bandwidth (copy): {f['bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s; fused attention at "
+                  f"{f['attention_efficiency']:.0%} of the fp32 peak; one operator's dispatch: "
+                  f"{f['op_seconds'] * 1e6:.2f} us", markup=False, highlight=False)
+    _err.print(f"wrote the profile to {escape_control(out)}: vitcost plan --gpu {escape_control(out)} prices a step "
+               "on this machine", markup=False)
+
+
+@app.command()
 @shared_options
 def calibrate(
     image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated (each may be HxW): every combination is run.", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
@@ -394,6 +419,14 @@ def _render_calibration(run: Any, console: Console) -> None:
         _calibration_table(first, console, tol, fmt_bytes)
     else:
         _calibration_summary(run, console, tol, fmt_bytes)
+    for r in run.results:
+        if r.time:
+            t = r.time
+            console.print(Text(f"step time{'' if len(run.results) == 1 else ' (' + escape_control(r.label) + ')'}: "
+                               f"predicted {t['predicted_seconds'] * 1e3:,.1f} ms, measured min "
+                               f"{t['min_seconds'] * 1e3:,.1f} / median {t['median_seconds'] * 1e3:,.1f} ms over "
+                               f"{len(t['measured_seconds'])} steps ({_pct(t['error_vs_min'])} / "
+                               f"{_pct(t['error_vs_median'])})", style="bold"))
     for note in dict.fromkeys(w for r in run.results for w in r.warnings):
         console.print(Text(f"note: {escape_control(note)}", style="yellow"))
     worst = run.worst

@@ -435,3 +435,78 @@ def cuda_available() -> bool:
 
 def torch_version() -> str:
     return torch.__version__
+
+
+# --- time --------------------------------------------------------------------------------------
+
+
+def time_steps(spec: ViTSpec, workload: Workload, device: str = "cpu", warmup: int = 1, repeats: int = 3,
+               model=None) -> list[float]:
+    """Seconds of ``repeats`` steady-state steps, each timed alone: wall clock on the CPU, CUDA
+    events on a GPU (after ``warmup`` steps, which make the optimizer's states and warm the
+    caches). Nothing observes the step while it runs (no MemTracker)."""
+    import time
+
+    runner = build_runner(spec, workload, device, model=model)
+    for _ in range(max(warmup, 1)):
+        runner.step()
+    seconds = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            runner.step()
+            end.record()
+            torch.cuda.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            runner.step()
+            seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def _best_seconds(fn: Callable[[], None], repeats: int) -> float:
+    import time
+
+    fn()  # warm
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# Matmul shapes (rows, in, out) the probe times: the linears of ViT-Ti/S/B at a few batches,
+# and a large square one. The best is the machine's peak; the median of the ViT shapes over it
+# is its matmul efficiency.
+PROBE_SHAPES = ((1576, 192, 576), (1576, 768, 3072), (3152, 384, 1536), (3152, 1536, 384),
+                (1576, 768, 768), (2048, 2048, 2048))
+
+
+def probe_cpu(repeats: int = 5) -> dict[str, float]:
+    """This machine's matmul rates (fp32, bf16) over :data:`PROBE_SHAPES`, its copy bandwidth,
+    a fused attention kernel's rate, and PyTorch's cost of dispatching one small operator."""
+    import statistics
+
+    figures: dict[str, float] = {"threads": torch.get_num_threads()}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rates = []
+        for m, k, n in PROBE_SHAPES:
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            rates.append(2 * m * k * n / _best_seconds(lambda: torch.mm(a, b), repeats))
+        peak = max(rates)
+        figures[f"{name}_flops_per_s"] = peak
+        figures[f"{name}_efficiency"] = statistics.median(rates[:-1]) / peak
+    src = torch.empty(32 * 2**20, dtype=torch.float32)  # 128 MiB: far past the caches
+    dst = torch.empty_like(src)
+    figures["bandwidth_bytes_per_s"] = 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
+    q = torch.randn(8, 6, 197, 64)
+    att = 4 * 8 * 6 * 197 * 197 * 64 / _best_seconds(lambda: F.scaled_dot_product_attention(q, q, q), repeats)
+    figures["attention_efficiency"] = min(1.0, att / figures["fp32_flops_per_s"])
+    tiny = torch.zeros(1)
+    calls = 2000
+    figures["op_seconds"] = _best_seconds(lambda: [tiny.add_(1) for _ in range(calls)], repeats) / calls
+    return figures
