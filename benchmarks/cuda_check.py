@@ -13,7 +13,7 @@ configuration is a fresh model on the GPU, and the script measures:
 * ``max_memory_allocated`` and ``max_memory_reserved`` over steady-state steps (after those
   three: one more warm-up step, then the timed steps), against ``memory_bytes.peak``;
 * the step time: the median of the timed steps, each bracketed by ``torch.cuda.synchronize()``,
-  against ``gpu.step_seconds_lower_bound``;
+  against vitcost's step time (``time.step_seconds``, the time model on the profile);
 * once, at the start, the CUDA context: the device's used memory before this process touched
   CUDA (NVML, through nvidia-ml-py or nvidia-smi: ``torch.cuda.mem_get_info()`` itself creates
   the context, so it cannot read "before"), then ``mem_get_info()`` as the first CUDA call;
@@ -126,7 +126,7 @@ class Row:
     config: Config
     predicted_peak_bytes: int
     predicted_peak_reserved_bytes: int
-    predicted_step_seconds_lower_bound: float
+    predicted_step_seconds: float
     status: str = "not run"  # ok | oom | error | not run | dry run
     message: str = ""
     measured: dict[str, Any] = field(default_factory=dict)
@@ -139,7 +139,7 @@ class Row:
         d = {"label": self.config.label, **asdict(self.config),
              "predicted_peak_bytes": self.predicted_peak_bytes,
              "predicted_peak_reserved_bytes": self.predicted_peak_reserved_bytes,
-             "predicted_step_seconds_lower_bound": self.predicted_step_seconds_lower_bound,
+             "predicted_step_seconds": self.predicted_step_seconds,
              "status": self.status, "message": self.message, "measured": self.measured or None,
              "seconds": round(self.seconds, 3)}
         d["allocated_peak_error"] = error(self.predicted_peak_bytes, self.measured_value("steady_max_allocated_bytes"))
@@ -147,9 +147,7 @@ class Row:
                                          self.measured_value("fresh_max_reserved_bytes"))
         d["steady_reserved_error"] = error(self.predicted_peak_reserved_bytes,
                                            self.measured_value("steady_max_reserved_bytes"))
-        step = self.measured_value("step_seconds_median")
-        d["step_over_lower_bound"] = (step / self.predicted_step_seconds_lower_bound
-                                      if step is not None and self.predicted_step_seconds_lower_bound else None)
+        d["step_time_error"] = error(self.predicted_step_seconds, self.measured_value("step_seconds_median"))
         return d
 
 
@@ -202,7 +200,7 @@ def predicted_row(cfg: Config, report) -> Row:
     d = report.to_dict()
     return Row(cfg, predicted_peak_bytes=d["memory_bytes"]["peak"],
                predicted_peak_reserved_bytes=d["memory_bytes"]["peak_reserved"],
-               predicted_step_seconds_lower_bound=d["gpu"]["step_seconds_lower_bound"])
+               predicted_step_seconds=d["time"]["step_seconds"])
 
 
 # --- measuring on CUDA ---------------------------------------------------------------------------
@@ -495,11 +493,10 @@ def markdown(rows: list[Row], meta: dict[str, Any], dry_run: bool, complete: boo
             lines.append("- **incomplete**: the run was still going (or was cut off) when this was written")
     lines += ["", "| configuration | batch | allocated peak: predicted | measured | error "
               "| reserved peak, 3 steps from fresh: predicted | measured | error | reserved, steady: measured "
-              "| error | step ms: measured | lower bound | measured / bound | status |",
+              "| error | step ms: measured | predicted | error | status |",
               "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         d = r.to_dict()
-        ratio = d["step_over_lower_bound"]
         status = r.status + (f": {r.message}" if r.message else "")
         lines.append(
             f"| {r.config.label} | {r.config.batch} "
@@ -508,8 +505,8 @@ def markdown(rows: list[Row], meta: dict[str, Any], dry_run: bool, complete: boo
             f"| {fmt_bytes(r.predicted_peak_reserved_bytes)} | {fmt_bytes(r.measured_value('fresh_max_reserved_bytes'))} "
             f"| {fmt_pct(d['reserved_peak_error'])} "
             f"| {fmt_bytes(r.measured_value('steady_max_reserved_bytes'))} | {fmt_pct(d['steady_reserved_error'])} "
-            f"| {fmt_ms(r.measured_value('step_seconds_median'))} | {fmt_ms(r.predicted_step_seconds_lower_bound)} "
-            f"| {'-' if ratio is None else f'{ratio:.2f}x'} | {status.replace('|', '/')} |")
+            f"| {fmt_ms(r.measured_value('step_seconds_median'))} | {fmt_ms(r.predicted_step_seconds)} "
+            f"| {fmt_pct(d['step_time_error'])} | {status.replace('|', '/')} |")
     lines += ["", "Errors are (predicted - measured) / measured. Allocator figures are net of what the allocator "
               "held before the configuration was built (the library warm-up's cuBLAS workspaces).", ""]
     lines += ["## Summary", ""]
@@ -524,15 +521,8 @@ def markdown(rows: list[Row], meta: dict[str, Any], dry_run: bool, complete: boo
                           ("reserved_peak_error", "reserved peak (max_memory_reserved, 3 steps from fresh)"),
                           ("steady_reserved_error", "reserved peak, steady state (same prediction)")):
             lines.append(f"- {what}: {_stats(ok, key) or 'nothing measured'}")
-        ratios = [(r, r.to_dict()["step_over_lower_bound"]) for r in ok]
-        ratios = [(r, x) for r, x in ratios if x is not None]
-        if ratios:
-            lo, hi = min(ratios, key=lambda p: p[1]), max(ratios, key=lambda p: p[1])
-            below = sum(x < 1 for _, x in ratios)
-            lines.append(f"- step time / vitcost's lower bound: median {statistics.median(x for _, x in ratios):.2f}x, "
-                         f"lowest {lo[1]:.2f}x ({lo[0].config.label}), highest {hi[1]:.2f}x ({hi[0].config.label}); "
-                         + ("every step slower than the bound" if not below
-                            else f"**{below} faster than the bound**"))
+        for key, what in (("step_time_error", "step time (median of the timed steps) against vitcost's time model"),):
+            lines.append(f"- {what}: {_stats(ok, key) or 'nothing measured'}")
         leaked = [r.config.label for r in ran if r.measured.get("left_allocated_bytes")]
         if leaked:
             lines.append(f"- allocator memory left after a configuration (a library allocating lazily?): "
@@ -681,8 +671,8 @@ def main(argv=None) -> int:
         d = row.to_dict()
         print(f"[{i:2}/{len(rows)}] {cfg.label} b{cfg.batch}: {row.status}"
               + (f" allocated {fmt_pct(d['allocated_peak_error'])}, reserved {fmt_pct(d['reserved_peak_error'])}, "
-                 f"step {fmt_ms(row.measured_value('step_seconds_median'))} ms (bound "
-                 f"{fmt_ms(row.predicted_step_seconds_lower_bound)})" if row.status == "ok" else f" {row.message}")
+                 f"step {fmt_ms(row.measured_value('step_seconds_median'))} ms (predicted "
+                 f"{fmt_ms(row.predicted_step_seconds)})" if row.status == "ok" else f" {row.message}")
               + f", {row.seconds:.1f} s", file=sys.stderr, flush=True)
         write_outputs(args, rows, meta, dry_run=False, complete=False)
     check.sources.clear()
