@@ -170,12 +170,13 @@ def run_options(tf32: bool = False, epochs: Optional[float] = None, dataset_size
                 price_per_gpu_hour: Optional[float] = None) -> RunOptions:
     """Validated time options: every figure positive and finite, a run named by both its epochs
     and its dataset size, a price only for a run."""
-    for flag, value in (("--epochs", epochs), ("--dataset-size", dataset_size),
-                        ("--price-per-gpu-hour", price_per_gpu_hour)):
+    for flag, value, most in (("--epochs", epochs, 1e6), ("--dataset-size", dataset_size, 1e15),
+                              ("--price-per-gpu-hour", price_per_gpu_hour, 1e9)):
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{flag} {value}: must be a number greater than 0")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
+            shown = shorten(str(value)) if not isinstance(value, int) or value < 10**20 else "(a huge number)"
+            raise ConfigError(f"{flag} {shown}: must be a number greater than 0 and at most {most:g}")
     if dataset_size is not None and int(dataset_size) != dataset_size:
         raise ConfigError(f"--dataset-size {dataset_size}: a whole number of samples")
     if (epochs is None) != (dataset_size is None):
@@ -245,10 +246,8 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch, time=time)
 
 
-def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
-          grad_bytes: int) -> tuple[Optional[TimeReport], Optional[str]]:
-    """The step priced on the profile (``grad_bytes``: one GPU's gradients, for the all-reduce),
-    or why it is not."""
+def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) -> tuple[Optional[TimeReport], Optional[str]]:
+    """The step priced on the profile, or why it is not."""
     profile = resolved.profile
     dtype = _MATMUL_DTYPE[wl.precision]
     if dtype == "fp32" and run.tf32:
@@ -265,7 +264,7 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
         ratio, where = saved
         rates = timing.scaled(rates, ratio)
     try:
-        return estimate_time(spec, wl, rates, dtype, batch, run, calibrated=where, grad_bytes=grad_bytes), None
+        return estimate_time(spec, wl, rates, dtype, batch, run, calibrated=where), None
     except NotModelled as err:
         return None, f"{err}: the step is not priced"
 

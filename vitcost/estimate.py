@@ -7,7 +7,7 @@ Pure: no torch, typer or rich. ``Report.to_dict()`` is the JSON the CLI prints
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache, partial
+from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional
 
 from vitcost import formulas, kernels, timing
@@ -150,14 +150,15 @@ class TimeReport:
 
 
 def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype: str, global_batch: int,
-                  options: RunOptions = RunOptions(), calibrated: Optional[str] = None,
-                  grad_bytes: int = 0) -> TimeReport:
-    """Price the step's kernels on ``rates`` (``grad_bytes``: what a data-parallel step
-    all-reduces); raises ``kernels.NotModelled`` where there is no kernel list."""
+                  options: RunOptions = RunOptions(), calibrated: Optional[str] = None) -> TimeReport:
+    """Price the step's kernels on ``rates``; raises ``kernels.NotModelled`` where there is no
+    kernel list."""
     why = kernels._why_not(spec)
     if why:
         raise kernels.NotModelled(why)
-    grads = grad_bytes if wl.training and rates.gpus > 1 else 0
+    grads = 0
+    if wl.training and rates.gpus > 1:  # what DDP all-reduces: every gradient, in the parameters' dtype
+        grads = sum(kernels._weights(spec)[0]) * (2 if wl.precision in (Precision.bf16, Precision.fp16) else 4)
     lines = kernels.lines(spec, wl)
     if lines is None:
         ks = kernels.at_batch(spec, wl)
@@ -373,7 +374,7 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
 
 def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
                  fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0,
-                 time: Optional[Callable[[int], tuple[Optional[TimeReport], Optional[str]]]] = None) -> Report:
+                 time: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = None) -> Report:
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
@@ -397,7 +398,7 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         gpu=gpu,
         warnings=warnings,
         global_batch=global_batch,
-        timer=None if time is None else partial(time, memory.gradients),
+        timer=time,
     )
 
 

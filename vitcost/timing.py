@@ -203,7 +203,8 @@ def run_cost(step_seconds: float, global_batch: int, gpus: int, epochs: float, d
              price_per_gpu_hour: Optional[float] = None) -> RunCost:
     """Steps of ``ceil(dataset_size / global_batch)`` per epoch (the last batch partial, priced as
     a full one), their wall time, GPU-hours over every GPU, and the price of those hours."""
-    steps = math.ceil(math.ceil(dataset_size / global_batch) * epochs)
+    # rounded first: 100 steps x 1.1 epochs is 110.00000000000001 in binary floating point
+    steps = math.ceil(round(math.ceil(dataset_size / global_batch) * epochs, 6))
     seconds = steps * step_seconds
     hours = seconds / 3600 * gpus
     return RunCost(steps=steps, run_seconds=seconds, run_gpu_hours=hours,
