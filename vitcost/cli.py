@@ -317,8 +317,10 @@ def probe(
                   f"{f['fp32_efficiency']:.0%} of it; bf16: {f['bf16_flops_per_s'] / 1e9:,.1f} GFLOP/s "
                   f"({f['bf16_efficiency']:.0%})", markup=False, highlight=False)
     console.print(f"memory bandwidth (copy): {f['bandwidth_bytes_per_s'] / 1e9:,.1f} GB/s; fused attention at "
-                  f"{f['attention_efficiency']:.0%} of the fp32 peak; one operator's dispatch: "
-                  f"{f['op_seconds'] * 1e6:.2f} us", markup=False, highlight=False)
+                  f"{f['fp32_attention_efficiency']:.0%} of the fp32 peak, {f['bf16_attention_efficiency']:.0%} of "
+                  f"bf16's; one operator's dispatch: {f['op_seconds'] * 1e6:.2f} us", markup=False, highlight=False)
+    console.print("pointwise (million elements/s): " + ", ".join(
+        f"{k} {v / 1e6:,.0f}" for k, v in sorted(f["pointwise"].items())), markup=False, highlight=False)
     _err.print(f"wrote the profile to {escape_control(out)}: vitcost plan --gpu {escape_control(out)} prices a step "
                "on this machine", markup=False)
 

@@ -7,8 +7,9 @@ SwiGLU, LayerScale, residual adds, the head and loss, their backward, the recomp
 checkpointed blocks, the optimizer step) and writes down, per operator, the kernels it
 launches: a matmul's shape and MACs, a fused attention kernel's MACs, and the bytes every
 kernel reads and writes. Element sizes come from the memory model's :class:`Shapes` (which
-tensor is fp32 and which is low precision under autocast is decided there, once); MACs of
-the linears are ``formulas.linear_macs``, the attention matmuls N^2 * head_dim per head.
+tensor is fp32 and which is low precision under autocast is decided there, once). A GEMM's
+MACs are m * n * k of its shape; summed over a step they equal ``formulas``' MAC counts and
+FlopCounterMode's (tests/test_time.py holds both).
 
 Bias additions are fused into the matmul (cuBLASLt's epilogue); views (reshape, transpose
 of a contiguous tensor, slicing the class token) launch nothing. Each kernel carries
@@ -23,10 +24,10 @@ from functools import lru_cache
 import math
 from typing import NamedTuple, Optional
 
-from vitcost.formulas import linear_macs, param_tensors
+from vitcost.formulas import param_tensors
 from vitcost.memory import shapes_of
 from vitcost.ops import Shapes
-from vitcost.specs import AttentionKernel, Checkpointing, Device, Impl, Mlp, Optimizer, Pooling, PosEmbed, ViTSpec, Workload
+from vitcost.specs import AttentionKernel, Checkpointing, Impl, Mlp, Optimizer, Pooling, PosEmbed, ViTSpec, Workload
 
 # Where the time goes: the groups of the breakdown (``launch`` is added by the engine).
 GROUPS = ("matmul", "attention", "memory", "optimizer")
@@ -53,6 +54,8 @@ class Kernel(NamedTuple):
     tokens: int = 0  # a FLASH kernel's sequence length (its tiles pad it)
     launches: int = 1  # kernels launched per run
     count: int = 1
+    op: str = ""  # a pointwise operator that may be bound by arithmetic, not bytes: "gelu/2" (op / element bytes)
+    elems: int = 0  # the elements it computes, one run
 
 
 class NotModelled(ValueError):
@@ -79,8 +82,12 @@ class _Walk:
         self.out.append(Kernel(name, self.phase, group, GEMM, batch * (m * k * a + k * n * b + m * n * c),
                                macs=batch * m * n * k, m=m, n=n, k=k, batch=batch, count=self.count))
 
-    def stream(self, name: str, group: str, read: int, write: int, launches: int = 1) -> None:
-        self.out.append(Kernel(name, self.phase, group, STREAM, read + write, launches=launches, count=self.count))
+    def stream(self, name: str, group: str, read: int, write: int, launches: int = 1, op: str = "",
+               elems: int = 0, elem_bytes: int = 0) -> None:
+        """``op``, ``elems``, ``elem_bytes``: a pointwise operator that computes so many elements
+        of that size (a CPU may take longer over the arithmetic than over the bytes)."""
+        self.out.append(Kernel(name, self.phase, group, STREAM, read + write, launches=launches, count=self.count,
+                               op=f"{op}/{elem_bytes}" if op else "", elems=elems))
 
     def flash(self, name: str, macs: int, tokens: int, read: int, write: int, launches: int = 1) -> None:
         self.out.append(Kernel(name, self.phase, "attention", FLASH, read + write, macs=macs, tokens=tokens,
@@ -97,7 +104,8 @@ def _layernorm(w: _Walk, name: str, rows: int, d: int) -> int:
     out = 4 if sh.ln_upcast else sh.res
     if sh.ln_upcast:
         w.stream(name, "memory", rows * d * sh.res, rows * d * 4)  # the copy up
-    w.stream(name, "memory", rows * d * (4 if sh.ln_upcast else sh.res), rows * d * out + 2 * rows * sh.stat)
+    w.stream(name, "memory", rows * d * (4 if sh.ln_upcast else sh.res), rows * d * out + 2 * rows * sh.stat,
+             op="layer_norm", elems=rows * d, elem_bytes=out)
     return out
 
 
@@ -130,12 +138,13 @@ def _attention_forward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
     w.gemm(p + "attn/q_kT", "attention", n, n, hd, sh.lo, sh.lo, sh.lo, batch=b * h)
     if post:
         w.stream(name, "attention", amap, amap)  # scores * scale
+    maps = b * h * n * n
     if softmax32:
         w.stream(name, "attention", amap, 2 * amap)  # the scores cast up
-        w.stream(name, "attention", 2 * amap, 2 * amap)  # softmax in fp32
+        w.stream(name, "attention", 2 * amap, 2 * amap, op="softmax", elems=maps, elem_bytes=4)  # softmax in fp32
         w.stream(name, "attention", 2 * amap, amap)  # cast back for the matmul
     else:
-        w.stream(name, "attention", amap, amap)  # softmax
+        w.stream(name, "attention", amap, amap, op="softmax", elems=maps, elem_bytes=sh.lo)
     if not sh.eager_views:
         w.stream(name, "attention", t, t)  # v made contiguous
     w.gemm(p + "attn/attn_v", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)
@@ -158,10 +167,12 @@ def _block_forward(w: _Walk, spec: ViTSpec, wl: Workload, recompute: bool = Fals
     ln = _layernorm(w, p + "norm2", rows, d)
     if spec.mlp == Mlp.swiglu:
         _linear(w, p + "mlp/fc1", rows, d, 2 * f, ln)
-        w.stream(p + "mlp/act", "memory", rows * 2 * f * sh.lo, rows * f * sh.lo, launches=2)  # silu(x1) * x2
+        w.stream(p + "mlp/act", "memory", rows * 2 * f * sh.lo, rows * f * sh.lo, launches=2,
+                 op="silu", elems=rows * f, elem_bytes=sh.lo)  # silu(x1) * x2
     else:
         _linear(w, p + "mlp/fc1", rows, d, f, ln)
-        w.stream(p + "mlp/act", "memory", rows * f * sh.lo, rows * f * sh.lo)  # GELU
+        w.stream(p + "mlp/act", "memory", rows * f * sh.lo, rows * f * sh.lo, op="gelu", elems=rows * f,
+                 elem_bytes=sh.lo)
     if recompute and not spec.layer_scale:
         return  # the non-reentrant checkpoint stops at the last saved tensor: fc2 is not rerun
     _linear(w, p + "mlp/fc2", rows, f, d, sh.lo)
@@ -249,7 +260,8 @@ def _layernorm_backward(w: _Walk, name: str, rows: int, d: int, grad_bytes: int)
     gradient and the saved input."""
     sh = w.sh
     x = 4 if sh.ln_upcast else sh.res
-    w.stream(name, "memory", 2 * rows * d * (grad_bytes + x) + 2 * rows * sh.stat, rows * d * x, launches=2)
+    w.stream(name, "memory", 2 * rows * d * (grad_bytes + x) + 2 * rows * sh.stat, rows * d * x, launches=2,
+             op="layer_norm_backward", elems=rows * d, elem_bytes=x)
     if sh.ln_upcast:
         w.stream(name, "memory", rows * d * 4, rows * d * sh.res)
 
@@ -272,12 +284,13 @@ def _attention_backward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
             w.stream(name, "attention", t, t)  # the transposed gradient made contiguous
         w.gemm(p + "attn/attn_v", "attention", n, n, hd, sh.lo, sh.lo, sh.lo, batch=b * h)  # g @ v^T
         w.gemm(p + "attn/attn_v", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # probs^T @ g
+        maps = b * h * n * n
         if softmax32:
             w.stream(name, "attention", amap, 2 * amap)
-            w.stream(name, "attention", 4 * amap, 2 * amap)
+            w.stream(name, "attention", 4 * amap, 2 * amap, op="softmax_backward", elems=maps, elem_bytes=4)
             w.stream(name, "attention", 2 * amap, amap)
-        else:
-            w.stream(name, "attention", 2 * amap, amap)  # softmax backward reads its output
+        else:  # softmax backward reads its output
+            w.stream(name, "attention", 2 * amap, amap, op="softmax_backward", elems=maps, elem_bytes=sh.lo)
         if wl.attention == AttentionKernel.eager_postscale:
             w.stream(name, "attention", amap, amap)
         w.gemm(p + "attn/q_kT", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # g @ k
@@ -299,10 +312,12 @@ def _block_backward(w: _Walk, spec: ViTSpec, wl: Workload) -> None:
     g = _branch_backward(w, spec, wl, p + "mlp/fc2", rows)
     _linear_backward(w, p + "mlp/fc2", rows, f, d, g, sh.lo)
     if spec.mlp == Mlp.swiglu:
-        w.stream(p + "mlp/act", "memory", rows * 3 * f * sh.lo, rows * 2 * f * sh.lo, launches=3)
+        w.stream(p + "mlp/act", "memory", rows * 3 * f * sh.lo, rows * 2 * f * sh.lo, launches=3,
+                 op="silu_backward", elems=rows * f, elem_bytes=sh.lo)
         gi = _linear_backward(w, p + "mlp/fc1", rows, d, 2 * f, sh.lo, ln)
     else:
-        w.stream(p + "mlp/act", "memory", rows * 2 * f * sh.lo, rows * f * sh.lo)  # GELU's backward
+        w.stream(p + "mlp/act", "memory", rows * 2 * f * sh.lo, rows * f * sh.lo, op="gelu_backward",
+                 elems=rows * f, elem_bytes=sh.lo)
         gi = _linear_backward(w, p + "mlp/fc1", rows, d, f, sh.lo, ln)
     _layernorm_backward(w, p + "norm2", rows, d, gi)
     w.stream(p + "norm2", "memory", 2 * rows * d * sh.res, rows * d * sh.res)  # the residual's two gradients added
@@ -498,11 +513,11 @@ def _lines(spec: ViTSpec, wl2: Workload) -> tuple:
 
 def _merged(kernels: tuple[Kernel, ...]) -> tuple[Kernel, ...]:
     """Memory-bound kernels summed per (group, phase), each counted ``count`` times; the
-    matmuls and fused attention kernels as they are."""
+    matmuls, the fused attention kernels and the pointwise operators as they are."""
     out: list[Kernel] = []
     streams: dict[tuple[str, str], list[int]] = {}
     for k in kernels:
-        if k.kind != STREAM:
+        if k.kind != STREAM or k.op:
             out.append(k)
             continue
         acc = streams.setdefault((k.group, k.phase), [0, 0])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 # torch without numpy warns so at import (and again when fake tensors load): not our concern
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -152,10 +152,11 @@ class Runner:
         self.saved_after_forward: int | None = None
         self.output_bytes = 0  # the loss (training) or the logits (no_grad) at the probe
 
-    def step(self, probe=None) -> None:
-        """One step. ``probe()`` is called between forward and backward (train) or after forward."""
+    def step(self, probe=None, batch=None) -> None:
+        """One step. ``probe()`` is called between forward and backward (train) or after forward;
+        ``batch``: an (images, labels) pair made beforehand (a new random one otherwise)."""
         wl = self.workload
-        x, y = make_batch(self.spec, wl, self.device)
+        x, y = batch if batch is not None else make_batch(self.spec, wl, self.device)
         if not wl.training:
             with torch.no_grad(), _autocast(wl, self.device):
                 out = logits(self.model(x))
@@ -448,21 +449,22 @@ def time_steps(spec: ViTSpec, workload: Workload, device: str = "cpu", warmup: i
     import time
 
     runner = build_runner(spec, workload, device, model=model)
+    data = make_batch(spec, workload, device)  # made once, outside the timed steps, as a loader's would be
     for _ in range(max(warmup, 1)):
-        runner.step()
+        runner.step(batch=data)
     seconds = []
     for _ in range(repeats):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            runner.step()
+            runner.step(batch=data)
             end.record()
             torch.cuda.synchronize()
             seconds.append(start.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter()
-            runner.step()
+            runner.step(batch=data)
             seconds.append(time.perf_counter() - t0)
     return seconds
 
@@ -479,34 +481,72 @@ def _best_seconds(fn: Callable[[], None], repeats: int) -> float:
     return best
 
 
-# Matmul shapes (rows, in, out) the probe times: the linears of ViT-Ti/S/B at a few batches,
-# and a large square one. The best is the machine's peak; the median of the ViT shapes over it
-# is its matmul efficiency.
-PROBE_SHAPES = ((1576, 192, 576), (1576, 768, 3072), (3152, 384, 1536), (3152, 1536, 384),
-                (1576, 768, 768), (2048, 2048, 2048))
+# Matmul shapes the probe times, as a ViT step runs them: (rows, in, out) of the linears of
+# ViT-Ti/S/B at small batches, each forward (x @ W^T), input gradient (g @ W) and weight
+# gradient (g^T @ x); and the attention bmm of 197 tokens. The best rate is the machine's peak;
+# the median over the shapes, of it, is its matmul efficiency.
+PROBE_LINEARS = ((394, 192, 576), (394, 192, 768), (394, 768, 192), (1576, 768, 3072), (394, 768, 768),
+                 (788, 384, 1536))
+PROBE_BMM = ((12, 197, 64),)
+
+# Pointwise operators the probe times (elements per second on this machine): on a CPU their
+# arithmetic (erf, exp, a row's statistics) can take longer than their bytes.
+POINTWISE = ("gelu", "gelu_backward", "silu", "silu_backward", "softmax", "softmax_backward", "layer_norm",
+             "layer_norm_backward")
 
 
-def probe_cpu(repeats: int = 5) -> dict[str, float]:
-    """This machine's matmul rates (fp32, bf16) over :data:`PROBE_SHAPES`, its copy bandwidth,
-    a fused attention kernel's rate, and PyTorch's cost of dispatching one small operator."""
+def _pointwise(op: str, dtype) -> tuple[Callable[[], None], int]:
+    """A call of ``op`` on a ViT-Ti-sized operand at batch 2, and the elements it computes."""
+    aten = torch.ops.aten
+    if op in ("gelu", "gelu_backward", "silu", "silu_backward"):
+        x, g = torch.randn(394, 768, dtype=dtype), torch.randn(394, 768, dtype=dtype)
+        fn = {"gelu": lambda: F.gelu(x), "gelu_backward": lambda: aten.gelu_backward(g, x),
+              "silu": lambda: F.silu(x) * g, "silu_backward": lambda: aten.silu_backward(g, x) * g}[op]
+        return fn, x.numel()
+    if op in ("softmax", "softmax_backward"):
+        x = torch.randn(6, 197, 197, dtype=dtype)
+        y = x.softmax(-1)
+        fn = (lambda: x.softmax(-1)) if op == "softmax" else (lambda: aten._softmax_backward_data(y, y, -1, dtype))
+        return fn, x.numel()
+    x, g = torch.randn(394, 192, dtype=dtype), torch.randn(394, 192, dtype=dtype)
+    w, b = torch.ones(192, dtype=dtype), torch.zeros(192, dtype=dtype)
+    out, mean, rstd = aten.native_layer_norm(x, [192], w, b, 1e-6)
+    if op == "layer_norm":
+        return (lambda: aten.native_layer_norm(x, [192], w, b, 1e-6)), x.numel()
+    return (lambda: aten.native_layer_norm_backward(g, x, [192], mean, rstd, w, b, [True, True, True])), x.numel()
+
+
+def probe_cpu(repeats: int = 5) -> dict[str, Any]:
+    """This machine's matmul rates (fp32, bf16) over :data:`PROBE_LINEARS` and
+    :data:`PROBE_BMM`, its copy bandwidth, a fused attention kernel's rate in each dtype, the
+    pointwise operators' rates, and the cost of one operator on PyTorch's parallel path."""
     import statistics
 
-    figures: dict[str, float] = {"threads": torch.get_num_threads()}
+    figures: dict[str, Any] = {"threads": torch.get_num_threads()}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         rates = []
-        for m, k, n in PROBE_SHAPES:
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-            rates.append(2 * m * k * n / _best_seconds(lambda: torch.mm(a, b), repeats))
+        for m, k, n in PROBE_LINEARS:
+            x, w, g = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+            for fn in (lambda: F.linear(x, w), lambda: g @ w, lambda: g.t() @ x):
+                rates.append(2 * m * k * n / _best_seconds(fn, repeats))
+        for b, n, d in PROBE_BMM:
+            q, kt, a = torch.randn(b, n, d, dtype=dtype), torch.randn(b, d, n, dtype=dtype), torch.randn(b, n, n, dtype=dtype)
+            for fn in (lambda: torch.bmm(q, kt), lambda: torch.bmm(a, q)):
+                rates.append(2 * b * n * n * d / _best_seconds(fn, repeats))
         peak = max(rates)
         figures[f"{name}_flops_per_s"] = peak
-        figures[f"{name}_efficiency"] = statistics.median(rates[:-1]) / peak
+        figures[f"{name}_efficiency"] = statistics.median(rates) / peak
+        q = torch.randn(2, 3, 197, 64, dtype=dtype)
+        att = 4 * 2 * 3 * 197 * 197 * 64 / _best_seconds(lambda: F.scaled_dot_product_attention(q, q, q), repeats)
+        figures[f"{name}_attention_efficiency"] = min(1.0, att / peak)
+        for op in POINTWISE:
+            fn, elems = _pointwise(op, dtype)
+            figures.setdefault("pointwise", {})[f"{op}/{torch.empty((), dtype=dtype).element_size()}"] = (
+                elems / _best_seconds(fn, repeats))
     src = torch.empty(32 * 2**20, dtype=torch.float32)  # 128 MiB: far past the caches
     dst = torch.empty_like(src)
     figures["bandwidth_bytes_per_s"] = 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
-    q = torch.randn(8, 6, 197, 64)
-    att = 4 * 8 * 6 * 197 * 197 * 64 / _best_seconds(lambda: F.scaled_dot_product_attention(q, q, q), repeats)
-    figures["attention_efficiency"] = min(1.0, att / figures["fp32_flops_per_s"])
-    tiny = torch.zeros(1)
-    calls = 2000
-    figures["op_seconds"] = _best_seconds(lambda: [tiny.add_(1) for _ in range(calls)], repeats) / calls
+    small = torch.zeros(65536)  # past at::internal::GRAIN_SIZE (32,768): on the parallel path, as a step's ops are
+    calls = 500
+    figures["op_seconds"] = _best_seconds(lambda: [small.add_(1) for _ in range(calls)], repeats) / calls
     return figures

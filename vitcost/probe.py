@@ -25,7 +25,9 @@ def _ram_mib() -> int:
 
 
 def profile_of(figures: dict[str, float], torch_version: str) -> dict[str, Any]:
-    """The profile's keys from the probe's figures (rates in the profile's units)."""
+    """The profile's keys from the probe's figures (rates in the profile's units); fp16's
+    pointwise rates are bf16's (not probed)."""
+    pointwise = dict(figures["pointwise"])
     fp32, bf16 = figures["fp32_flops_per_s"], figures["bf16_flops_per_s"]
     eff = figures["fp32_efficiency"]
     # one matmul_efficiency serves every dtype: bf16's peak is written so that peak x efficiency
@@ -49,20 +51,26 @@ def profile_of(figures: dict[str, float], torch_version: str) -> dict[str, Any]:
         "time": {
             "compute_units": threads,
             "memory_bandwidth_efficiency": 1.0,
-            "attention_efficiency": round(min(1.0, max(0.01, figures["attention_efficiency"])), 4),
+            "attention_efficiency": round(min(1.0, max(0.01, figures["fp32_attention_efficiency"])), 4),
+            # bf16's peak is written scaled (see source): its attention efficiency is over that figure
+            "attention_efficiency_low": round(min(1.0, max(0.01, figures["bf16_attention_efficiency"] * bf16
+                                                            / bf16_rate)), 4),
             "kernel_overhead_us": 0.0,
             "host_overhead_us": round(figures["op_seconds"] * 1e6, 3),
             "matmul_tile": 0,
             "attention_tile": 0,
+            "pointwise_elements_per_s": {k: round(v, 1) for k, v in sorted(pointwise.items())},
             "source": (f"measured by 'vitcost probe' at {stamp} with torch {torch_version}: bandwidth of a 128 MiB "
                        "copy (read + write, already achieved: efficiency 1); attention: "
-                       "scaled_dot_product_attention at 8x6x197x64 over the fp32 peak; host_overhead_us: one "
-                       "in-place add on a 1-element tensor"),
+                       "scaled_dot_product_attention at 2x3x197x64 over each dtype's peak; pointwise operators "
+                       "on ViT-Ti-sized operands at batch 2; host_overhead_us: one in-place add on a "
+                       "65,536-element tensor (PyTorch's parallel path)"),
         },
         "source": (f"measured by 'vitcost probe' at {stamp} with torch {torch_version}, {threads} threads: "
-                   "dense_tflops fp32 and bf16 are the best rate over ViT-shaped and square matmuls; "
-                   "matmul_efficiency is the median ViT shape's rate over the fp32 best (bf16's peak is "
-                   "scaled so that peak x efficiency is bf16's median); tf32 = fp32, fp16 = bf16 (not probed)"),
+                   "dense_tflops fp32 and bf16 are the best rate over the linears of ViT-Ti/S/B (forward, "
+                   "input and weight gradients) and the attention bmm; matmul_efficiency is the median of "
+                   "those rates over the fp32 best (bf16's peak is scaled so that peak x efficiency is bf16's "
+                   "median); tf32 = fp32, fp16 = bf16 (not probed)"),
     }
 
 

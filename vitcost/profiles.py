@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitcost.errors import ProfileError, UnknownNameError
 from vitcost.files import load_yaml, read_text
@@ -65,11 +65,30 @@ class TimeFigures(BaseModel):
     compute_units: int = Field(gt=0, le=1 << 20, strict=True)  # SMs (a GPU) or cores (a CPU)
     memory_bandwidth_efficiency: float = Field(ge=0.01, le=1, strict=True, allow_inf_nan=False)
     attention_efficiency: float = Field(ge=0.01, le=1, strict=True, allow_inf_nan=False)
+    # bf16/fp16 fused attention where it differs from fp32's (a CPU's kernels do; a GPU's run on tensor cores)
+    attention_efficiency_low: Optional[float] = Field(default=None, ge=0.01, le=1, strict=True, allow_inf_nan=False)
     kernel_overhead_us: float = Field(ge=0, le=1e6, strict=True, allow_inf_nan=False)
     host_overhead_us: float = Field(ge=0, le=1e6, strict=True, allow_inf_nan=False)
     matmul_tile: int = Field(default=128, ge=0, le=4096, strict=True)  # 0: no tile or wave quantization
     attention_tile: int = Field(default=128, ge=0, le=4096, strict=True)  # 0: the fused kernel pads nothing
+    # elements/s of pointwise operators bound by arithmetic (a CPU's, from 'vitcost probe'):
+    # "gelu/4" is GELU on fp32 elements; an operator not listed is bound by its bytes. A mapping
+    # in the YAML, kept as sorted pairs (a profile is hashable).
+    pointwise_elements_per_s: tuple[tuple[str, float], ...] = ()
     source: str = Field(min_length=1)
+
+    @field_validator("pointwise_elements_per_s", mode="before")
+    @classmethod
+    def _rates_positive(cls, value: Any) -> tuple[tuple[str, float], ...]:
+        if not isinstance(value, dict):
+            raise ValueError("a mapping of 'operator/element bytes' to elements per second")
+        for key, rate in value.items():
+            op, _, size = str(key).partition("/")
+            if not op or size not in ("2", "4"):
+                raise ValueError(f"key {key!r}: an operator and its element bytes, as 'gelu/4' or 'gelu/2'")
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 1 <= rate <= 1e15:
+                raise ValueError(f"{key}: elements per second, a number from 1 to 1e15")
+        return tuple(sorted((str(k), float(v)) for k, v in value.items()))
 
 
 class GPUProfile(BaseModel):
@@ -147,11 +166,13 @@ class GPUProfile(BaseModel):
         link = self.allreduce_bus_gb_per_s or self.interconnect.gb_per_s_per_direction
         return Rates(
             matmul_flops_per_s=self.peak_flops_per_s(dtype), matmul_efficiency=self.matmul_efficiency,
-            attention_efficiency=t.attention_efficiency,
+            attention_efficiency=(t.attention_efficiency_low if dtype in ("bf16", "fp16") and t.attention_efficiency_low
+                                  else t.attention_efficiency),
             memory_bytes_per_s=self.memory_bandwidth_bytes_per_s * t.memory_bandwidth_efficiency,
             kernel_seconds=t.kernel_overhead_us * 1e-6, host_seconds=t.host_overhead_us * 1e-6,
             compute_units=t.compute_units, tile=t.matmul_tile, attention_tile=t.attention_tile,
-            asynchronous=self.device == "cuda", gpus=self.gpus, allreduce_bytes_per_s=link * 1e9)
+            asynchronous=self.device == "cuda", gpus=self.gpus, allreduce_bytes_per_s=link * 1e9,
+            pointwise_elems_per_s=dict(t.pointwise_elements_per_s))
 
     def achievable_flops_per_s(self, dtype: Dtype) -> float:
         """Peak FLOP/s times ``matmul_efficiency``: what large matmuls reach in practice."""

@@ -21,9 +21,9 @@ Every time is in seconds; every rate per second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from vitcost.kernels import FLASH, GEMM, GROUPS, Kernel
 
@@ -50,6 +50,9 @@ class Rates:
     asynchronous: bool  # the host runs ahead of the device (CUDA)
     gpus: int = 1
     allreduce_bytes_per_s: float = 0.0  # bus bandwidth of a ring all-reduce (0: one GPU)
+    # elements per second of pointwise operators that may be bound by arithmetic ("gelu/4": GELU
+    # on fp32), as a probe measured them on a CPU; an operator not here is bound by its bytes
+    pointwise_elems_per_s: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,12 @@ def tile_utilisation(m: int, n: int, k: int, batch: int, rates: Rates) -> float:
 
 def kernel_seconds(kern: Kernel, rates: Rates) -> float:
     """One run of a kernel on the device, without its launch cost."""
-    return _seconds(kern.kind, kern.bytes, kern.macs, kern.m, kern.n, kern.k, kern.batch, kern.tokens, rates)
+    return _seconds(kern.kind, kern.bytes, kern.macs, kern.m, kern.n, kern.k, kern.batch, kern.tokens, kern.op,
+                    kern.elems, rates)
 
 
-def _seconds(kind: str, nbytes: int, macs: int, m: int, n: int, k: int, batch: int, tokens: int, rates: Rates) -> float:
+def _seconds(kind: str, nbytes: int, macs: int, m: int, n: int, k: int, batch: int, tokens: int, op: str,
+             elems: int, rates: Rates) -> float:
     memory = nbytes / rates.memory_bytes_per_s
     if kind == GEMM:
         rate = rates.matmul_flops_per_s * rates.matmul_efficiency * tile_utilisation(m, n, k, batch, rates)
@@ -106,7 +111,8 @@ def _seconds(kind: str, nbytes: int, macs: int, m: int, n: int, k: int, batch: i
             ratio = math.ceil(tokens / rates.attention_tile) * rates.attention_tile / tokens
             padded = macs * ratio * ratio
         return max(2 * padded / (rates.matmul_flops_per_s * rates.attention_efficiency), memory)
-    return memory
+    rate = rates.pointwise_elems_per_s.get(op) if op else None
+    return max(elems / rate, memory) if rate else memory
 
 
 class Line(NamedTuple):
@@ -119,10 +125,11 @@ class Line(NamedTuple):
     tokens: int
     launches: int  # per step (times count)
     count: int
-    figures: tuple[tuple[int, int], ...]  # (at batch 0, per image) of bytes, macs, m, n, k, batch
+    op: str
+    figures: tuple[tuple[int, int], ...]  # (at batch 0, per image) of bytes, macs, m, n, k, batch, elems
 
 
-_FIGURES = ("bytes", "macs", "m", "n", "k", "batch")
+_FIGURES = ("bytes", "macs", "m", "n", "k", "batch", "elems")
 
 
 def lines_of(at2: tuple[Kernel, ...], at3: tuple[Kernel, ...]) -> tuple[Line, ...]:
@@ -131,7 +138,7 @@ def lines_of(at2: tuple[Kernel, ...], at3: tuple[Kernel, ...]) -> tuple[Line, ..
     for k2, k3 in zip(at2, at3):
         # at batch 0: f(2) - 2 (f(3) - f(2))
         figures = tuple((3 * getattr(k2, f) - 2 * getattr(k3, f), getattr(k3, f) - getattr(k2, f)) for f in _FIGURES)
-        out.append(Line(k2.group, k2.phase, k2.kind, k2.tokens, k2.launches * k2.count, k2.count, figures))
+        out.append(Line(k2.group, k2.phase, k2.kind, k2.tokens, k2.launches * k2.count, k2.count, k2.op, figures))
     return tuple(out)
 
 
@@ -139,9 +146,9 @@ def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: 
     """:func:`step_time` of the kernels the lines give at ``batch``."""
     def runs():
         for line in lines:
-            (b0, bs), (c0, cs), (m0, ms), (n0, ns), (k0, ks), (t0, ts) = line.figures
+            (b0, bs), (c0, cs), (m0, ms), (n0, ns), (k0, ks), (t0, ts), (e0, es) = line.figures
             seconds = _seconds(line.kind, b0 + bs * batch, c0 + cs * batch, m0 + ms * batch, n0 + ns * batch,
-                               k0 + ks * batch, t0 + ts * batch, line.tokens, rates)
+                               k0 + ks * batch, t0 + ts * batch, line.tokens, line.op, e0 + es * batch, rates)
             yield line.group, line.phase, seconds * line.count, line.launches
     return _total(runs(), rates, grad_bytes)
 
