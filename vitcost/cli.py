@@ -218,7 +218,7 @@ def plan(
     hf_config: Annotated[Optional[str], typer.Option("--hf-config", help="A Hugging Face config.json (ViT, DeiT distilled, DINOv2 with or without registers): the architecture, run by Hugging Face's code (--impl hf); other model options override it.", rich_help_panel="Model")] = None,
     opts: Any = None,
 ) -> None:
-    """Tokens, parameters, MACs/FLOPs, attention maps and memory of one configuration; fit on a GPU."""
+    """Tokens, parameters, MACs/FLOPs, attention maps and memory of one configuration; fit and step time on a GPU."""
     from vitcost.api import plan as run_plan
     from vitcost.render import render_plan
 
