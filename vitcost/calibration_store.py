@@ -63,11 +63,7 @@ def usable_from(entry: dict[str, Any]) -> int:
 def calibrated_usable_bytes(profile: str, path: Optional[Path] = None) -> Optional[tuple[int, str]]:
     """``(usable bytes, "calibrated: <file>")`` for a profile, or None when none is saved."""
     path = path or calibration_path()
-    try:
-        stamp = path.stat().st_mtime_ns
-    except OSError:
-        return None
-    entry = _load_cached(str(path), stamp).get(profile)
+    entry = _entry(profile, path)
     if not entry:
         return None
     try:
@@ -81,11 +77,7 @@ def calibrated_time_ratio(profile: str, path: Optional[Path] = None) -> Optional
     """``(measured / predicted step time, "calibrated: <file>")`` for a profile whose saved
     calibration timed its steps, or None."""
     path = path or calibration_path()
-    try:
-        stamp = path.stat().st_mtime_ns
-    except OSError:
-        return None
-    entry = _load_cached(str(path), stamp).get(profile)
+    entry = _entry(profile, path)
     if not entry or "step_time_ratio" not in entry:
         return None
     ratio = entry["step_time_ratio"]
@@ -93,6 +85,15 @@ def calibrated_time_ratio(profile: str, path: Optional[Path] = None) -> Optional
         raise ProfileError(f"calibration file {path}: entry {profile!r}: step_time_ratio must be a number "
                            "between 0.01 and 100")
     return float(ratio), f"calibrated: {path}"
+
+
+def _entry(profile: str, path: Path) -> Optional[dict[str, Any]]:
+    """The profile's saved calibration in the file at ``path`` (None: no file, or no entry)."""
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return None
+    return _load_cached(str(path), stamp).get(profile)
 
 
 @lru_cache(maxsize=8)

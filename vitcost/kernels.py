@@ -117,12 +117,15 @@ def _linear(w: _Walk, name: str, rows: int, d_in: int, d_out: int, in_bytes: int
     w.gemm(name, group, rows, d_out, d_in, sh.lo, sh.lo, sh.lo)
 
 
+def _attention_sizes(sh: Shapes) -> tuple[int, int, int, int, int, int]:
+    """batch, tokens, heads, head width, the bytes of one (B, N, D) matmul operand and of one
+    layer's attention maps."""
+    return sh.b, sh.n, sh.h, sh.d // sh.h, sh.b * sh.n * sh.d * sh.lo, sh.amap
+
+
 def _attention_forward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
     sh = w.sh
-    b, n, d, h = sh.b, sh.n, sh.d, sh.h
-    hd = d // h
-    t = b * n * d * sh.lo
-    amap = sh.amap
+    b, n, h, hd, t, amap = _attention_sizes(sh)
     if wl.attention == AttentionKernel.sdpa:
         w.flash(p + "attn/core", b * h * n * n * hd * 2, n, 3 * t, t + b * h * n * 4)
         return
@@ -268,10 +271,7 @@ def _layernorm_backward(w: _Walk, name: str, rows: int, d: int, grad_bytes: int)
 
 def _attention_backward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
     sh = w.sh
-    b, n, d, h = sh.b, sh.n, sh.d, sh.h
-    hd = d // h
-    t = b * n * d * sh.lo
-    amap = sh.amap
+    b, n, h, hd, t, amap = _attention_sizes(sh)
     name = p + "attn/core"
     if wl.attention == AttentionKernel.sdpa:
         # FlashAttention's backward recomputes the scores: 5 matmuls of N^2 hd per head where
