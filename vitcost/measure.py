@@ -516,33 +516,56 @@ def _pointwise(op: str, dtype) -> tuple[Callable[[], None], int]:
     return (lambda: aten.native_layer_norm_backward(g, x, [192], mean, rstd, w, b, [True, True, True])), x.numel()
 
 
+def _round_robin(cases: list[tuple[str, Callable[[], Any], float]], rounds: int) -> dict[str, float]:
+    """Work per second of each case, timed as a step meets its operators: each round runs every
+    case once, in turn, so no case finds its operands hot from its own previous call (the
+    fastest round of each counts, as the fastest of a configuration's steps does)."""
+    import time
+
+    for _, fn, _ in cases:
+        fn()  # warm
+    best = {key: float("inf") for key, _, _ in cases}
+    for _ in range(rounds):
+        for key, fn, _ in cases:
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return {key: work / best[key] for key, _, work in cases}
+
+
 def probe_cpu(repeats: int = 5) -> dict[str, Any]:
     """This machine's matmul rates (fp32, bf16) over :data:`PROBE_LINEARS` and
-    :data:`PROBE_BMM`, its copy bandwidth, a fused attention kernel's rate in each dtype, the
-    pointwise operators' rates, and the cost of one operator on PyTorch's parallel path."""
+    :data:`PROBE_BMM`, a fused attention kernel's rate and the pointwise operators' rates in
+    each dtype (all timed in turn, :func:`_round_robin`), its copy bandwidth, and the cost of one
+    operator on PyTorch's parallel path."""
     import statistics
 
-    figures: dict[str, Any] = {"threads": torch.get_num_threads()}
+    figures: dict[str, Any] = {"threads": torch.get_num_threads(), "pointwise": {}}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        rates = []
+        cases: list[tuple[str, Callable[[], Any], float]] = []
         for m, k, n in PROBE_LINEARS:
             x, w, g = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
-            for fn in (lambda: F.linear(x, w), lambda: g @ w, lambda: g.t() @ x):
-                rates.append(2 * m * k * n / _best_seconds(fn, repeats))
+            flops = 2 * m * k * n
+            cases += [(f"mm {m}x{k}x{n} forward", lambda x=x, w=w: F.linear(x, w), flops),
+                      (f"mm {m}x{k}x{n} input grad", lambda g=g, w=w: g @ w, flops),
+                      (f"mm {m}x{k}x{n} weight grad", lambda g=g, x=x: g.t() @ x, flops)]
         for b, n, d in PROBE_BMM:
             q, kt, a = torch.randn(b, n, d, dtype=dtype), torch.randn(b, d, n, dtype=dtype), torch.randn(b, n, n, dtype=dtype)
-            for fn in (lambda: torch.bmm(q, kt), lambda: torch.bmm(a, q)):
-                rates.append(2 * b * n * n * d / _best_seconds(fn, repeats))
-        peak = max(rates)
-        figures[f"{name}_flops_per_s"] = peak
-        figures[f"{name}_efficiency"] = statistics.median(rates) / peak
-        q = torch.randn(2, 3, 197, 64, dtype=dtype)
-        att = 4 * 2 * 3 * 197 * 197 * 64 / _best_seconds(lambda: F.scaled_dot_product_attention(q, q, q), repeats)
-        figures[f"{name}_attention_efficiency"] = min(1.0, att / peak)
+            cases += [(f"mm {b}x{n}x{d} scores", lambda q=q, kt=kt: torch.bmm(q, kt), 2 * b * n * n * d),
+                      (f"mm {b}x{n}x{d} values", lambda a=a, q=q: torch.bmm(a, q), 2 * b * n * n * d)]
+        qa = torch.randn(2, 3, 197, 64, dtype=dtype)
+        cases.append(("attention", lambda qa=qa: F.scaled_dot_product_attention(qa, qa, qa), 4 * 2 * 3 * 197 * 197 * 64))
+        size = torch.empty((), dtype=dtype).element_size()
         for op in POINTWISE:
             fn, elems = _pointwise(op, dtype)
-            figures.setdefault("pointwise", {})[f"{op}/{torch.empty((), dtype=dtype).element_size()}"] = (
-                elems / _best_seconds(fn, repeats))
+            cases.append((f"{op}/{size}", fn, elems))
+        rates = _round_robin(cases, repeats)
+        matmuls = [v for key, v in rates.items() if key.startswith("mm ")]
+        peak = max(matmuls)
+        figures[f"{name}_flops_per_s"] = peak
+        figures[f"{name}_efficiency"] = statistics.median(matmuls) / peak
+        figures[f"{name}_attention_efficiency"] = min(1.0, rates["attention"] / peak)
+        figures["pointwise"].update({f"{op}/{size}": rates[f"{op}/{size}"] for op in POINTWISE})
     src = torch.empty(32 * 2**20, dtype=torch.float32)  # 128 MiB: far past the caches
     dst = torch.empty_like(src)
     figures["bandwidth_bytes_per_s"] = 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
