@@ -224,10 +224,15 @@ def write(out: Path, rows: list[dict], times: list, per_file: dict, cpu: list[di
                   f"dispatch {probe['time']['host_overhead_us']:.2f} us per operator. Each configuration: one "
                   "warm-up step, then steps timed one by one (wall clock).", "",
                   f"Against the fastest step: {_summary(errs_min)}. Against the median step: {_summary(errs_med)}. "
-                  "The machine is shared (two cores): a step's time varies by up to 2x between runs, which "
-                  "is why the fastest of the repeats is the reference. The worst rows are eager attention "
-                  "(under-predicted by 10-30%): its small batched matmuls, softmax and copies run slower "
-                  "between the other operators of a step than the probe measures them alone.", "",
+                  "The machine is shared (two cores): a step's time, and the probe's rates, vary between "
+                  "runs minutes apart, which is why the fastest of the repeats is the reference.", "",
+                  "Median signed error (prediction over the fastest step, minus 1) by axis:", "",
+                  "| axis | value | rows | median signed error |", "|---|---|---|---|"]
+        for axis in ("model", "image", "mode", "attention", "precision"):
+            for value in dict.fromkeys(r[axis] for r in cpu):
+                es = [e for r, e in zip(cpu, errs_min) if r[axis] == value]
+                lines.append(f"| {axis} | {value} | {len(es)} | {_pct(statistics.median(es))} |")
+        lines += ["",
                   "| model | image | mode | attention | precision | batch | predicted ms | min ms | median ms | error vs min |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r, e in zip(cpu, errs_min):

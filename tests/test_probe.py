@@ -80,6 +80,7 @@ def test_probe_writes_a_profile_that_plans_a_cpu_step(tmp_path):
     assert d["time"]["step_seconds"] > 0 and d["time_reason"] is None
     # the CPU's rules: no 512-byte blocks, so the peak is the CPU replay's
     assert d["memory_bytes"]["peak"] == vitcost.plan("vit-ti", device="cpu").peak_bytes
+    assert "where the time goes (on this CPU)" in ok("plan", "--model", "vit-ti", "--gpu", str(out)).stdout
 
 
 @pytest.mark.parametrize("out,needle", [("machine.txt", "a profile is a .yaml or .yml file"),
@@ -147,6 +148,8 @@ def test_a_saved_ratio_scales_every_price(tmp_path, monkeypatch):
     assert scaled.mfu == pytest.approx(base.mfu / 1.25)
     out = ok("plan", "--model", "vit-b", "--gpu", "a100", "--json").stdout
     assert json.loads(out)["time"]["calibrated"] == f"calibrated: {cal}"
+    text = " ".join(ok("plan", "--model", "vit-b", "--gpu", "a100").stdout.split())
+    assert f"prices scaled by the step-time ratio measured on this GPU (calibrated: {cal})" in text
 
 
 @pytest.mark.parametrize("ratio", [0, -1, "fast", 1000, True])

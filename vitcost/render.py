@@ -208,7 +208,11 @@ def time_parts(report: Report) -> list[Any]:
                 f"MFU {t.mfu:.0%}", style="bold")
     head.append(f" (model FLOPs/s over the {t.matmul_dtype} dense peak, "
                 f"{fmt_count(t.peak_flops_per_s, 'FLOP/s')})", style="dim")
-    table = Table(title="where the time goes (per GPU)", title_justify="left", box=box.SIMPLE_HEAD)
+    if t.calibrated:
+        head.append(f"\nprices scaled by the step-time ratio measured on this GPU ({escape_control(t.calibrated)})",
+                    style="dim")
+    where = "per GPU" if t.device == "cuda" else "on this CPU"
+    table = Table(title=f"where the time goes ({where})", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("part")
     table.add_column("ms", justify="right")
     table.add_column("share", justify="right")
