@@ -1,3 +1,4 @@
 from vitcost.cli import app
 
-app(prog_name="vitcost")
+if __name__ == "__main__":
+    app(prog_name="vitcost")

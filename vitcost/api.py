@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from functools import lru_cache, partial
 from typing import Any, Iterable, Optional, Union
 
@@ -15,6 +16,7 @@ from vitcost.errors import ConfigError, shorten
 from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, RunOptions, TimeReport, build_report, estimate_time
 from vitcost import timing
 from vitcost.kernels import NotModelled
+from vitcost.program import estimate_memory
 from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
 from vitcost.specs import ViTSpec, Workload, make_workload
@@ -119,6 +121,8 @@ def plan(
     optimizer: str = "adamw",
     keep_grads: bool = False,
     checkpointing: str = "none",
+    strategy: str = "ddp",
+    gpus: Optional[int] = None,
     gpu: Optional[str] = None,
     device: Optional[str] = None,
     allocator: str = "native",
@@ -162,7 +166,8 @@ def plan(
                                "cross-entropy; --classes N for another head, --mode infer "
                                "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
-                      optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing,
+                      optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing, strategy=strategy,
+                      gpus=gpus,
                       gpu=gpu, device=device, allocator=allocator, run=run)
 
 
@@ -215,23 +220,29 @@ def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Op
 
 def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],
                device: Optional[str], allocator: str = "native", run: RunOptions = RunOptions(),
-               **workload: Any) -> Report:
+               gpus: Optional[int] = None, **workload: Any) -> Report:
     if gpu is not None and not str(gpu).strip():
         raise ConfigError("--gpu '': name a GPU profile (see 'vitcost gpus') or a YAML file, or leave --gpu out")
     if allocator not in ALLOCATORS:
         raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
     resolved = _load_gpu(gpu) if gpu else None
-    gpus = resolved.profile.gpus if resolved else 1
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 65536):
+        raise ConfigError(f"--gpus {shorten(str(gpus))}: a whole number of GPUs from 1 to 65536")
+    gpus = gpus or (resolved.profile.gpus if resolved else 1)
     if batch is not None and batch <= 0:
         raise ConfigError(f"--batch {batch}: the batch size must be at least 1")
     per_gpu = math.ceil(batch / gpus)
     if device is None:
         device = resolved.profile.device if resolved else "cuda"
-    values = (per_gpu, device, *(workload[k] for k in _WORKLOAD_KEYS))
-    try:
-        wl = _workload(*values)
-    except TypeError:  # an unhashable argument: validation says what is wrong with it
-        wl = _workload.__wrapped__(*values)
+    wl = _workload_of(per_gpu, device, gpus, 0, workload)
+    if wl.strategy.value != "ddp" and gpus == 1:
+        raise ConfigError(f"--strategy {wl.strategy.value} shards over several GPUs: give --gpus N (N > 1) or a "
+                          "multi-GPU profile")
+    per_rank: tuple[int, ...] = ()
+    if wl.shards_optimizer:  # ranks differ: the figures are the rank that needs the most
+        ranks = [_workload_of(per_gpu, device, gpus, r, workload) for r in range(gpus)]
+        per_rank = tuple(estimate_memory(spec, w).peak for w in ranks)
+        wl = ranks[per_rank.index(max(per_rank))]
     if spec.drop_path and wl.training and wl.checkpointing.value != "none":
         raise ConfigError("--drop-path with --checkpointing full is not modelled yet (the recompute runs on to "
                           "the second mask); use --checkpointing none")
@@ -243,7 +254,16 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
                                f"each runs {per_gpu} (the largest share)",)
     fit = None if resolved is None else partial(_fit, spec, wl, resolved, allocator)
     time = None if resolved is None else partial(_time, spec, wl, resolved, batch, run)
-    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch, time=time)
+    return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch, time=time,
+                        per_rank_peak_bytes=per_rank)
+
+
+def _workload_of(per_gpu: int, device: str, gpus: int, rank: int, workload: dict[str, Any]) -> Workload:
+    values = (per_gpu, device, gpus, rank, *(workload[k] for k in _WORKLOAD_KEYS))
+    try:
+        return _workload(*values)
+    except TypeError:  # an unhashable argument: validation says what is wrong with it
+        return _workload.__wrapped__(*values)
 
 
 def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) -> tuple[Optional[TimeReport], Optional[str]]:
@@ -253,6 +273,8 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) ->
     if dtype == "fp32" and run.tf32:
         dtype = "tf32"
     rates = _rates(profile, dtype)
+    if rates is not None and rates.gpus != wl.ranks:  # --gpus: as many of the profile's GPUs, on its links
+        rates = replace(rates, gpus=wl.ranks)
     if rates is None:
         return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
                       "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
@@ -269,13 +291,13 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) ->
         return None, f"{err}: the step is not priced"
 
 
-_WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing")
+_WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing", "strategy")
 
 
 @lru_cache(maxsize=1024)
-def _workload(batch: int, device: str, *values: Any) -> Workload:
+def _workload(batch: int, device: str, ranks: int, rank: int, *values: Any) -> Workload:
     """A validated workload; like a spec, the same arguments give the same one."""
-    return make_workload(batch=batch, device=device, **dict(zip(_WORKLOAD_KEYS, values)))
+    return make_workload(batch=batch, device=device, ranks=ranks, rank=rank, **dict(zip(_WORKLOAD_KEYS, values)))
 
 
 def _load_gpu(gpu: str):
@@ -304,7 +326,7 @@ def _fit(spec: ViTSpec, wl: Workload, resolved, allocator: str, peak: int, ddp: 
         name=resolved.canonical,
         requested=resolved.requested,
         display_name=profile.display_name,
-        gpus=profile.gpus,
+        gpus=wl.ranks,
         memory_bytes=profile.memory_bytes,
         context_bytes=profile.cuda_context_bytes,
         workspace_bytes=profile.workspace_bytes,

@@ -200,6 +200,8 @@ class Report:
     gpu: Optional[GPUFit] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     global_batch: int = 0  # the batch asked for, over every GPU (0: the workload's)
+    # under a sharded strategy, each rank's peak (the report's figures are the largest's rank)
+    per_rank_peak_bytes: tuple[int, ...] = ()
     # the step's time, priced when first read (as the allocator's figures are): a sweep that
     # reads memory only does not pay for it
     timer: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = field(
@@ -263,6 +265,9 @@ class Report:
                 "keep_grads": w.keep_grads,
                 "checkpointing": w.checkpointing.value,
                 "device": w.device.value,
+                "strategy": w.strategy.value,
+                "gpus": w.ranks,
+                "rank": w.rank,
                 "gpu": gpu.requested if gpu else None,
                 "dim": s.dim,
                 "depth": s.depth,
@@ -316,6 +321,8 @@ class Report:
             },
             "activations_bytes_by_component": dict(m.saved_by_component),
             "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
+            "per_rank_peak_bytes": ([p + self.ddp_bucket_bytes for p in self.per_rank_peak_bytes]
+                                    if self.per_rank_peak_bytes else None),
             "gpu": None if gpu is None else {
                 "name": gpu.name,
                 "requested": gpu.requested,
@@ -374,7 +381,8 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
 
 def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
                  fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0,
-                 time: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = None) -> Report:
+                 time: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = None,
+                 per_rank_peak_bytes: tuple[int, ...] = ()) -> Report:
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
@@ -399,6 +407,7 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         warnings=warnings,
         global_batch=global_batch,
         timer=time,
+        per_rank_peak_bytes=per_rank_peak_bytes,
     )
 
 

@@ -319,3 +319,20 @@ def training_macs(forward: dict[str, int], recompute_blocks: bool = False,
             factor += 1
         out[path] = factor * macs
     return out
+
+
+# --- sharding -----------------------------------------------------------------------------------
+
+
+def zero_partition(numels: list[int], ranks: int) -> list[list[int]]:
+    """Indices of the parameters each rank's optimizer steps under ``ZeroRedundancyOptimizer``:
+    largest first, each to the rank with the fewest elements so far (the lowest such rank on a
+    tie), as ``_partition_parameters`` does; within a rank, in the order they were given to it."""
+    order = sorted(range(len(numels)), key=lambda i: numels[i], reverse=True)  # stable: ties keep their order
+    sizes = [0] * ranks
+    out: list[list[int]] = [[] for _ in range(ranks)]
+    for i in order:
+        rank = sizes.index(min(sizes))
+        out[rank].append(i)
+        sizes[rank] += numels[i]
+    return out

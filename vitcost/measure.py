@@ -284,6 +284,11 @@ def _track_cpu(spec: ViTSpec, workload: Workload, warmup: int, model, traced: bo
         runner = Runner(model, spec, workload, "cpu")
     else:
         runner = build_runner(spec, workload, "cpu", model=model)
+    return track_runner(runner, workload, warmup, traced)
+
+
+def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool = False) -> MeasuredMemory:
+    """MemTracker over one steady-state step of a built runner, after ``warmup`` steps."""
     if traced:  # the optimizer's states do not depend on the batch: warm up on one image
         runner.workload = workload.model_copy(update={"batch": 1})
     for _ in range(max(warmup, 1 if workload.training else 0)):  # optimizer states come in step 1
@@ -295,7 +300,9 @@ def _track_cpu(spec: ViTSpec, workload: Workload, warmup: int, model, traced: bo
             # a frozen parameter (MAE's sin-cos tables) takes no gradient hook: MemTracker would
             # try to install one and fail; mark it as done
             tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
-    tracker.track_external(runner.model, *([runner.optimizer] if runner.optimizer else []))
+    # ZeroRedundancyOptimizer keeps its states in the local optimizer it wraps
+    optimizer = getattr(runner.optimizer, "optim", runner.optimizer)
+    tracker.track_external(runner.model, *([optimizer] if optimizer else []))
     dev = torch.device("cpu")
     after_forward: dict[str, int] = {}
 

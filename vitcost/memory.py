@@ -34,7 +34,7 @@ from functools import lru_cache
 import itertools
 
 from vitcost import mae, videomae, vit_hf
-from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens
+from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, zero_partition
 from vitcost.ops import (
     Grads,
     Shapes,
@@ -107,7 +107,8 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
     params = sum(_param_bytes(spec, e, round_to))
-    sizes = _param_bytes(spec, e, round_to, used=True)
+    grads = sum(_param_bytes(spec, e, round_to, used=True))
+    sizes = _optimizer_sizes(spec, wl, e, round_to)
     train = wl.training
     adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
     return Shapes(
@@ -116,9 +117,9 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
         conv_w=d * spec.channels * spec.patch * spec.patch * spec.tubelet, pos=pos_embed_tokens(spec),
         classes=spec.classes, registers=spec.registers,
         **kernel_sizes(n, d, spec.heads, cuda, lo),
-        params=params, grads=sum(sizes),
+        params=params, grads=grads,
         states=optimizer_state_bytes(wl, sizes, cuda) if train else 0,
-        kept=_kept_grad_bytes(spec, b, e, sum(sizes), round_to) if train and wl.keep_grads else 0,
+        kept=_kept_grad_bytes(spec, b, e, grads, round_to) if train and wl.keep_grads else 0,
         opt_tmp=optimizer_temporary_bytes(sizes, cuda) if train and adam else 0,
         one=b == 1, one_head=spec.heads == 1,
         res=stream, lo=lo, par=e,
@@ -753,6 +754,18 @@ def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_
 
 
 @lru_cache(maxsize=4096)
+def _optimizer_sizes(spec: ViTSpec, wl: Workload, pb: int, round_to: int) -> tuple[int, ...]:
+    """Bytes of each parameter the optimizer keeps states for, in the order its step visits
+    them: every used parameter in ``parameters()`` order; under ZeRO-1, this rank's share
+    (``formulas.zero_partition`` over every parameter, the ones without a gradient skipped)."""
+    if not wl.shards_optimizer:
+        return _param_bytes(spec, pb, round_to, used=True)
+    tensors = param_tensors(spec)
+    mine = zero_partition([n for _, n in tensors], wl.ranks)[wl.rank]
+    return tuple(_round_up(tensors[i][1] * pb, round_to) for i in mine
+                 if not (tensors[i][0] in UNUSED or tensors[i][0].endswith(FROZEN)))
+
+
 def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False) -> tuple[int, ...]:
     """Bytes of each parameter tensor as allocated, in ``parameters()`` order; ``used``: only
     those the forward uses, which get gradients and optimizer states."""
@@ -976,7 +989,7 @@ def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:
     """``shapes_of`` with every parameter, optimizer state and kept gradient as its own tensor."""
     sh = shapes_of(spec, wl)
     parts = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
-    sizes = _param_bytes(spec, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1, used=True)
+    sizes = _optimizer_sizes(spec, wl, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
     if not wl.training:
         return replace(sh, param_parts=parts)
     if wl.optimizer in (Optimizer.adamw, Optimizer.adam):

@@ -55,6 +55,13 @@ class Optimizer(str, Enum):
     sgd = "sgd"
 
 
+class Strategy(str, Enum):
+    """How a step is spread over GPUs (each rank runs its share of the batch)."""
+
+    ddp = "ddp"  # DistributedDataParallel: every rank holds everything, plus its gradient buckets
+    zero1 = "zero1"  # DDP with ZeroRedundancyOptimizer: each rank keeps the optimizer states of its share
+
+
 class Checkpointing(str, Enum):
     none = "none"
     full = "full"
@@ -257,10 +264,24 @@ class Workload(BaseModel):
     keep_grads: bool = False
     checkpointing: Checkpointing = Checkpointing.none
     device: Device = Device.cuda
+    strategy: Strategy = Strategy.ddp
+    ranks: int = Field(default=1, gt=0, le=65536)  # GPUs (processes) the step is spread over
+    rank: int = Field(default=0, ge=0, le=65535)  # whose share a sharded strategy's figures are
+
+    @model_validator(mode="after")
+    def _rank_in_range(self) -> "Workload":
+        if self.rank >= self.ranks:
+            raise ValueError(f"rank {self.rank} is not one of the {self.ranks} ranks")
+        return self
 
     @property
     def training(self) -> bool:
         return self.mode == Mode.train
+
+    @property
+    def shards_optimizer(self) -> bool:
+        """Each rank keeps the optimizer states of its share of the parameters only."""
+        return self.training and self.strategy == Strategy.zero1 and self.ranks > 1
 
 
 def _one_line(err: ValidationError) -> str:
