@@ -225,6 +225,7 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         raise ConfigError("--gpu '': name a GPU profile (see 'vitcost gpus') or a YAML file, or leave --gpu out")
     if allocator not in ALLOCATORS:
         raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
+    workload.setdefault("strategy", "ddp")
     resolved = _load_gpu(gpu) if gpu else None
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 65536):
         raise ConfigError(f"--gpus {shorten(str(gpus))}: a whole number of GPUs from 1 to 65536")

@@ -543,6 +543,8 @@ def _calibrate_one(model: Optional[str], image: Any, patch: Optional[int], batch
                               report.macs_training_per_image,
                               counts.training_macs))
 
+    if wl.ranks > 1:
+        return _calibrate_ranks(report, figures, result, note, steps, tolerance)
     if not meta and device == "cpu":
         available = _available_ram()
         if available is not None and report.memory.peak > 0.9 * available:
@@ -587,6 +589,27 @@ def _calibrate_one(model: Optional[str], image: Any, patch: Optional[int], batch
         timed = time_figures(report.time.step_seconds, secs)
     bad = [f for f in figures if not f.within(tolerance)]
     return result(figures, OFF if bad else OK, cuda=cuda, timed=timed)
+
+
+def _calibrate_ranks(report: Report, figures: list[Figure], result: Callable[..., Calibration],
+                     note: Callable[[str], None], steps: Optional[int], tolerance: float) -> Calibration:
+    """Every rank's peak (MemTracker in each of ``ranks`` gloo processes) against its prediction."""
+    from vitcost.measure_distributed import measure_ranks
+
+    wl = report.workload
+    ranks = wl.ranks
+    predicted = ([p + report.ddp_bucket_bytes for p in report.per_rank_peak_bytes]
+                 or [report.peak_bytes] * ranks)
+    available = _available_ram()
+    if available is not None and sum(predicted) > 0.9 * available:
+        return result(figures, NOT_RUN, f"not run: {ranks} ranks' predicted peaks ({sum(predicted) / 2**30:.1f} GiB) "
+                                        f"are more than the {available / 2**30:.1f} GiB this machine has free")
+    note(f"running {ranks} processes ({wl.strategy.value}, gloo)")
+    measured = measure_ranks(report.spec, wl, warmup=steps if steps is not None else 2)
+    figures = figures + [Figure(f"rank{r}_peak_bytes", f"peak, rank {r}", "bytes", predicted[r], m["peak_bytes"])
+                         for r, m in enumerate(measured)]
+    bad = [f for f in figures if not f.within(tolerance)]
+    return result(figures, OFF if bad else OK)
 
 
 TIME_REPEATS = 3  # steps timed per configuration: the machine may be shared, so min and median are kept
@@ -644,6 +667,9 @@ def calibrate(
     checkpointing: str = "none",
     gpu: Optional[str] = None,
     strict: bool = False,
+    nproc: int = 1,
+    strategy: str = "ddp",
+    gpus: Optional[int] = None,
     **arch: Any,
 ) -> CalibrationRun:
     """Run each configuration in torch and hold every predicted figure against torch's.
@@ -656,8 +682,19 @@ def calibrate(
     of the reference ViT, called with ``factory_kwargs`` (a dict or a JSON object).
     ``tolerance`` is a fraction (0.02 = 2%). ``save`` (CUDA, with ``gpu``) records the GPU's
     context size and allocator overhead for ``plan``. ``progress(done, total, doing)`` is
-    called as the work goes.
+    called as the work goes. ``nproc`` > 1: the step runs in so many processes under
+    torch.distributed (gloo, on the CPU) with ``strategy``, each rank's peak against its
+    prediction; ``batch`` is then the global batch, as for ``plan``.
     """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or not 1 <= nproc <= 64:
+        raise ConfigError(f"--nproc {nproc}: from 1 to 64 processes")
+    if gpus is not None and gpus != nproc:
+        raise ConfigError(f"--gpus {gpus} with --nproc {nproc}: calibrate runs one process per GPU; give --nproc alone")
+    if nproc > 1 and (meta or model_factory or save or device == "cuda"):
+        what = "--meta" if meta else "--model-factory" if model_factory else "--save" if save else "--device cuda"
+        raise ConfigError(f"--nproc {nproc} runs torch.distributed on the CPU (gloo): not with {what}")
+    if nproc == 1 and strategy != "ddp":
+        raise ConfigError(f"--strategy {strategy} shards over several processes: give --nproc N (N > 1)")
     if tolerance < 0:
         raise ConfigError(f"--tolerance {tolerance}: must be 0 or more")
     if steps is not None and steps < 0:
@@ -682,6 +719,9 @@ def calibrate(
     combos = list(product(_values(image), _values(patch), _values(batch)))
     options = dict(mode=mode, precision=precision, attention=attention, optimizer=optimizer,
                    keep_grads=keep_grads, checkpointing=checkpointing, gpu=gpu, strict=strict)
+    if nproc > 1:
+        where = "cpu"
+        options.update(strategy=strategy, gpus=nproc)
     start = time.perf_counter()
     results: list[Calibration] = []
     for i, (img, p, b) in enumerate(combos):

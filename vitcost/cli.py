@@ -23,7 +23,8 @@ from typer.core import TyperGroup
 
 from vitcost.errors import BudgetFileError, VitcostError, shorten
 from vitcost.render import escape_control
-from vitcost.specs import Allocator, AttentionKernel, Checkpointing, Device, Impl, Mlp, Mode, Optimizer, Pooling, PosEmbed, Precision
+from vitcost.specs import (Allocator, AttentionKernel, Checkpointing, Device, Impl, Mlp, Mode, Optimizer, Pooling,
+                           PosEmbed, Precision, Strategy)
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
@@ -121,6 +122,8 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("keep_grads", Annotated[bool, typer.Option("--keep-grads", help="zero_grad(set_to_none=False): gradients stay allocated between steps.", rich_help_panel="Workload")], False),
     ("checkpointing", Annotated[Checkpointing, typer.Option(help="Activation checkpointing per block.", rich_help_panel="Workload")], Checkpointing.none),
     ("gpu", Annotated[Optional[str], typer.Option(help="GPU profile name, alias or path to a YAML profile (see 'vitcost gpus').", rich_help_panel="Workload")], None),
+    ("gpus", Annotated[Optional[int], typer.Option(help="GPUs the step is spread over (overrides the profile's count; each runs its share of --batch).", rich_help_panel="Workload", show_default="the profile's")], None),
+    ("strategy", Annotated[Strategy, typer.Option(help="ddp: every GPU holds everything, plus DDP's gradient buckets; zero1: ZeroRedundancyOptimizer, each GPU keeps the optimizer states of its share.", rich_help_panel="Workload")], Strategy.ddp),
     ("allocator", Annotated[Allocator, typer.Option(help="CUDA caching allocator the fit is decided on: native, or expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).", rich_help_panel="Workload")], Allocator.native),
     ("device", Annotated[Optional[Device], typer.Option(help="Replay rules: cuda (autocast's CUDA policy, 512-byte blocks) or cpu.", rich_help_panel="Workload", show_default="cuda, or the --gpu profile's device")], None),
     ("tf32", Annotated[bool, typer.Option("--tf32", help="fp32 matmuls on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32): priced at the TF32 rate.", rich_help_panel="Time")], False),
@@ -176,7 +179,7 @@ def plan_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     kw.pop("json_out", None)
     kw["pooling"] = kw.pop("pool", None)
     for key in ("mode", "precision", "attention", "optimizer", "checkpointing", "device", "pos_embed", "pooling",
-                "allocator", "impl", "mlp"):
+                "allocator", "impl", "mlp", "strategy"):
         if kw.get(key) is not None:
             kw[key] = kw[key].value
     return kw
@@ -339,6 +342,7 @@ def calibrate(
     factory_kwargs: Annotated[Optional[str], typer.Option("--factory-kwargs", metavar="JSON", help="Keyword arguments for the factory, a JSON object: '{\"model_name\": \"vit_base_patch16_224\"}'.", rich_help_panel="Calibrate")] = None,
     out: Annotated[Optional[str], typer.Option("--out", metavar="FILE", help="Also write every row as JSON to FILE.", rich_help_panel="Calibrate")] = None,
     save: Annotated[bool, typer.Option("--save", help="Keep what the GPU told (CUDA context, reserved/allocated) for --gpu PROFILE: plan and compare then use it.", rich_help_panel="Calibrate")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes: N > 1 runs the step under torch.distributed on the CPU (gloo), one rank each, with --strategy; every rank's peak against its prediction.", rich_help_panel="Calibrate")] = 1,
     opts: Any = None,
 ) -> None:
     """Run the configuration in torch and set every predicted figure beside the measured one."""
@@ -358,7 +362,7 @@ def calibrate(
 
         run = run_calibrate(image=images, patch=_int_list(patch, "--patch"), batch=_int_list(batch, "--batch"),
                             device=device.value, steps=steps, meta=meta, model_factory=model_factory,
-                            factory_kwargs=factory_kwargs, tolerance=tolerance / 100, save=save,
+                            factory_kwargs=factory_kwargs, tolerance=tolerance / 100, save=save, nproc=nproc,
                             progress=progress, **kw)
     data = run.to_dict() if (opts["json_out"] or out) else None
     if opts["json_out"]:

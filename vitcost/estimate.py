@@ -139,6 +139,7 @@ class TimeReport:
             "launches": self.step.launches,
             "allreduce_seconds": self.step.allreduce_seconds,
             "allreduce_overlapped_with_backward": bool(self.step.allreduce_seconds),
+            "allgather_seconds": self.step.allgather_seconds,
             "epochs": self.options.epochs,
             "dataset_size": self.options.dataset_size,
             "steps": run.steps if run else None,
@@ -159,12 +160,14 @@ def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype
     grads = 0
     if wl.training and rates.gpus > 1:  # what DDP all-reduces: every gradient, in the parameters' dtype
         grads = sum(kernels._weights(spec)[0]) * (2 if wl.precision in (Precision.bf16, Precision.fp16) else 4)
+    gather = grads if wl.shards_optimizer else 0  # ZeRO-1 sends each rank's updated parameters to the others
     lines = kernels.lines(spec, wl)
     if lines is None:
         ks = kernels.at_batch(spec, wl)
-        step, flops = timing.step_time(ks, rates, grad_bytes=grads), 2 * kernels.model_macs(ks)
+        step, flops = timing.step_time(ks, rates, grad_bytes=grads, gather_bytes=gather), 2 * kernels.model_macs(ks)
     else:
-        step, flops = timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads), 2 * _model_macs(spec, wl)
+        step, flops = (timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads, gather_bytes=gather),
+                       2 * _model_macs(spec, wl))
     run = None
     if options.epochs is not None and options.dataset_size is not None:
         run = timing.run_cost(step.step_seconds, global_batch, rates.gpus, options.epochs, options.dataset_size,

@@ -24,7 +24,7 @@ from functools import lru_cache
 import math
 from typing import NamedTuple, Optional
 
-from vitcost.formulas import param_tensors
+from vitcost.formulas import param_tensors, zero_partition
 from vitcost.memory import shapes_of
 from vitcost.ops import Shapes
 from vitcost.specs import AttentionKernel, Checkpointing, Impl, Mlp, Optimizer, Pooling, PosEmbed, ViTSpec, Workload
@@ -431,6 +431,14 @@ def _weights(spec: ViTSpec) -> tuple[tuple[int, ...], int, int]:
 
 
 @lru_cache(maxsize=1024)
+def _stepped(spec: ViTSpec, ranks: int, rank: int) -> tuple[tuple[int, ...], int]:
+    """Elements of the parameters one rank's ZeRO-1 optimizer steps, and their chunks."""
+    tensors = param_tensors(spec)
+    sizes = tuple(tensors[i][1] for i in zero_partition([n for _, n in tensors], ranks)[rank] if tensors[i][1])
+    return sizes, sum(-(-s // _CHUNK) for s in sizes)
+
+
+@lru_cache(maxsize=1024)
 def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
     """Every kernel of one step (a training step, or one forward under no_grad) in order."""
     why = _why_not(spec)
@@ -438,6 +446,7 @@ def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
         raise NotModelled(why)
     w = _Walk(sh)
     sizes, matrices, chunks = _weights(spec)
+    stepped, stepped_chunks = _stepped(spec, wl.ranks, wl.rank) if wl.shards_optimizer else (sizes, chunks)
     _weight_casts(w, spec, sizes, matrices)
     _prologue_forward(w, spec)
     w.count = spec.depth
@@ -456,7 +465,7 @@ def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
     _block_backward(w, spec, wl)
     w.count = 1
     _prologue_backward(w, spec)
-    _optimizer(w, wl, sizes, chunks)
+    _optimizer(w, wl, stepped, stepped_chunks)
     return tuple(w.out)
 
 

@@ -72,11 +72,13 @@ def header(report: Report) -> Text:
     text.append(f"vitcost: {escape_control(s.name)}", style="bold")
     text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
     text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}, batch {report.batch}"
-                + (f" ({w.batch} per GPU)" if gpu and gpu.gpus > 1 else "") + ", "
+                + (f" ({w.batch} per GPU x {w.ranks})" if w.ranks > 1 else "") + ", "
                 f"{w.mode.value}, {w.precision.value}, {w.attention.value}")
     if w.training:
         text.append(f", {w.optimizer.value}, zero_grad(set_to_none={not w.keep_grads}), "
                     f"checkpointing {w.checkpointing.value}")
+        if w.ranks > 1:
+            text.append(f", {w.strategy.value} over {w.ranks} GPUs")
     text.append(f"{where}\n", style="bold")
     text.append(f"defaults: {DEFAULTS}; device rules: {w.device.value}", style="dim")
     return text
@@ -161,6 +163,10 @@ def memory_table(report: Report) -> Table:
             cells.append(f"{100 * value / usable:.1f}%")
         table.add_row(*cells, style="bold")
     table.caption = f"peak reached in {m.peak_phase}; not every category is at its full size at that moment"
+    if report.per_rank_peak_bytes:
+        peaks = [p + report.ddp_bucket_bytes for p in report.per_rank_peak_bytes]
+        table.caption += (f"\n{report.workload.strategy.value}: the figures are rank {report.workload.rank}'s, "
+                          f"the largest of {len(peaks)} (from {fmt_bytes(min(peaks))} to {fmt_bytes(max(peaks))})")
     return table
 
 
@@ -189,7 +195,7 @@ _GROUP_LABELS = {
     "attention": "attention (fused kernel, or the eager maps and their matmuls)",
     "memory": "memory-bound (LayerNorm, GELU, residual adds, casts, loss)",
     "optimizer": "optimizer step",
-    "communication": "gradient all-reduce not hidden by backward",
+    "communication": "communication not hidden (all-reduce, ZeRO-1's all-gather)",
     "launch": "kernel launches",
 }
 
@@ -223,6 +229,8 @@ def time_parts(report: Report) -> list[Any]:
     notes = [f"{t.step.launches:,} kernel launches"]
     if t.step.allreduce_seconds:
         notes.append(f"all-reduce {fmt_seconds(t.step.allreduce_seconds)}, overlapped with backward")
+    if t.step.allgather_seconds:
+        notes.append(f"parameters' all-gather {fmt_seconds(t.step.allgather_seconds)} after the step, not overlapped")
     table.caption = "; ".join(notes)
     parts: list[Any] = [head, table]
     if t.run is not None:

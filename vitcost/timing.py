@@ -64,6 +64,7 @@ class StepTime:
     host_seconds: float
     launches: int
     allreduce_seconds: float = 0.0  # the whole all-reduce, hidden or not
+    allgather_seconds: float = 0.0  # ZeRO-1's parameters after the step, never hidden
     overlapped: bool = True
 
 
@@ -142,7 +143,17 @@ def lines_of(at2: tuple[Kernel, ...], at3: tuple[Kernel, ...]) -> tuple[Line, ..
     return tuple(out)
 
 
-def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: int = 0) -> StepTime:
+def allgather_seconds(nbytes: int, rates: Rates) -> float:
+    """Every rank ends with all ``nbytes`` of which it had 1/g: each receives (g - 1) / g of
+    them (a ring all-gather, or ZeroRedundancyOptimizer's broadcasts from every rank)."""
+    g = rates.gpus
+    if g <= 1 or not rates.allreduce_bytes_per_s:
+        return 0.0
+    return nbytes * (g - 1) / g / rates.allreduce_bytes_per_s
+
+
+def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: int = 0,
+                 gather_bytes: int = 0) -> StepTime:
     """:func:`step_time` of the kernels the lines give at ``batch``."""
     def runs():
         for line in lines:
@@ -150,14 +161,15 @@ def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: 
             seconds = _seconds(line.kind, b0 + bs * batch, c0 + cs * batch, m0 + ms * batch, n0 + ns * batch,
                                k0 + ks * batch, t0 + ts * batch, line.tokens, line.op, e0 + es * batch, rates)
             yield line.group, line.phase, seconds * line.count, line.launches
-    return _total(runs(), rates, grad_bytes)
+    return _total(runs(), rates, grad_bytes, gather_bytes)
 
 
-def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0) -> StepTime:
+def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0, gather_bytes: int = 0) -> StepTime:
     """Price a step: per group, per phase, the launches, and (``gpus`` > 1, training) the
-    all-reduce of ``grad_bytes`` not hidden behind backward."""
+    all-reduce of ``grad_bytes`` not hidden behind backward, and the all-gather of
+    ``gather_bytes`` after the optimizer step (ZeRO-1's parameters: nothing hides it)."""
     return _total(((k.group, k.phase, kernel_seconds(k, rates) * k.count, k.launches * k.count) for k in kernels),
-                  rates, grad_bytes)
+                  rates, grad_bytes, gather_bytes)
 
 
 def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
@@ -169,7 +181,7 @@ def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
     return grad_bytes * 2 * (g - 1) / g / rates.allreduce_bytes_per_s
 
 
-def _total(runs, rates: Rates, grad_bytes: int) -> StepTime:
+def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0) -> StepTime:
     """Sum (group, phase, seconds, launches) of every kernel into a step."""
     groups = dict.fromkeys(BREAKDOWN, 0.0)
     phases: dict[str, float] = {}
@@ -192,7 +204,9 @@ def _total(runs, rates: Rates, grad_bytes: int) -> StepTime:
         backward = phases.get("backward", 0.0) + phases.get("recompute", 0.0)
         last = allreduce_seconds(min(grad_bytes, DDP_LAST_BUCKET_BYTES), rates)
         groups["communication"] = max(allreduce - backward, last)
-    return StepTime(step_seconds=sum(groups.values()), breakdown_seconds=groups, phase_seconds=phases,
+    gather = allgather_seconds(gather_bytes, rates)
+    groups["communication"] += gather
+    return StepTime(step_seconds=sum(groups.values()), breakdown_seconds=groups, phase_seconds=phases, allgather_seconds=gather,
                     device_seconds=device, host_seconds=host, launches=launches, allreduce_seconds=allreduce)
 
 
