@@ -145,3 +145,51 @@ def test_rank_out_of_range_is_refused():
         from vitcost.specs import make_workload
 
         make_workload(ranks=2, rank=2)
+
+
+# --- gradient accumulation -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("accum", [2, 3])
+def test_gradient_accumulation_is_exact(accum):
+    """From the second micro-step on, backward adds into gradients that exist, and the
+    optimizer steps after the last: the peak is the kept-gradients step's at the micro-batch."""
+    from vitcost import measure
+
+    report = vitcost.plan("vit-ti", batch=2 * accum, grad_accum=accum, precision="fp32", **TINY)
+    assert report.workload.batch == 2
+    assert report.peak_bytes == measure.measure_cpu(report.spec, report.workload, warmup=2).peak_bytes
+    kept = vitcost.plan("vit-ti", batch=2, keep_grads=True, precision="fp32", **TINY)
+    assert report.peak_bytes == kept.peak_bytes > vitcost.plan("vit-ti", batch=2, precision="fp32", **TINY).peak_bytes
+
+
+@pytest.mark.parametrize("strategy,accum", [("ddp", 2), ("zero1", 3)])
+def test_gradient_accumulation_over_ranks_is_exact(strategy, accum):
+    report = vitcost.plan("vit-ti", batch=4 * accum, gpus=2, grad_accum=accum, strategy=strategy, precision="fp32",
+                          **TINY)
+    measured = [m["peak_bytes"] for m in measure_ranks(report.spec, report.workload)]
+    assert measured == (report.to_dict()["per_rank_peak_bytes"] or [report.peak_bytes] * 2)
+
+
+def test_gradient_accumulation_time():
+    """4 micro-steps of 64: four forwards and backwards, one optimizer step; the all-reduce
+    hides behind the last backward only; model FLOPs are the 256 images'."""
+    one = vitcost.plan("vit-b", gpu="8xa100", batch=512).time
+    four = vitcost.plan("vit-b", gpu="8xa100", batch=2048, grad_accum=4).time
+    for part in ("matmul", "attention", "memory"):
+        assert four.step.breakdown_seconds[part] == pytest.approx(4 * one.step.breakdown_seconds[part], rel=1e-12)
+    assert four.step.breakdown_seconds["optimizer"] == pytest.approx(one.step.breakdown_seconds["optimizer"])
+    assert four.step.breakdown_seconds["communication"] == pytest.approx(one.step.breakdown_seconds["communication"])
+    assert four.model_flops_per_step == 4 * one.model_flops_per_step
+    assert four.samples_per_s > one.samples_per_s  # the optimizer step is paid once per 4
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--grad-accum", "3", "--batch", "8"], "--grad-accum 3 does not divide --batch 8"),
+    (["--grad-accum", "2", "--mode", "infer"], "it needs --mode train"),
+    (["--grad-accum", "0"], "--grad-accum 0: a whole number of micro-steps from 1 to 4096"),
+])
+def test_bad_grad_accum_is_one_line(args, needle):
+    result = invoke("plan", "--model", "vit-ti", *args)
+    assert_clean(result, " ".join(args))
+    assert result.exit_code == 1 and needle in result.stderr

@@ -123,6 +123,7 @@ def plan(
     checkpointing: str = "none",
     strategy: str = "ddp",
     gpus: Optional[int] = None,
+    grad_accum: int = 1,
     gpu: Optional[str] = None,
     device: Optional[str] = None,
     allocator: str = "native",
@@ -167,7 +168,7 @@ def plan(
                                "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing, strategy=strategy,
-                      gpus=gpus,
+                      gpus=gpus, grad_accum=grad_accum,
                       gpu=gpu, device=device, allocator=allocator, run=run)
 
 
@@ -226,19 +227,28 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if allocator not in ALLOCATORS:
         raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
     workload.setdefault("strategy", "ddp")
+    workload.setdefault("grad_accum", 1)
+    accum = workload["grad_accum"]
+    if isinstance(accum, bool) or not isinstance(accum, int) or not 1 <= accum <= 4096:
+        raise ConfigError(f"--grad-accum {shorten(str(accum))}: a whole number of micro-steps from 1 to 4096")
     resolved = _load_gpu(gpu) if gpu else None
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 65536):
         raise ConfigError(f"--gpus {shorten(str(gpus))}: a whole number of GPUs from 1 to 65536")
     gpus = gpus or (resolved.profile.gpus if resolved else 1)
     if batch is not None and batch <= 0:
         raise ConfigError(f"--batch {batch}: the batch size must be at least 1")
-    per_gpu = math.ceil(batch / gpus)
+    if batch % accum:
+        raise ConfigError(f"--grad-accum {accum} does not divide --batch {batch}: each optimizer step is "
+                          f"{accum} micro-batches of the same size")
+    per_gpu = math.ceil(batch // accum / gpus)
     if device is None:
         device = resolved.profile.device if resolved else "cuda"
     wl = _workload_of(per_gpu, device, gpus, 0, workload)
     if wl.strategy.value != "ddp" and gpus == 1:
         raise ConfigError(f"--strategy {wl.strategy.value} shards over several GPUs: give --gpus N (N > 1) or a "
                           "multi-GPU profile")
+    if wl.grad_accum > 1 and not wl.training:
+        raise ConfigError(f"--grad-accum {wl.grad_accum} accumulates gradients: it needs --mode train")
     per_rank: tuple[int, ...] = ()
     if wl.shards_optimizer:  # ranks differ: the figures are the rank that needs the most
         ranks = [_workload_of(per_gpu, device, gpus, r, workload) for r in range(gpus)]
@@ -250,8 +260,8 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if wl.training and not spec.classes and spec.mae is None:
         raise ConfigError(f"{spec.name} has no classification head (a feature backbone): training needs one, "
                           "pass --classes N, or use --mode infer")
-    if gpus > 1 and batch % gpus:
-        warnings = warnings + (f"batch {batch} does not split evenly over {gpus} GPUs: "
+    if gpus > 1 and (batch // accum) % gpus:
+        warnings = warnings + (f"batch {batch // accum} does not split evenly over {gpus} GPUs: "
                                f"each runs {per_gpu} (the largest share)",)
     fit = None if resolved is None else partial(_fit, spec, wl, resolved, allocator)
     time = None if resolved is None else partial(_time, spec, wl, resolved, batch, run)
@@ -292,7 +302,8 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) ->
         return None, f"{err}: the step is not priced"
 
 
-_WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing", "strategy")
+_WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing", "strategy",
+                  "grad_accum")
 
 
 @lru_cache(maxsize=1024)

@@ -164,10 +164,12 @@ def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype
     lines = kernels.lines(spec, wl)
     if lines is None:
         ks = kernels.at_batch(spec, wl)
-        step, flops = timing.step_time(ks, rates, grad_bytes=grads, gather_bytes=gather), 2 * kernels.model_macs(ks)
+        step = timing.step_time(ks, rates, grad_bytes=grads, gather_bytes=gather, micro_steps=wl.grad_accum)
+        flops = 2 * kernels.model_macs(ks) * wl.grad_accum
     else:
-        step, flops = (timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads, gather_bytes=gather),
-                       2 * _model_macs(spec, wl))
+        step = timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads, gather_bytes=gather,
+                                   micro_steps=wl.grad_accum)
+        flops = 2 * _model_macs(spec, wl) * wl.grad_accum
     run = None
     if options.epochs is not None and options.dataset_size is not None:
         run = timing.run_cost(step.step_seconds, global_batch, rates.gpus, options.epochs, options.dataset_size,
@@ -269,6 +271,7 @@ class Report:
                 "checkpointing": w.checkpointing.value,
                 "device": w.device.value,
                 "strategy": w.strategy.value,
+                "grad_accum": w.grad_accum,
                 "gpus": w.ranks,
                 "rank": w.rank,
                 "gpu": gpu.requested if gpu else None,

@@ -152,9 +152,10 @@ class Runner:
         self.saved_after_forward: int | None = None
         self.output_bytes = 0  # the loss (training) or the logits (no_grad) at the probe
 
-    def step(self, probe=None, batch=None) -> None:
+    def step(self, probe=None, batch=None, between=None) -> None:
         """One step. ``probe()`` is called between forward and backward (train) or after forward;
-        ``batch``: an (images, labels) pair made beforehand (a new random one otherwise)."""
+        ``batch``: an (images, labels) pair made beforehand (a new random one otherwise);
+        ``between()``: called before each micro-step after the first (gradient accumulation)."""
         wl = self.workload
         x, y = batch if batch is not None else make_batch(self.spec, wl, self.device)
         if not wl.training:
@@ -165,17 +166,24 @@ class Runner:
                 probe()
             del out
             return
-        with _autocast(wl, self.device):
-            if self.spec.mae is not None:  # the model computes its own loss (MAE pretraining)
-                loss = self.model(x).loss
-            elif self.spec.distillation:
-                loss = _loss(self.model(x), y)
-            else:
-                loss = _loss(logits(self.model(x)), y)
-        self.output_bytes = _storage_bytes(loss)
-        if probe:
-            probe()
-        loss.backward()
+        for micro in range(wl.grad_accum):  # gradient accumulation: DDP syncs the last micro-step only
+            sync = micro == wl.grad_accum - 1 or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                if micro:
+                    x, y = batch if batch is not None else make_batch(self.spec, wl, self.device)
+                    if between:
+                        between()
+                with _autocast(wl, self.device):
+                    if self.spec.mae is not None:  # the model computes its own loss (MAE pretraining)
+                        loss = self.model(x).loss
+                    elif self.spec.distillation:
+                        loss = _loss(self.model(x), y)
+                    else:
+                        loss = _loss(logits(self.model(x)), y)
+                self.output_bytes = _storage_bytes(loss)
+                if probe and micro == wl.grad_accum - 1:
+                    probe()
+                loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=not wl.keep_grads)
 
@@ -310,7 +318,9 @@ def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool =
         after_forward.update(_category_bytes(tracker.get_tracker_snapshot("current"), dev))
 
     with tracker:
-        runner.step(probe)
+        # MemTracker follows one forward per module: a micro-step's is forgotten before the next
+        # (the step's peak is kept)
+        runner.step(probe, between=tracker.reset_mod_stats)
     peak = _category_bytes(tracker.get_tracker_snapshot("peak"), dev)
     return MeasuredMemory(
         device="cpu",

@@ -119,7 +119,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
         **kernel_sizes(n, d, spec.heads, cuda, lo),
         params=params, grads=grads,
         states=optimizer_state_bytes(wl, sizes, cuda) if train else 0,
-        kept=_kept_grad_bytes(spec, b, e, grads, round_to) if train and wl.keep_grads else 0,
+        kept=_kept_grad_bytes(spec, b, e, grads, round_to) if train and wl.accumulates else 0,
         opt_tmp=optimizer_temporary_bytes(sizes, cuda) if train and adam else 0,
         one=b == 1, one_head=spec.heads == 1,
         res=stream, lo=lo, par=e,
@@ -918,7 +918,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     copies = r.cat[WC]
     components = _saved_by_component(r, depth, spec.layer_scale) if train and not full else {}
     if train and spec.classes:
-        gr = Grads(r, sh, wl.keep_grads)
+        gr = Grads(r, sh, wl.accumulates)
         g = _epilogue_backward(r, spec, sh, gr)
         if full:
             for i in reversed(range(depth)):
@@ -960,7 +960,7 @@ def _replay_mae(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, image_elems:
     figures = (weights, sh.grads if train else 0, sh.states, inputs, saved, copies)
     if not train:
         return figures, {}
-    gr = Grads(r, sh, wl.keep_grads)
+    gr = Grads(r, sh, wl.accumulates)
 
     def backward(i: int, g: str, out: str, shapes: Shapes, label: int) -> None:
         _block_backward(r, i, g, out, shapes, spec, wl, gr, label=label)
@@ -1020,8 +1020,9 @@ def trace(spec: ViTSpec, wl: Workload, extra_bytes: int = 0) -> tuple[list[tuple
     first_sh = replace(sh, states=0, state_parts=(), kept=0, kept_parts=(),
                        first_state_parts=sh.state_parts if wl.training else ())
     first = Trace(keys)
-    replay_step(first, spec, wl.model_copy(update={"keep_grads": False}) if wl.keep_grads else wl, first_sh)
-    first.end_step(PERSISTENT, keep=(G,) if wl.keep_grads else ())
+    replay_step(first, spec, wl.model_copy(update={"keep_grads": False, "grad_accum": 1}) if wl.accumulates else wl,
+                first_sh)
+    first.end_step(PERSISTENT, keep=(G,) if wl.accumulates else ())
     steady = Trace(keys, skip=PERSISTENT)
     replay_step(steady, spec, wl, sh)
     steady.end_step(PERSISTENT)

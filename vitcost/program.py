@@ -389,14 +389,14 @@ def structure_key(spec: ViTSpec, wl: Workload, one: Optional[bool] = None) -> tu
     return (min(spec.depth, 3), spec.class_token, spec.dist_token, spec.registers > 0, spec.pos_embed,
             spec.pos_embed_prefix, spec.pooling, spec.classes > 0, spec.qkv_bias, spec.layer_scale, spec.impl,
             spec.mask_token, spec.mlp, spec.video, spec.distillation, spec.heads == 1,
-            wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device,
+            wl.mode, wl.precision, wl.attention, wl.optimizer, wl.accumulates, wl.checkpointing, wl.device,
             wl.shards_optimizer, wl.batch == 1 if one is None else one)
 
 
 def config_key(spec: ViTSpec, wl: Workload) -> tuple:
     """A configuration without its batch: what the caches of per-batch answers are keyed by."""
     return (spec, wl.mode, wl.precision, wl.attention, wl.optimizer, wl.keep_grads, wl.checkpointing, wl.device,
-            wl.strategy, wl.ranks, wl.rank)
+            wl.strategy, wl.ranks, wl.rank, wl.grad_accum)
 
 
 def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> Optional[tuple[Program, tuple[int, ...]]]:

@@ -79,6 +79,8 @@ def header(report: Report) -> Text:
                     f"checkpointing {w.checkpointing.value}")
         if w.ranks > 1:
             text.append(f", {w.strategy.value} over {w.ranks} GPUs")
+        if w.grad_accum > 1:
+            text.append(f", {w.grad_accum} micro-steps of {w.batch} per GPU")
     text.append(f"{where}\n", style="bold")
     text.append(f"defaults: {DEFAULTS}; device rules: {w.device.value}", style="dim")
     return text

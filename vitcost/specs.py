@@ -267,6 +267,7 @@ class Workload(BaseModel):
     strategy: Strategy = Strategy.ddp
     ranks: int = Field(default=1, gt=0, le=65536)  # GPUs (processes) the step is spread over
     rank: int = Field(default=0, ge=0, le=65535)  # whose share a sharded strategy's figures are
+    grad_accum: int = Field(default=1, gt=0, le=4096)  # micro-steps (of ``batch`` each) per optimizer step
 
     @model_validator(mode="after")
     def _rank_in_range(self) -> "Workload":
@@ -277,6 +278,13 @@ class Workload(BaseModel):
     @property
     def training(self) -> bool:
         return self.mode == Mode.train
+
+    @property
+    def accumulates(self) -> bool:
+        """Backward adds into gradients that already exist: ``zero_grad(set_to_none=False)``, or
+        every micro-step after the first of a gradient accumulation (whose peak is that of the
+        last one: the gradients exist, and the optimizer steps after it)."""
+        return self.keep_grads or (self.training and self.grad_accum > 1)
 
     @property
     def shards_optimizer(self) -> bool:

@@ -153,7 +153,7 @@ def allgather_seconds(nbytes: int, rates: Rates) -> float:
 
 
 def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: int = 0,
-                 gather_bytes: int = 0) -> StepTime:
+                 gather_bytes: int = 0, micro_steps: int = 1) -> StepTime:
     """:func:`step_time` of the kernels the lines give at ``batch``."""
     def runs():
         for line in lines:
@@ -161,15 +161,18 @@ def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: 
             seconds = _seconds(line.kind, b0 + bs * batch, c0 + cs * batch, m0 + ms * batch, n0 + ns * batch,
                                k0 + ks * batch, t0 + ts * batch, line.tokens, line.op, e0 + es * batch, rates)
             yield line.group, line.phase, seconds * line.count, line.launches
-    return _total(runs(), rates, grad_bytes, gather_bytes)
+    return _total(runs(), rates, grad_bytes, gather_bytes, micro_steps)
 
 
-def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0, gather_bytes: int = 0) -> StepTime:
+def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0, gather_bytes: int = 0,
+              micro_steps: int = 1) -> StepTime:
     """Price a step: per group, per phase, the launches, and (``gpus`` > 1, training) the
     all-reduce of ``grad_bytes`` not hidden behind backward, and the all-gather of
-    ``gather_bytes`` after the optimizer step (ZeRO-1's parameters: nothing hides it)."""
+    ``gather_bytes`` after the optimizer step (ZeRO-1's parameters: nothing hides it).
+    ``micro_steps``: gradient accumulation runs forward and backward so many times before
+    the one optimizer step; the all-reduce hides behind the last backward only."""
     return _total(((k.group, k.phase, kernel_seconds(k, rates) * k.count, k.launches * k.count) for k in kernels),
-                  rates, grad_bytes, gather_bytes)
+                  rates, grad_bytes, gather_bytes, micro_steps)
 
 
 def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
@@ -181,12 +184,14 @@ def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
     return grad_bytes * 2 * (g - 1) / g / rates.allreduce_bytes_per_s
 
 
-def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0) -> StepTime:
+def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0, micro_steps: int = 1) -> StepTime:
     """Sum (group, phase, seconds, launches) of every kernel into a step."""
     groups = dict.fromkeys(BREAKDOWN, 0.0)
     phases: dict[str, float] = {}
     launches = 0
     for group, phase, seconds, n in runs:
+        if phase != "optimizer":
+            seconds, n = seconds * micro_steps, n * micro_steps
         groups[group] += seconds
         phases[phase] = phases.get(phase, 0.0) + seconds
         launches += n
@@ -201,7 +206,7 @@ def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0) -> StepTi
     groups["launch"] = launch
     allreduce = allreduce_seconds(grad_bytes, rates)
     if allreduce:
-        backward = phases.get("backward", 0.0) + phases.get("recompute", 0.0)
+        backward = (phases.get("backward", 0.0) + phases.get("recompute", 0.0)) / micro_steps  # the last one's
         last = allreduce_seconds(min(grad_bytes, DDP_LAST_BUCKET_BYTES), rates)
         groups["communication"] = max(allreduce - backward, last)
     gather = allgather_seconds(gather_bytes, rates)
