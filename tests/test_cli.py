@@ -146,7 +146,7 @@ def test_compare_json_six_objects_in_order():
 
 # --- gpus ---------------------------------------------------------------------------------
 
-SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-pro-6000-maxq",
+SHIPPED = ["8xa100", "8xh100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-pro-6000-maxq",
            "rtx3090", "rtx4090", "rtx5090"]
 
 

@@ -193,3 +193,49 @@ def test_bad_grad_accum_is_one_line(args, needle):
     result = invoke("plan", "--model", "vit-ti", *args)
     assert_clean(result, " ".join(args))
     assert result.exit_code == 1 and needle in result.stderr
+
+
+# --- nodes, and the search where a step does not fit ---------------------------------------------
+
+
+def test_nodes_run_the_ring_at_the_link_between_them():
+    """4 DGX H100 nodes: 32 GPUs; the ring's slowest link is each GPU's 50 GB/s NDR port, not
+    the node's 360 GB/s all-reduce bus: 2 x 31/32 of the gradients at 50 GB/s."""
+    one = vitcost.plan("vit-l", gpu="8xh100", batch=256)
+    four = vitcost.plan("vit-l", gpu="8xh100", batch=1024, nodes=4)
+    assert four.workload.ranks == 32 and four.workload.batch == one.workload.batch == 32
+    grads = 4 * four.params_total
+    assert four.time.step.allreduce_seconds == pytest.approx(grads * 2 * 31 / 32 / 50e9, rel=1e-12)
+    assert one.time.step.allreduce_seconds == pytest.approx(grads * 2 * 7 / 8 / 360e9, rel=1e-12)
+    assert four.to_dict()["inputs"]["nodes"] == 4
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--gpu", "a100", "--nodes", "2"], "profile a100-80gb has no node_interconnect"),
+    (["--gpu", "8xa100", "--nodes", "3", "--gpus", "8"], "8 is not a multiple of 3"),
+    (["--gpus", "2", "--nodes", "4"], "--nodes 4 is more than the 2 GPUs"),
+    (["--nodes", "0"], "--nodes 0: a whole number of nodes"),
+])
+def test_bad_nodes_are_one_line(args, needle):
+    result = invoke("plan", "--model", "vit-ti", *args)
+    assert_clean(result, " ".join(args))
+    assert result.exit_code == 1 and needle in result.stderr
+
+
+def test_a_step_that_does_not_fit_gets_the_fewest_gpus_that_do():
+    """ViT-g/14 training at a global batch of 256 does not fit one A100 80GB: each strategy's
+    row is the fewest GPUs on which it does, and one GPU fewer does not."""
+    report = vitcost.plan("vit-g", gpu="a100", batch=256, patch=14)
+    assert not report.gpu.fits
+    rows = report.alternatives
+    assert [r["strategy"] for r in rows] == ["ddp", "zero1"]
+    for r in rows:
+        fits = vitcost.plan("vit-g", gpu="a100", batch=256, patch=14, gpus=r["gpus"], strategy=r["strategy"])
+        assert fits.gpu.fits and fits.peak_bytes == r["peak_bytes"] and r["per_gpu_batch"] == 256 // r["gpus"]
+        assert fits.time.step_seconds == r["step_seconds"]
+        fewer = vitcost.plan("vit-g", gpu="a100", batch=256, patch=14, gpus=r["gpus"] // 2, strategy=r["strategy"])
+        assert not fewer.gpu.fits
+    assert rows[1]["peak_bytes"] < rows[0]["peak_bytes"]  # ZeRO-1 keeps a quarter of the states per rank
+    assert vitcost.plan("vit-ti", gpu="a100").alternatives is None  # it fits: nothing to search
+    text = " ".join(ok("plan", "--model", "vit-g", "--gpu", "a100", "--batch", "256", "--patch", "14").stdout.split())
+    assert "does not fit on 1 GPU(s): the fewest that fit, per strategy" in text

@@ -10,7 +10,7 @@ import yaml
 from vitcost.errors import ProfileError, UnknownNameError
 from vitcost.profiles import GPUProfile, ResolvedProfile, list_profiles, load_profile
 
-SHIPPED = ["8xa100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-pro-6000-maxq",
+SHIPPED = ["8xa100", "8xh100", "a100-40gb", "a100-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-pro-6000-maxq",
            "rtx3090", "rtx4090", "rtx5090"]
 
 # A small valid profile, written to tmp_path and then broken one key at a time.
@@ -57,6 +57,8 @@ REFERENCE = [
     ("h100-pcie", 81559, 2000, 51, 378, 756, 756, 63),
     # DGX A100: per-GPU figures of the A100 80GB; NVSwitch 300 per direction per pair.
     ("8xa100", 81920, 2039, 19.5, 156, 312, 312, 300),
+    # DGX H100: per-GPU figures of the H100 SXM; NVSwitch 450 per direction per GPU.
+    ("8xh100", 81559, 3350, 67, 495, 989, 989, 450),
     # H200: the H100 SXM's compute with 141 GB of HBM3e at 4.8 TB/s.
     ("h200", 143771, 4800, 67, 495, 989, 989, 450),
     # L40S: sparse tensor rates printed (366 TF32, 733 BF16); dense is half.
@@ -97,7 +99,10 @@ def test_efficiency_and_multi_gpu_figures():
     assert node.allreduce_bus_gb_per_s == 235  # measured NCCL bus bandwidth, ~80% of 300
     assert node.node_interconnect is not None
     assert node.node_interconnect.gb_per_s_per_direction == 25  # 200 Gb/s HDR IB = 25 GB/s
-    assert all(p.gpus == 1 and p.node_interconnect is None for p in list_profiles() if p.name != "8xa100")
+    dgx = load_profile("8xh100").profile
+    assert dgx.gpus == 8 and dgx.node_interconnect.gb_per_s_per_direction == 50  # 400 Gb/s NDR = 50 GB/s
+    assert dgx.allreduce_bus_gb_per_s == 360  # assumed: 80% of 450, as 235 of 300 on DGX A100
+    assert all(p.gpus == 1 and p.node_interconnect is None for p in list_profiles() if not p.name.startswith("8x"))
 
 
 def test_peak_flops_rejects_unknown_dtype():

@@ -13,7 +13,8 @@ from functools import lru_cache, partial
 from typing import Any, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError, shorten
-from vitcost.estimate import _MATMUL_DTYPE, GPUFit, Report, RunOptions, TimeReport, build_report, estimate_time
+from vitcost.estimate import (_MATMUL_DTYPE, SEARCH_GPUS, GPUFit, Report, RunOptions, TimeReport, build_report,
+                              estimate_time)
 from vitcost import timing
 from vitcost.kernels import NotModelled
 from vitcost.program import estimate_memory
@@ -123,6 +124,7 @@ def plan(
     checkpointing: str = "none",
     strategy: str = "ddp",
     gpus: Optional[int] = None,
+    nodes: Optional[int] = None,
     grad_accum: int = 1,
     gpu: Optional[str] = None,
     device: Optional[str] = None,
@@ -168,7 +170,7 @@ def plan(
                                "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing, strategy=strategy,
-                      gpus=gpus, grad_accum=grad_accum,
+                      gpus=gpus, nodes=nodes, grad_accum=grad_accum,
                       gpu=gpu, device=device, allocator=allocator, run=run)
 
 
@@ -221,7 +223,7 @@ def _from_hf_config(path: str, model: Optional[str], image: ImageSize, patch: Op
 
 def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Optional[str],
                device: Optional[str], allocator: str = "native", run: RunOptions = RunOptions(),
-               gpus: Optional[int] = None, **workload: Any) -> Report:
+               gpus: Optional[int] = None, nodes: Optional[int] = None, **workload: Any) -> Report:
     if gpu is not None and not str(gpu).strip():
         raise ConfigError("--gpu '': name a GPU profile (see 'vitcost gpus') or a YAML file, or leave --gpu out")
     if allocator not in ALLOCATORS:
@@ -234,7 +236,18 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     resolved = _load_gpu(gpu) if gpu else None
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 65536):
         raise ConfigError(f"--gpus {shorten(str(gpus))}: a whole number of GPUs from 1 to 65536")
-    gpus = gpus or (resolved.profile.gpus if resolved else 1)
+    if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 65536):
+        raise ConfigError(f"--nodes {shorten(str(nodes))}: a whole number of nodes from 1 to 65536")
+    nodes = nodes or 1
+    gpus = gpus or (resolved.profile.gpus if resolved else 1) * nodes
+    if nodes > gpus:
+        raise ConfigError(f"--nodes {nodes} is more than the {gpus} GPUs: every node runs at least one")
+    if gpus % nodes:
+        raise ConfigError(f"--gpus {gpus} over --nodes {nodes}: every node runs as many GPUs ({gpus} is not a "
+                          f"multiple of {nodes})")
+    if nodes > 1 and resolved is not None and resolved.profile.node_interconnect is None:
+        raise ConfigError(f"--nodes {nodes}: profile {resolved.canonical} has no node_interconnect (the link between "
+                          "nodes); use a node profile such as 8xa100 or 8xh100")
     if batch is not None and batch <= 0:
         raise ConfigError(f"--batch {batch}: the batch size must be at least 1")
     if batch % accum:
@@ -264,9 +277,32 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         warnings = warnings + (f"batch {batch // accum} does not split evenly over {gpus} GPUs: "
                                f"each runs {per_gpu} (the largest share)",)
     fit = None if resolved is None else partial(_fit, spec, wl, resolved, allocator)
-    time = None if resolved is None else partial(_time, spec, wl, resolved, batch, run)
+    time = None if resolved is None else partial(_time, spec, wl, resolved, batch, run, nodes)
+    search = None if resolved is None else partial(
+        _search, spec, batch=batch, gpu=gpu, device=device, allocator=allocator, run=run, gpus=gpus, nodes=nodes,
+        **workload)
     return build_report(spec, wl, gpus=gpus, warnings=warnings, fit=fit, global_batch=batch, time=time,
-                        per_rank_peak_bytes=per_rank)
+                        per_rank_peak_bytes=per_rank, nodes=nodes, search=search)
+
+
+def _search(spec: ViTSpec, *, batch: int, gpus: int, nodes: int, **options: Any) -> list[dict[str, Any]]:
+    """Where the step does not fit: for each strategy, the fewest GPUs (more than asked for,
+    the global batch split over them) on which it does, with each rank's peak and the time."""
+    options.pop("strategy")
+    strategies = ("ddp", "zero1") if options.get("mode", "train") == "train" else ("ddp",)
+    rows = []
+    accum = options.get("grad_accum", 1)
+    for strategy in strategies:
+        for g in (n for n in SEARCH_GPUS if n > gpus and n % nodes == 0 and n <= batch // accum):
+            report = _plan_spec(spec, (), batch=batch, gpus=g, nodes=nodes, strategy=strategy, **options)
+            if report.gpu.fits:
+                t = report.time
+                rows.append({"strategy": strategy, "gpus": g, "per_gpu_batch": report.workload.batch,
+                             "peak_bytes": report.peak_bytes, "peak_reserved_bytes": report.gpu.peak_reserved_bytes,
+                             "step_seconds": t.step_seconds if t else None,
+                             "samples_per_s": t.samples_per_s if t else None})
+                break
+    return rows
 
 
 def _workload_of(per_gpu: int, device: str, gpus: int, rank: int, workload: dict[str, Any]) -> Workload:
@@ -277,8 +313,10 @@ def _workload_of(per_gpu: int, device: str, gpus: int, rank: int, workload: dict
         return _workload.__wrapped__(*values)
 
 
-def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) -> tuple[Optional[TimeReport], Optional[str]]:
-    """The step priced on the profile, or why it is not."""
+def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
+          nodes: int = 1) -> tuple[Optional[TimeReport], Optional[str]]:
+    """The step priced on the profile, or why it is not. Over several nodes a ring runs at the
+    slower of the node's all-reduce bandwidth and each GPU's link out of the node."""
     profile = resolved.profile
     dtype = _MATMUL_DTYPE[wl.precision]
     if dtype == "fp32" and run.tf32:
@@ -286,6 +324,9 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions) ->
     rates = _rates(profile, dtype)
     if rates is not None and rates.gpus != wl.ranks:  # --gpus: as many of the profile's GPUs, on its links
         rates = replace(rates, gpus=wl.ranks)
+    if rates is not None and nodes > 1:
+        rates = replace(rates, allreduce_bytes_per_s=min(rates.allreduce_bytes_per_s,
+                                                         profile.node_interconnect.gb_per_s_per_direction * 1e9))
     if rates is None:
         return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
                       "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")

@@ -123,6 +123,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("checkpointing", Annotated[Checkpointing, typer.Option(help="Activation checkpointing per block.", rich_help_panel="Workload")], Checkpointing.none),
     ("gpu", Annotated[Optional[str], typer.Option(help="GPU profile name, alias or path to a YAML profile (see 'vitcost gpus').", rich_help_panel="Workload")], None),
     ("gpus", Annotated[Optional[int], typer.Option(help="GPUs the step is spread over (overrides the profile's count; each runs its share of --batch).", rich_help_panel="Workload", show_default="the profile's")], None),
+    ("nodes", Annotated[Optional[int], typer.Option(help="Nodes the GPUs are spread over (a node profile's count times this, unless --gpus): the all-reduce then runs at the link between nodes.", rich_help_panel="Workload", show_default="1")], None),
     ("grad_accum", Annotated[int, typer.Option(help="Gradient accumulation: micro-steps per optimizer step (--batch is split into so many; DDP syncs the last).", rich_help_panel="Workload")], 1),
     ("strategy", Annotated[Strategy, typer.Option(help="ddp: every GPU holds everything, plus DDP's gradient buckets; zero1: ZeroRedundancyOptimizer, each GPU keeps the optimizer states of its share.", rich_help_panel="Workload")], Strategy.ddp),
     ("allocator", Annotated[Allocator, typer.Option(help="CUDA caching allocator the fit is decided on: native, or expandable (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).", rich_help_panel="Workload")], Allocator.native),

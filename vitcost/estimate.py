@@ -17,6 +17,8 @@ from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
 
 SCHEMA_VERSION = 1
 
+SEARCH_GPUS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # GPU counts tried where a step does not fit
+
 # The dtype a profile's peak rate is read for: autocast runs its matmuls low; plain fp32
 # matmuls do not use TF32 unless torch.backends.cuda.matmul.allow_tf32 is set.
 _MATMUL_DTYPE = {
@@ -207,10 +209,21 @@ class Report:
     global_batch: int = 0  # the batch asked for, over every GPU (0: the workload's)
     # under a sharded strategy, each rank's peak (the report's figures are the largest's rank)
     per_rank_peak_bytes: tuple[int, ...] = ()
+    nodes: int = 1  # the GPUs' nodes (the ring's slowest link is then the one between nodes)
     # the step's time, priced when first read (as the allocator's figures are): a sweep that
     # reads memory only does not pay for it
     timer: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = field(
         default=None, repr=False, compare=False)
+
+    searcher: Optional[Callable[[], list[dict[str, Any]]]] = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def alternatives(self) -> Optional[list[dict[str, Any]]]:
+        """Where the step does not fit its GPU: for each strategy, the fewest GPUs on which it
+        does (the global batch split over them); None where it fits or there is no GPU."""
+        if self.gpu is None or self.searcher is None or self.gpu.fits:
+            return None
+        return self.searcher()
 
     @cached_property
     def _timed(self) -> tuple[Optional[TimeReport], Optional[str]]:
@@ -273,6 +286,7 @@ class Report:
                 "strategy": w.strategy.value,
                 "grad_accum": w.grad_accum,
                 "gpus": w.ranks,
+                "nodes": self.nodes,
                 "rank": w.rank,
                 "gpu": gpu.requested if gpu else None,
                 "dim": s.dim,
@@ -350,6 +364,7 @@ class Report:
             "headroom_bytes": gpu.headroom_bytes if gpu else None,
             "max_batch_size": gpu.max_batch_size if gpu else None,
             "time": self.time.to_dict() if self.time else None,
+            "alternatives": self.alternatives,
             "time_reason": self.time_reason,
             "warnings": list(self.warnings),
         }
@@ -388,7 +403,8 @@ def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload)
 def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tuple[str, ...] = (),
                  fit: Optional[Callable[[int, int, int], GPUFit]] = None, global_batch: int = 0,
                  time: Optional[Callable[[], tuple[Optional[TimeReport], Optional[str]]]] = None,
-                 per_rank_peak_bytes: tuple[int, ...] = ()) -> Report:
+                 per_rank_peak_bytes: tuple[int, ...] = (), nodes: int = 1,
+                 search: Optional[Callable[[], list[dict[str, Any]]]] = None) -> Report:
     """Counts and memory for one configuration; ``workload.batch`` is per GPU. ``fit``, given
     the step's peak bytes, its DDP bucket bytes and its MACs per image, places it on a GPU."""
     fwd = _macs(spec)
@@ -414,6 +430,8 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         global_batch=global_batch,
         timer=time,
         per_rank_peak_bytes=per_rank_peak_bytes,
+        nodes=nodes,
+        searcher=search,
     )
 
 

@@ -295,8 +295,10 @@ def _track_cpu(spec: ViTSpec, workload: Workload, warmup: int, model, traced: bo
     return track_runner(runner, workload, warmup, traced)
 
 
-def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool = False) -> MeasuredMemory:
-    """MemTracker over one steady-state step of a built runner, after ``warmup`` steps."""
+def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool = False,
+                 external: Optional[Callable[[], list]] = None) -> MeasuredMemory:
+    """MemTracker over one steady-state step of a built runner, after ``warmup`` steps;
+    ``external()``: more tensors that live through the step (read after the warm-up)."""
     if traced:  # the optimizer's states do not depend on the batch: warm up on one image
         runner.workload = workload.model_copy(update={"batch": 1})
     for _ in range(max(warmup, 1 if workload.training else 0)):  # optimizer states come in step 1
@@ -310,7 +312,7 @@ def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool =
             tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
     # ZeroRedundancyOptimizer keeps its states in the local optimizer it wraps
     optimizer = getattr(runner.optimizer, "optim", runner.optimizer)
-    tracker.track_external(runner.model, *([optimizer] if optimizer else []))
+    tracker.track_external(runner.model, *([optimizer] if optimizer else []), *(external() if external else []))
     dev = torch.device("cpu")
     after_forward: dict[str, int] = {}
 

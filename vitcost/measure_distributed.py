@@ -29,6 +29,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _watch_buckets(ddp: Any) -> dict[int, Any]:
+    """DDP's gradient buckets, as its all-reduce hook sees them (the same default all-reduce,
+    run from Python). They are allocated once, when DDP builds its buckets, and live on: the
+    tracker is told of them before the measured step, as it is of the weights, or it would
+    count each only from when backward first touches it."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    seen: dict[int, Any] = {}
+
+    import torch
+    import torch.distributed as dist
+
+    def hook(state, bucket):
+        seen[bucket.index()] = bucket.buffer()
+        return allreduce_hook(state, bucket)
+
+    # DDP checks the hook's annotations as objects (this module's are strings)
+    hook.__annotations__ = {"bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
+    ddp.register_comm_hook(None, hook)
+    return seen
+
+
 def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, out: Any) -> None:
     """One rank: join the group, run the step, put ``(rank, figures or None, error or None)``."""
     try:
@@ -47,6 +69,7 @@ def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, 
             model = measure.build_model(spec, attention=wl.attention.value, checkpointing=wl.checkpointing.value)
             model = model.to(dtype=measure.param_dtype(wl))
             ddp = DistributedDataParallel(model)
+            buckets = _watch_buckets(ddp)
             runner = measure.Runner(ddp, spec, wl, "cpu")
             if wl.strategy == Strategy.zero1 and wl.training:
                 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -54,7 +77,7 @@ def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, 
                 local = type(runner.optimizer)
                 defaults = {k: v for k, v in runner.optimizer.defaults.items() if k in ("lr", "momentum")}
                 runner.optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=local, **defaults)
-            measured = measure.track_runner(runner, wl, warmup)
+            measured = measure.track_runner(runner, wl, warmup, external=lambda: list(buckets.values()))
             out.put((rank, {"peak_bytes": measured.peak_bytes, "weights_bytes": measured.weights_bytes,
                             "gradients_bytes": measured.gradients_bytes, "optimizer_bytes": measured.optimizer_bytes,
                             "activations_bytes": measured.activations_bytes,

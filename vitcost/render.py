@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from vitcost.estimate import Report
+from vitcost.estimate import SEARCH_GPUS, Report
 from vitcost.formulas import COMPONENT_ORDER
 
 DEFAULTS = "model vit-b, batch 8, mode train, precision amp-bf16, attention sdpa, optimizer adamw"
@@ -245,6 +245,26 @@ def time_parts(report: Report) -> list[Any]:
     return parts
 
 
+def alternatives_parts(report: Report) -> list[Any]:
+    """Where the step does not fit: what does, per strategy, on more GPUs."""
+    rows = report.alternatives
+    if rows is None:
+        return []
+    if not rows:
+        return [Text(f"no strategy vitcost models (ddp, zero1) fits it on up to {max(SEARCH_GPUS)} GPUs at this batch; "
+                     "a smaller batch, --grad-accum, --checkpointing full or a larger GPU", style="yellow")]
+    table = Table(title=f"does not fit on {report.workload.ranks} GPU(s): the fewest that fit, per strategy "
+                        f"(global batch {report.batch:,})", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("strategy", "GPUs", "batch per GPU", "peak per rank", "reserved", "ms/step", "samples/s"):
+        table.add_column(col, justify="right" if col != "strategy" else "left")
+    for r in rows:
+        table.add_row(r["strategy"], f"{r['gpus']:,}", f"{r['per_gpu_batch']:,}", fmt_bytes(r["peak_bytes"]),
+                      fmt_bytes(r["peak_reserved_bytes"]),
+                      "-" if r["step_seconds"] is None else f"{r['step_seconds'] * 1e3:,.1f}",
+                      "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:,.0f}")
+    return [table]
+
+
 def fmt_seconds(seconds: float) -> str:
     """Seconds for reading: ms under a second, s under a minute, then h:mm:ss-style units."""
     if seconds < 1:
@@ -260,7 +280,7 @@ def fmt_seconds(seconds: float) -> str:
 
 def render_plan(report: Report, console: Console) -> None:
     parts = [header(report), tokens_table(report), compute_table(report), memory_table(report), fit_text(report),
-             *time_parts(report)]
+             *time_parts(report), *alternatives_parts(report)]
     for w in report.warnings:
         parts.append(Text(f"warning: {escape_control(w)}", style="yellow"))
     console.print(Group(*parts))
