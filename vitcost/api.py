@@ -395,6 +395,7 @@ def _fit(spec: ViTSpec, wl: Workload, resolved, allocator: str, peak: int, ddp: 
         step_seconds_lower_bound=step_flops / (flops * profile.matmul_efficiency),
         # DDP's buckets are one more tensor, made before the first step and kept
         solver=Solver(spec, wl, usable, allocator, ddp),
+        grad_accum=wl.grad_accum,
     )
 
 

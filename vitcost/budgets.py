@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vitcost.errors import BudgetFileError, ConfigError, ProfileError, UnknownNameError
 from vitcost.files import load_json, load_yaml, read_text
-from vitcost.specs import AttentionKernel, Checkpointing, Device, Impl, Mlp, Mode, Optimizer, Pooling, PosEmbed, Precision
+from vitcost.specs import (AttentionKernel, Checkpointing, Device, Impl, Mlp, Mode, Optimizer, Pooling, PosEmbed, Precision,
+                           Strategy)
 
 SCHEMA_VERSION = 1
 GIB = 2**30
@@ -111,6 +112,10 @@ class BudgetEntry(BaseModel):
     optimizer: Optional[Optimizer] = None
     keep_grads: Optional[StrictBool] = Field(None, description="zero_grad(set_to_none=False): gradients stay allocated.")
     checkpointing: Optional[Checkpointing] = None
+    strategy: Optional[Strategy] = Field(None, description="ddp (the default) or zero1: how the step is spread over GPUs.")
+    gpus: Optional[PositiveInt] = Field(None, le=65536, description="GPUs the step is spread over (overrides the profile's count).")
+    nodes: Optional[PositiveInt] = Field(None, le=65536, description="Nodes of a node profile (8xa100, 8xh100).")
+    grad_accum: Optional[PositiveInt] = Field(None, le=4096, description="Micro-steps per optimizer step (gradient accumulation).")
     device: Optional[Device] = Field(None, description="Replay rules: cuda (the default) or cpu.")
     strict: Optional[StrictBool] = Field(None, description="An image not divisible by the patch is an error.")
     gpu: Optional[str] = Field(None, min_length=1, description="GPU profile name or alias, or a path to a YAML profile relative to the budget file.")

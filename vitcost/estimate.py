@@ -59,6 +59,7 @@ class GPUFit:
     matmul_efficiency: float
     step_seconds_lower_bound: float
     solver: Any = field(repr=False, compare=False, default=None)
+    grad_accum: int = 1
 
     @cached_property
     def fits(self) -> bool:
@@ -66,8 +67,8 @@ class GPUFit:
 
     @cached_property
     def max_batch_size(self) -> int:
-        """Global: the per-GPU maximum times the number of GPUs."""
-        return self.solver.max_batch() * self.gpus
+        """Global: the per-GPU maximum times the number of GPUs (and of micro-steps)."""
+        return self.solver.max_batch() * self.gpus * self.grad_accum
 
     @cached_property
     def peak_reserved_bytes(self) -> int:

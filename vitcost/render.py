@@ -187,7 +187,10 @@ def fit_text(report: Report) -> Text:
                 f"library workspaces {fmt_bytes(gpu.workspace_bytes)} ({escape_control(gpu.usable_memory_source)}); "
                 f"the {gpu.allocator} "
                 "caching allocator's segments, over a first step and the steady ones, must fit\n", style="dim")
-    per = f" ({gpu.max_batch_size // gpu.gpus} per GPU x {gpu.gpus})" if gpu.gpus > 1 else ""
+    per = ""
+    if gpu.gpus > 1 or gpu.grad_accum > 1:
+        per = (f" ({gpu.max_batch_size // gpu.gpus // gpu.grad_accum} per GPU x {gpu.gpus}"
+               + (f" x {gpu.grad_accum} micro-steps" if gpu.grad_accum > 1 else "") + ")")
     text.append(f"largest batch that fits: {gpu.max_batch_size:,}{per}", style="bold")
     return text
 
