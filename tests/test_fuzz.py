@@ -45,9 +45,12 @@ FLAGS = {
     "--frames": NUMBERS, "--tubelet": NUMBERS,
     "--mlp": st.sampled_from(["gelu", "swiglu", "relu"]),
     "--impl": st.sampled_from(["timm", "hf", "jax"]),
+    "--strategy": st.sampled_from(["ddp", "zero1", "fsdp"]),
+    "--gpus": NUMBERS, "--nodes": NUMBERS, "--grad-accum": NUMBERS,
+    "--epochs": NUMBERS, "--dataset-size": NUMBERS, "--price-per-gpu-hour": NUMBERS,
 }
 SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale",
-            "--impl=hf", "--pool=token+avg", "--drop-path", "--distillation"]
+            "--impl=hf", "--pool=token+avg", "--drop-path", "--distillation", "--tf32"]
 
 
 @st.composite

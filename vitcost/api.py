@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import replace
 from functools import lru_cache, partial
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError, shorten
 from vitcost.estimate import (_MATMUL_DTYPE, SEARCH_GPUS, GPUFit, Report, RunOptions, TimeReport, build_report,
@@ -264,9 +264,8 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         raise ConfigError(f"--grad-accum {wl.grad_accum} accumulates gradients: it needs --mode train")
     per_rank: tuple[int, ...] = ()
     if wl.shards_optimizer:  # ranks differ: the figures are the rank that needs the most
-        ranks = [_workload_of(per_gpu, device, gpus, r, workload) for r in range(gpus)]
-        per_rank = tuple(estimate_memory(spec, w).peak for w in ranks)
-        wl = ranks[per_rank.index(max(per_rank))]
+        per_rank = _per_rank_peaks(spec, lambda r: _workload_of(per_gpu, device, gpus, r, workload), gpus)
+        wl = _workload_of(per_gpu, device, gpus, per_rank.index(max(per_rank)), workload)
     if spec.drop_path and wl.training and wl.checkpointing.value != "none":
         raise ConfigError("--drop-path with --checkpointing full is not modelled yet (the recompute runs on to "
                           "the second mask); use --checkpointing none")
@@ -303,6 +302,22 @@ def _search(spec: ViTSpec, *, batch: int, gpus: int, nodes: int, **options: Any)
                              "samples_per_s": t.samples_per_s if t else None})
                 break
     return rows
+
+
+def _per_rank_peaks(spec: ViTSpec, workload_of: Callable[[int], Workload], ranks: int) -> tuple[int, ...]:
+    """Each rank's peak under ZeRO-1: ranks whose shares hold parameters of the same sizes in
+    the same order have the same step, so each distinct share is replayed once."""
+    from vitcost.formulas import param_tensors, zero_partition
+
+    tensors = param_tensors(spec)
+    shares = [tuple(tensors[i] for i in part) for part in zero_partition([n for _, n in tensors], ranks)]
+    first: dict[tuple, int] = {}
+    peaks: dict[tuple, int] = {}
+    for rank, share in enumerate(shares):
+        if share not in first:
+            first[share] = rank
+            peaks[share] = estimate_memory(spec, workload_of(rank)).peak
+    return tuple(peaks[share] for share in shares)
 
 
 def _workload_of(per_gpu: int, device: str, gpus: int, rank: int, workload: dict[str, Any]) -> Workload:

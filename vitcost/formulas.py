@@ -328,11 +328,13 @@ def zero_partition(numels: list[int], ranks: int) -> list[list[int]]:
     """Indices of the parameters each rank's optimizer steps under ``ZeroRedundancyOptimizer``:
     largest first, each to the rank with the fewest elements so far (the lowest such rank on a
     tie), as ``_partition_parameters`` does; within a rank, in the order they were given to it."""
+    import heapq
+
     order = sorted(range(len(numels)), key=lambda i: numels[i], reverse=True)  # stable: ties keep their order
-    sizes = [0] * ranks
+    heap = [(0, rank) for rank in range(ranks)]  # (elements so far, rank): the least, then the lowest rank
     out: list[list[int]] = [[] for _ in range(ranks)]
     for i in order:
-        rank = sizes.index(min(sizes))
+        size, rank = heapq.heappop(heap)
         out[rank].append(i)
-        sizes[rank] += numels[i]
+        heapq.heappush(heap, (size + numels[i], rank))
     return out
