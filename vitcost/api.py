@@ -331,7 +331,7 @@ def _workload_of(per_gpu: int, device: str, gpus: int, rank: int, workload: dict
 def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
           nodes: int = 1) -> tuple[Optional[TimeReport], Optional[str]]:
     """The step priced on the profile, or why it is not. Over several nodes a ring runs at the
-    slower of the node's all-reduce bandwidth and each GPU's link out of the node."""
+    slower of the node's all-reduce bandwidth and the node's links out of it together."""
     profile = resolved.profile
     dtype = _MATMUL_DTYPE[wl.precision]
     if dtype == "fp32" and run.tf32:
@@ -340,8 +340,11 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
     if rates is not None and rates.gpus != wl.ranks:  # --gpus: as many of the profile's GPUs, on its links
         rates = replace(rates, gpus=wl.ranks)
     if rates is not None and nodes > 1:
-        rates = replace(rates, allreduce_bytes_per_s=min(rates.allreduce_bytes_per_s,
-                                                         profile.node_interconnect.gb_per_s_per_direction * 1e9))
+        # a ring crosses each node's edge once per channel, and NCCL runs a channel per link out
+        # of the node: the node's links carry it together
+        per_node = wl.ranks // nodes
+        rates = replace(rates, allreduce_bytes_per_s=min(
+            rates.allreduce_bytes_per_s, profile.node_interconnect.gb_per_s_per_direction * 1e9 * per_node))
     if rates is None:
         return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
                       "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
