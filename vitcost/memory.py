@@ -766,6 +766,7 @@ def _optimizer_sizes(spec: ViTSpec, wl: Workload, pb: int, round_to: int) -> tup
                  if not (tensors[i][0] in UNUSED or tensors[i][0].endswith(FROZEN)))
 
 
+@lru_cache(maxsize=4096)
 def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False) -> tuple[int, ...]:
     """Bytes of each parameter tensor as allocated, in ``parameters()`` order; ``used``: only
     those the forward uses, which get gradients and optimizer states."""
