@@ -51,7 +51,7 @@ def main() -> int:
     for i, (model, impl, strategy, ranks, per_rank, accum, precision, attention) in enumerate(GRID[: args.limit or None]):
         report = vitcost.plan(model, image=224, patch=16, batch=per_rank * ranks * accum, gpus=ranks, grad_accum=accum,
                               strategy=strategy, precision=precision, attention=attention, impl=impl, device="cpu")
-        predicted = report.to_dict()["per_rank_peak_bytes"] or [report.peak_bytes] * ranks
+        predicted = list(report.rank_peaks_bytes)
         t0 = time.perf_counter()
         measured = [m["peak_bytes"] for m in measure_ranks(report.spec, report.workload)]
         rows.append((model, impl, strategy, ranks, per_rank, accum, precision, attention, predicted, measured,

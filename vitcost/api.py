@@ -229,16 +229,10 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if allocator not in ALLOCATORS:
         raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
     workload.setdefault("strategy", "ddp")
-    workload.setdefault("grad_accum", 1)
-    accum = workload["grad_accum"]
-    if isinstance(accum, bool) or not isinstance(accum, int) or not 1 <= accum <= 4096:
-        raise ConfigError(f"--grad-accum {shorten(str(accum))}: a whole number of micro-steps from 1 to 4096")
+    accum = _whole("--grad-accum", workload.setdefault("grad_accum", 1), 4096, "micro-steps")
     resolved = _load_gpu(gpu) if gpu else None
-    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= 65536):
-        raise ConfigError(f"--gpus {shorten(str(gpus))}: a whole number of GPUs from 1 to 65536")
-    if nodes is not None and (isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 65536):
-        raise ConfigError(f"--nodes {shorten(str(nodes))}: a whole number of nodes from 1 to 65536")
-    nodes = nodes or 1
+    _whole("--gpus", gpus, 65536, "GPUs")
+    nodes = _whole("--nodes", nodes, 65536, "nodes") or 1
     gpus = gpus or (resolved.profile.gpus if resolved else 1) * nodes
     if nodes > gpus:
         raise ConfigError(f"--nodes {nodes} is more than the {gpus} GPUs: every node runs at least one")
@@ -284,6 +278,13 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
                         per_rank_peak_bytes=per_rank, nodes=nodes, search=search)
 
 
+def _whole(flag: str, value: Any, most: int, noun: str) -> Any:
+    """``value`` itself when it is None or a whole number from 1 to ``most``; else a one-line error."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+        raise ConfigError(f"{flag} {shorten(str(value))}: a whole number of {noun} from 1 to {most}")
+    return value
+
+
 def _search(spec: ViTSpec, *, batch: int, gpus: int, nodes: int, **options: Any) -> list[dict[str, Any]]:
     """Where the step does not fit: for each strategy, the fewest GPUs (more than asked for,
     the global batch split over them) on which it does, with each rank's peak and the time."""
@@ -307,15 +308,12 @@ def _search(spec: ViTSpec, *, batch: int, gpus: int, nodes: int, **options: Any)
 def _per_rank_peaks(spec: ViTSpec, workload_of: Callable[[int], Workload], ranks: int) -> tuple[int, ...]:
     """Each rank's peak under ZeRO-1: ranks whose shares hold parameters of the same sizes in
     the same order have the same step, so each distinct share is replayed once."""
-    from vitcost.formulas import param_tensors, zero_partition
+    from vitcost.formulas import zero_shares
 
-    tensors = param_tensors(spec)
-    shares = [tuple(tensors[i] for i in part) for part in zero_partition([n for _, n in tensors], ranks)]
-    first: dict[tuple, int] = {}
+    shares = zero_shares(spec, ranks)
     peaks: dict[tuple, int] = {}
     for rank, share in enumerate(shares):
-        if share not in first:
-            first[share] = rank
+        if share not in peaks:
             peaks[share] = estimate_memory(spec, workload_of(rank)).peak
     return tuple(peaks[share] for share in shares)
 
@@ -337,17 +335,17 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
     if dtype == "fp32" and run.tf32:
         dtype = "tf32"
     rates = _rates(profile, dtype)
-    if rates is not None and rates.gpus != wl.ranks:  # --gpus: as many of the profile's GPUs, on its links
+    if rates is None:
+        return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
+                      "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
+    if rates.gpus != wl.ranks:  # --gpus: as many of the profile's GPUs, on its links
         rates = replace(rates, gpus=wl.ranks)
-    if rates is not None and nodes > 1:
+    if nodes > 1:
         # a ring crosses each node's edge once per channel, and NCCL runs a channel per link out
         # of the node: the node's links carry it together
         per_node = wl.ranks // nodes
         rates = replace(rates, allreduce_bytes_per_s=min(
             rates.allreduce_bytes_per_s, profile.node_interconnect.gb_per_s_per_direction * 1e9 * per_node))
-    if rates is None:
-        return None, (f"profile {resolved.canonical} has no 'time' section (compute_units, memory_bandwidth_efficiency, "
-                      "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
     from vitcost.calibration_store import calibrated_time_ratio
 
     saved = calibrated_time_ratio(resolved.canonical)

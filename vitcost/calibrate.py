@@ -598,8 +598,7 @@ def _calibrate_ranks(report: Report, figures: list[Figure], result: Callable[...
 
     wl = report.workload
     ranks = wl.ranks
-    predicted = ([p + report.ddp_bucket_bytes for p in report.per_rank_peak_bytes]
-                 or [report.peak_bytes] * ranks)
+    predicted = report.rank_peaks_bytes
     available = _available_ram()
     if available is not None and sum(predicted) > 0.9 * available:
         return result(figures, NOT_RUN, f"not run: {ranks} ranks' predicted peaks ({sum(predicted) / 2**30:.1f} GiB) "

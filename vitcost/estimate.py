@@ -157,22 +157,21 @@ def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype
                   options: RunOptions = RunOptions(), calibrated: Optional[str] = None) -> TimeReport:
     """Price the step's kernels on ``rates``; raises ``kernels.NotModelled`` where there is no
     kernel list."""
-    why = kernels._why_not(spec)
+    why = kernels.why_not(spec)
     if why:
         raise kernels.NotModelled(why)
     grads = 0
     if wl.training and rates.gpus > 1:  # what DDP all-reduces: every gradient, in the parameters' dtype
-        grads = sum(kernels._weights(spec)[0]) * (2 if wl.precision in (Precision.bf16, Precision.fp16) else 4)
+        grads = kernels.param_elements(spec) * (2 if wl.precision in (Precision.bf16, Precision.fp16) else 4)
     gather = grads if wl.shards_optimizer else 0  # ZeRO-1 sends each rank's updated parameters to the others
     lines = kernels.lines(spec, wl)
     if lines is None:
-        ks = kernels.at_batch(spec, wl)
-        step = timing.step_time(ks, rates, grad_bytes=grads, gather_bytes=gather, micro_steps=wl.grad_accum)
-        flops = 2 * kernels.model_macs(ks) * wl.grad_accum
+        step = timing.step_time(kernels.at_batch(spec, wl), rates, grad_bytes=grads, gather_bytes=gather,
+                                micro_steps=wl.grad_accum)
     else:
         step = timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads, gather_bytes=gather,
                                    micro_steps=wl.grad_accum)
-        flops = 2 * _model_macs(spec, wl) * wl.grad_accum
+    flops = 2 * _model_macs(spec, wl) * wl.grad_accum  # = the kernels' (tests/test_time.py holds it)
     run = None
     if options.epochs is not None and options.dataset_size is not None:
         run = timing.run_cost(step.step_seconds, global_batch, rates.gpus, options.epochs, options.dataset_size,
@@ -208,7 +207,8 @@ class Report:
     gpu: Optional[GPUFit] = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     global_batch: int = 0  # the batch asked for, over every GPU (0: the workload's)
-    # under a sharded strategy, each rank's peak (the report's figures are the largest's rank)
+    # under a sharded strategy, each rank's replayed peak (the report's figures are the largest's
+    # rank); empty when every rank holds the same (see ``rank_peaks_bytes``)
     per_rank_peak_bytes: tuple[int, ...] = ()
     nodes: int = 1  # the GPUs' nodes (the ring's slowest link is then the one between nodes)
     # the step's time, priced when first read (as the allocator's figures are): a sweep that
@@ -262,6 +262,13 @@ class Report:
     @property
     def peak_bytes(self) -> int:
         return self.memory.peak + self.ddp_bucket_bytes
+
+    @property
+    def rank_peaks_bytes(self) -> tuple[int, ...]:
+        """Every rank's peak (DDP's buckets included), rank 0 first."""
+        if self.per_rank_peak_bytes:
+            return tuple(p + self.ddp_bucket_bytes for p in self.per_rank_peak_bytes)
+        return (self.peak_bytes,) * self.workload.ranks
 
     def to_dict(self) -> dict[str, Any]:
         s, w, m = self.spec, self.workload, self.memory
@@ -342,8 +349,7 @@ class Report:
             },
             "activations_bytes_by_component": dict(m.saved_by_component),
             "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
-            "per_rank_peak_bytes": ([p + self.ddp_bucket_bytes for p in self.per_rank_peak_bytes]
-                                    if self.per_rank_peak_bytes else None),
+            "per_rank_peak_bytes": list(self.rank_peaks_bytes) if self.per_rank_peak_bytes else None,
             "gpu": None if gpu is None else {
                 "name": gpu.name,
                 "requested": gpu.requested,

@@ -11,6 +11,8 @@ Conventions, fixed here for the whole package:
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from vitcost.specs import Impl, Mlp, Pooling, PosEmbed, ViTSpec
 
 # The order components are listed in, everywhere (params, MACs, tables).
@@ -338,3 +340,11 @@ def zero_partition(numels: list[int], ranks: int) -> list[list[int]]:
         out[rank].append(i)
         heapq.heappush(heap, (size + numels[i], rank))
     return out
+
+
+@lru_cache(maxsize=256)
+def zero_shares(spec: ViTSpec, ranks: int) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Each rank's share of ``param_tensors(spec)`` under ZeRO-1, as (path, elements) in the
+    order its optimizer steps them: :func:`zero_partition` over every parameter."""
+    tensors = param_tensors(spec)
+    return tuple(tuple(tensors[i] for i in part) for part in zero_partition([n for _, n in tensors], ranks))

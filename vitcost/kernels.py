@@ -24,7 +24,7 @@ from functools import lru_cache
 import math
 from typing import NamedTuple, Optional
 
-from vitcost.formulas import param_tensors, zero_partition
+from vitcost.formulas import param_tensors, zero_shares
 from vitcost.memory import shapes_of
 from vitcost.ops import Shapes
 from vitcost.specs import AttentionKernel, Checkpointing, Impl, Mlp, Optimizer, Pooling, PosEmbed, ViTSpec, Workload
@@ -62,7 +62,8 @@ class NotModelled(ValueError):
     """The time model has no kernels for this configuration (the reason is the message)."""
 
 
-def _why_not(spec: ViTSpec) -> Optional[str]:
+def why_not(spec: ViTSpec) -> Optional[str]:
+    """Why the time model has no kernels for ``spec`` (None: it has)."""
     if spec.mae is not None:
         return "MAE pretraining (two stacks of blocks) has no kernel list yet"
     return None
@@ -430,18 +431,23 @@ def _weights(spec: ViTSpec) -> tuple[tuple[int, ...], int, int]:
             sum(-(-s // _CHUNK) for s in sizes))
 
 
+def param_elements(spec: ViTSpec) -> int:
+    """Elements of every parameter: what data parallel all-reduces (as gradients) and ZeRO-1
+    all-gathers (as parameters)."""
+    return sum(_weights(spec)[0])
+
+
 @lru_cache(maxsize=1024)
 def _stepped(spec: ViTSpec, ranks: int, rank: int) -> tuple[tuple[int, ...], int]:
     """Elements of the parameters one rank's ZeRO-1 optimizer steps, and their chunks."""
-    tensors = param_tensors(spec)
-    sizes = tuple(tensors[i][1] for i in zero_partition([n for _, n in tensors], ranks)[rank] if tensors[i][1])
+    sizes = tuple(n for _, n in zero_shares(spec, ranks)[rank] if n)
     return sizes, sum(-(-s // _CHUNK) for s in sizes)
 
 
 @lru_cache(maxsize=1024)
 def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
     """Every kernel of one step (a training step, or one forward under no_grad) in order."""
-    why = _why_not(spec)
+    why = why_not(spec)
     if why:
         raise NotModelled(why)
     w = _Walk(sh)

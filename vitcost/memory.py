@@ -34,7 +34,7 @@ from functools import lru_cache
 import itertools
 
 from vitcost import mae, videomae, vit_hf
-from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, zero_partition
+from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, zero_shares
 from vitcost.ops import (
     Grads,
     Shapes,
@@ -757,13 +757,11 @@ def _kept_grad_bytes(spec: ViTSpec, batch: int, e: int, grads_total: int, round_
 def _optimizer_sizes(spec: ViTSpec, wl: Workload, pb: int, round_to: int) -> tuple[int, ...]:
     """Bytes of each parameter the optimizer keeps states for, in the order its step visits
     them: every used parameter in ``parameters()`` order; under ZeRO-1, this rank's share
-    (``formulas.zero_partition`` over every parameter, the ones without a gradient skipped)."""
+    (``formulas.zero_shares``, the ones without a gradient skipped)."""
     if not wl.shards_optimizer:
         return _param_bytes(spec, pb, round_to, used=True)
-    tensors = param_tensors(spec)
-    mine = zero_partition([n for _, n in tensors], wl.ranks)[wl.rank]
-    return tuple(_round_up(tensors[i][1] * pb, round_to) for i in mine
-                 if not (tensors[i][0] in UNUSED or tensors[i][0].endswith(FROZEN)))
+    return tuple(_round_up(n * pb, round_to) for name, n in zero_shares(spec, wl.ranks)[wl.rank]
+                 if not (name in UNUSED or name.endswith(FROZEN)))
 
 
 @lru_cache(maxsize=4096)

@@ -166,7 +166,7 @@ def memory_table(report: Report) -> Table:
         table.add_row(*cells, style="bold")
     table.caption = f"peak reached in {m.peak_phase}; not every category is at its full size at that moment"
     if report.per_rank_peak_bytes:
-        peaks = [p + report.ddp_bucket_bytes for p in report.per_rank_peak_bytes]
+        peaks = report.rank_peaks_bytes
         table.caption += (f"\n{report.workload.strategy.value}: the figures are rank {report.workload.rank}'s, "
                           f"the largest of {len(peaks)} (from {fmt_bytes(min(peaks))} to {fmt_bytes(max(peaks))})")
     return table

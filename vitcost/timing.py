@@ -21,7 +21,7 @@ Every time is in seconds; every rate per second.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import math
 from typing import Mapping, NamedTuple, Optional
 
@@ -71,8 +71,6 @@ class StepTime:
 def scaled(rates: Rates, ratio: float) -> Rates:
     """Rates under which every step takes ``ratio`` times as long: what a measured
     measured/predicted step-time ratio (``calibrate --save``) does to a profile."""
-    from dataclasses import replace
-
     return replace(rates, matmul_efficiency=rates.matmul_efficiency / ratio,
                    attention_efficiency=rates.attention_efficiency / ratio,
                    memory_bytes_per_s=rates.memory_bytes_per_s / ratio, kernel_seconds=rates.kernel_seconds * ratio,
