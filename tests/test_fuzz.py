@@ -209,3 +209,44 @@ def test_fuzzed_hf_configs(tmp_path, text, mode):
     path.write_text(text)
     args = ["plan", "--hf-config", str(path), "--mode", mode, "--device", "cpu"]
     assert_clean(runner.invoke(app, args), args)
+
+
+# a profile's time section (and a probed CPU's keys), broken a key at a time
+TIME_SECTION = {"compute_units": 8, "memory_bandwidth_efficiency": 0.9, "attention_efficiency": 0.5,
+                "attention_efficiency_low": 0.4, "kernel_overhead_us": 2, "host_overhead_us": 10, "matmul_tile": 128,
+                "attention_tile": 128, "pointwise_elements_per_s": {"gelu/4": 1e9, "softmax/2": 2e9},
+                "source": "made up for a test"}
+
+
+@st.composite
+def timed_profile_texts(draw):
+    data = {**TEST_PROFILE, "time": dict(TIME_SECTION)}
+    if draw(st.booleans()):
+        data["device"] = draw(st.sampled_from(["cpu", "cuda", "tpu", 1, None]))
+    for key in draw(st.lists(st.sampled_from(sorted(TIME_SECTION) + ["typo_us"]), max_size=3, unique=True)):
+        if draw(st.booleans()):
+            data["time"].pop(key, None)
+        else:
+            data["time"][key] = draw(st.one_of(
+                VALUES, st.floats(), st.integers(-(10**400), 10**400),
+                st.dictionaries(st.sampled_from(["gelu/4", "gelu/3", "gelu", "/4", "softmax/2"]),
+                                st.one_of(st.floats(), st.integers(-5, 10**20), st.text(max_size=3)), max_size=3)))
+    return _yaml(data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(text=timed_profile_texts())
+def test_fuzzed_time_sections(tmp_path, text):
+    path = tmp_path / "card.yaml"
+    path.write_text(text)
+    args = ["plan", "--model", "vit-ti", "--image", "64", "--gpu", str(path), "--json"]
+    result = runner.invoke(app, args)
+    assert_clean(result, args)
+    if result.exit_code == 0:  # a priced step is finite, and a refused section says why in one line
+        import json
+
+        data = json.loads(result.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+        if data["time"] is not None:
+            assert math.isfinite(data["time"]["step_seconds"]) and data["time"]["step_seconds"] > 0
+        else:
+            assert "\n" not in data["time_reason"]

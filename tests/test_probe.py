@@ -162,3 +162,30 @@ def test_a_bad_saved_ratio_is_one_line(tmp_path, monkeypatch, ratio):
     result = invoke("plan", "--model", "vit-b", "--gpu", "a100")
     assert_clean(result, "bad ratio")
     assert result.exit_code == 1 and "step_time_ratio" in result.stderr
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"pointwise_elements_per_s": {"gelu/3": 1e9}}, "key 'gelu/3': an operator and its element bytes"),
+    ({"pointwise_elements_per_s": {"gelu/4": 0}}, "gelu/4: elements per second, a number from 1 to 1e15"),
+    ({"pointwise_elements_per_s": [1, 2]}, "a mapping of 'operator/element bytes' to elements per second"),
+    ({"attention_efficiency_low": 2}, "time.attention_efficiency_low"),
+])
+def test_bad_probed_keys_are_one_line(tmp_path, change, needle):
+    data = profile_of(FIGURES, "2.13.0")
+    data["time"].update(change)
+    path = tmp_path / "machine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = invoke("plan", "--model", "vit-ti", "--gpu", str(path))
+    assert_clean(result, str(change))
+    assert result.exit_code == 1 and needle in result.stderr and "machine.yaml" in result.stderr
+
+
+@pytest.mark.parametrize("device,context,needle", [("tpu", 0, "device"), ("cuda", 0, "cuda_context_mib: a GPU's CUDA context")])
+def test_bad_device_is_one_line(tmp_path, device, context, needle):
+    data = profile_of(FIGURES, "2.13.0")
+    data.update(device=device, cuda_context_mib=context)
+    path = tmp_path / "machine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = invoke("plan", "--model", "vit-ti", "--gpu", str(path))
+    assert_clean(result, device)
+    assert result.exit_code == 1 and needle in result.stderr
