@@ -195,6 +195,28 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     return tensors
 
 
+_ONE_ROW = ("cls_token", "dist_token", "mask_token", "reg_token", "pos_embed")  # (1, n, D) tables
+
+
+def param_rows(spec: ViTSpec) -> list[int]:
+    """The first dimension of each tensor of :func:`param_tensors` (what FSDP shards along):
+    a linear's output features, a convolution's output channels, a vector's length, and 1
+    for the (1, n, D) tokens and position embedding."""
+    d = spec.dim
+    inputs = {"patch_embed": spec.channels * spec.patch * spec.patch * spec.tubelet, "head": head_in(spec),
+              "head_dist": d, "fc2": spec.mlp_hidden}
+    rows = []
+    for name, n in param_tensors(spec):
+        parts = name.split("/")
+        if parts[-1] in _ONE_ROW:
+            rows.append(1)
+        elif parts[-1] == "weight" and not parts[-2].startswith(("norm", "fc_norm")):
+            rows.append(n // inputs.get(parts[-2], d))
+        else:
+            rows.append(n)  # biases, norms, LayerScale's gamma: one dimension
+    return rows
+
+
 def _mae_decoder_param_counts(spec: ViTSpec) -> dict[str, int]:
     """MAE's decoder parameters by component (its blocks summed over its depth)."""
     m, L = spec.mae, spec.patch_tokens

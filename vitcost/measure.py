@@ -296,15 +296,17 @@ def _track_cpu(spec: ViTSpec, workload: Workload, warmup: int, model, traced: bo
 
 
 def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool = False,
-                 external: Optional[Callable[[], list]] = None) -> MeasuredMemory:
+                 external: Optional[Callable[[], list]] = None, tracker=None) -> MeasuredMemory:
     """MemTracker over one steady-state step of a built runner, after ``warmup`` steps;
-    ``external()``: more tensors that live through the step (read after the warm-up)."""
+    ``external()``: more tensors that live through the step (read after the warm-up);
+    ``tracker``: another tracker (``FSDPMemTracker``), made for the runner's model."""
     if traced:  # the optimizer's states do not depend on the batch: warm up on one image
         runner.workload = workload.model_copy(update={"batch": 1})
     for _ in range(max(warmup, 1 if workload.training else 0)):  # optimizer states come in step 1
         runner.step()
     runner.workload = workload
-    tracker = _mem_tracker()()
+    fsdp = tracker is not None
+    tracker = tracker(runner.model, runner.optimizer) if fsdp else _mem_tracker()()
     for param in runner.model.parameters():
         if not param.requires_grad and hasattr(tracker, "_param_to_grad_hook_handles"):
             # a frozen parameter (MAE's sin-cos tables) takes no gradient hook: MemTracker would
@@ -312,7 +314,8 @@ def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool =
             tracker._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
     # ZeroRedundancyOptimizer keeps its states in the local optimizer it wraps
     optimizer = getattr(runner.optimizer, "optim", runner.optimizer)
-    tracker.track_external(runner.model, *([optimizer] if optimizer else []), *(external() if external else []))
+    if not fsdp:  # (FSDPMemTracker follows the model and optimizer it was made for)
+        tracker.track_external(runner.model, *([optimizer] if optimizer else []), *(external() if external else []))
     dev = torch.device("cpu")
     after_forward: dict[str, int] = {}
 
@@ -324,14 +327,18 @@ def track_runner(runner: Runner, workload: Workload, warmup: int, traced: bool =
         # (the step's peak is kept)
         runner.step(probe, between=tracker.reset_mod_stats)
     peak = _category_bytes(tracker.get_tracker_snapshot("peak"), dev)
+    # FSDPMemTracker's categories: the sharded and unsharded parameters are weights, the
+    # sharded and unsharded gradients gradients, its collectives' buffers temporaries
     return MeasuredMemory(
         device="cpu",
         peak_bytes=peak.get("Total", 0),
-        weights_bytes=peak.get("PARAM", 0) + peak.get("BUFFER", 0),
-        gradients_bytes=peak.get("GRAD", 0),
+        weights_bytes=peak.get("PARAM", 0) + peak.get("BUFFER", 0) + peak.get("SHARDED_PARAM", 0)
+        + peak.get("UNSHARDED_PARAM", 0),
+        gradients_bytes=peak.get("GRAD", 0) + peak.get("SHARDED_GRAD", 0) + peak.get("UNSHARDED_GRAD", 0),
         optimizer_bytes=peak.get("OPT", 0),
         activations_bytes=peak.get("ACT", 0),
-        temporaries_bytes=peak.get("TEMP", 0) + peak.get("OTH", 0),
+        temporaries_bytes=peak.get("TEMP", 0) + peak.get("OTH", 0) + peak.get("ALL_GATHER", 0)
+        + peak.get("REDUCE_SCATTER", 0),
         saved_after_forward_bytes=after_forward.get("ACT", 0),
         output_bytes=runner.output_bytes,
         traced=traced,

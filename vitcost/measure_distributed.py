@@ -4,7 +4,8 @@ With :mod:`vitcost.measure` (whose harness each rank runs), the only place vitco
 torch. Each rank joins a gloo process group on 127.0.0.1, wraps the model in
 ``DistributedDataParallel`` (under ZeRO-1 its optimizer in ``ZeroRedundancyOptimizer``), runs
 the warm-up steps (DDP builds its gradient buckets in the first) and one steady-state step
-under PyTorch's ``MemTracker``, and sends back its peak by category. The parent waits at
+under PyTorch's ``MemTracker``; under FSDP (zero2, fsdp, hsdp) it shards the model with
+``fully_shard`` and tracks the step with ``FSDPMemTracker``, and sends back its peak by category. The parent waits at
 most ``timeout_seconds``: a rank that fails or hangs is named with its error, and every
 process is gone before the call returns.
 """
@@ -21,6 +22,9 @@ from typing import Any
 
 from vitcost.errors import MeasurementError
 from vitcost.specs import Strategy, ViTSpec, Workload
+
+
+FSDP_REPEATS = 3  # tracked steps per rank under FSDP (see ``_rank_main``)
 
 
 def _free_port() -> int:
@@ -51,6 +55,35 @@ def _watch_buckets(ddp: Any) -> dict[int, Any]:
     return seen
 
 
+def _blocks(model: Any) -> Any:
+    """The model's stack of blocks: timm's ``blocks``, or its only ``ModuleList`` (Hugging
+    Face's ``vit.layers``)."""
+    import torch
+
+    if isinstance(getattr(model, "blocks", None), torch.nn.Sequential):  # (the reference ViT's, as timm's)
+        return model.blocks
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if len(stacks) != 1:
+        raise MeasurementError(f"{type(model).__name__}: {len(stacks)} stacks of blocks, not one, to shard")
+    return stacks[0]
+
+
+def _fully_shard(model: Any, wl: Workload) -> Any:
+    """FSDP2: ``fully_shard`` on each block, then on the root, over this process group (HSDP:
+    a replicas x shard-ranks mesh); blocks reshard after forward unless the strategy is zero2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if wl.strategy == Strategy.hsdp:
+        mesh = init_device_mesh("cpu", (wl.replicas, wl.shard_ranks), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (wl.ranks,))
+    reshard = wl.strategy != Strategy.zero2
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+
+
 def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, out: Any) -> None:
     """One rank: join the group, run the step, put ``(rank, figures or None, error or None)``."""
     try:
@@ -68,20 +101,31 @@ def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, 
             torch.manual_seed(0)
             model = measure.build_model(spec, attention=wl.attention.value, checkpointing=wl.checkpointing.value)
             model = model.to(dtype=measure.param_dtype(wl))
-            ddp = DistributedDataParallel(model)
-            buckets = _watch_buckets(ddp)
-            runner = measure.Runner(ddp, spec, wl, "cpu")
-            if wl.strategy == Strategy.zero1 and wl.training:
-                from torch.distributed.optim import ZeroRedundancyOptimizer
+            if wl.fsdp:
+                runner = measure.Runner(_fully_shard(model, wl), spec, wl, "cpu")
+                from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-                local = type(runner.optimizer)
-                defaults = {k: v for k, v in runner.optimizer.defaults.items() if k in ("lr", "momentum")}
-                runner.optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=local, **defaults)
-            measured = measure.track_runner(runner, wl, warmup, external=lambda: list(buckets.values()))
+                # gloo's worker thread lets go of a collective's tensors on its own time: now
+                # and then a rank's tracked peak holds one of them a little longer. That only
+                # adds, so the smallest of three tracked steps is the step's own peak
+                measured = min((measure.track_runner(runner, wl, warmup if k == 0 else 1, tracker=FSDPMemTracker)
+                                for k in range(FSDP_REPEATS)), key=lambda m: m.peak_bytes)
+            else:
+                ddp = DistributedDataParallel(model)
+                buckets = _watch_buckets(ddp)
+                runner = measure.Runner(ddp, spec, wl, "cpu")
+                if wl.strategy == Strategy.zero1 and wl.training:
+                    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+                    local = type(runner.optimizer)
+                    defaults = {k: v for k, v in runner.optimizer.defaults.items() if k in ("lr", "momentum")}
+                    runner.optimizer = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=local, **defaults)
+                measured = measure.track_runner(runner, wl, warmup, external=lambda: list(buckets.values()))
             out.put((rank, {"peak_bytes": measured.peak_bytes, "weights_bytes": measured.weights_bytes,
                             "gradients_bytes": measured.gradients_bytes, "optimizer_bytes": measured.optimizer_bytes,
                             "activations_bytes": measured.activations_bytes,
-                            "temporaries_bytes": measured.temporaries_bytes}, None))
+                            "temporaries_bytes": measured.temporaries_bytes,
+                            "categories": measured.extra.get("peak_snapshot", {})}, None))
         finally:
             dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - sent to the parent, which names the rank

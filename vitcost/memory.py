@@ -33,7 +33,7 @@ from dataclasses import replace
 from functools import lru_cache
 import itertools
 
-from vitcost import mae, videomae, vit_hf
+from vitcost import mae, sharding, videomae, vit_hf
 from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, zero_shares
 from vitcost.ops import (
     Grads,
@@ -106,8 +106,8 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     cuda = wl.device == Device.cuda
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
-    params = sum(_param_bytes(spec, e, round_to))
-    grads = sum(_param_bytes(spec, e, round_to, used=True))
+    params = sum(_param_bytes(spec, e, round_to, world=wl.shard_ranks if wl.fsdp else 1))
+    grads = _fsdp(spec, wl, e, round_to).sharded_grad_bytes if wl.fsdp else sum(_param_bytes(spec, e, round_to, used=True))
     sizes = _optimizer_sizes(spec, wl, e, round_to)
     train = wl.training
     adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
@@ -119,7 +119,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
         **kernel_sizes(n, d, spec.heads, cuda, lo),
         params=params, grads=grads,
         states=optimizer_state_bytes(wl, sizes, cuda) if train else 0,
-        kept=_kept_grad_bytes(spec, b, e, grads, round_to) if train and wl.accumulates else 0,
+        kept=(grads if wl.fsdp else _kept_grad_bytes(spec, b, e, grads, round_to)) if train and wl.accumulates else 0,
         opt_tmp=optimizer_temporary_bytes(sizes, cuda) if train and adam else 0,
         one=b == 1, one_head=spec.heads == 1,
         res=stream, lo=lo, par=e,
@@ -434,8 +434,10 @@ def _head_width(spec: ViTSpec) -> int:
     return 2 if spec.pooling == Pooling.token_avg else 1
 
 
-def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpointed: bool = False) -> None:
-    """Final norm, pooling, head(s), and (training) the cross-entropy loss."""
+def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpointed: bool = False,
+                      fsdp: sharding.Fsdp | None = None) -> None:
+    """Final norm, pooling, head(s), and (training) the cross-entropy loss; ``fsdp``: told
+    when the model's forward returns, before the loss."""
     keep = S if grad else F
     r.where = "forward: norm + head"
     # the head saves the class-token row, a view that keeps the whole norm output alive
@@ -496,6 +498,8 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         return
     if not spec.classes:
         return
+    if fsdp:
+        fsdp.root_returns(r)
     logits_hi = sh.b * sh.classes * sh.par  # the loss runs in fp32 under autocast
     if spec.distillation:
         _distillation_loss(r, sh, logits_hi)
@@ -589,7 +593,9 @@ _ATTENTION = {
 }
 
 
-def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
+def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads, fsdp: sharding.Fsdp | None = None) -> str:
+    """The loss, head(s) and final norm; ``fsdp``: told when the gradient of the model's
+    output (the logits, low under autocast) is ready."""
     logits_hi = sh.b * sh.classes * sh.par
     r.where = "backward: loss + head"
     heads = ["head"] + (["head_dist"] if spec.dist_token else [])
@@ -616,6 +622,11 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
         r.alloc("g.logits_avg", sh.b * sh.classes * sh.lo, B)
         r.free("g.logits")
         r.rename("g.logits_avg", "g.logits")
+    if fsdp:
+        if sh.amp:  # the loss's cast back to the head's dtype (``linear_backward`` then skips it)
+            r.alloc("head.gc", sh.b * sh.classes * sh.lo, B)
+            r.free("g.logits")
+        fsdp.root_pre_backward(r)
     width = _head_width(spec)
     pooled = sh.b * sh.d * width
     if _fc_norm(spec):
@@ -660,9 +671,10 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads) -> str:
     return "g.normin"
 
 
-def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, image_elems: int) -> None:
+def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, image_elems: int,
+                       fsdp: sharding.Fsdp | None = None) -> None:
     """Position embedding, prefix tokens and patch embedding; ``g`` is the gradient of the
-    first block's input.
+    first block's input. ``fsdp``: told when backward ends (before its seed goes).
 
     A gradient summed over the batch is a new tensor, except at batch 1, where the sum is a
     no-op: a prefix token's gradient is then a slice of ``g``, and AccumulateGrad keeps that
@@ -708,6 +720,8 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
         gr.finish("patch.b", d)
     else:
         gr.accumulate("patch.w", "patch.b")
+    if fsdp:
+        fsdp.end_backward(r)
     r.free("total_weight", "seed")
 
 
@@ -758,6 +772,10 @@ def _optimizer_sizes(spec: ViTSpec, wl: Workload, pb: int, round_to: int) -> tup
     """Bytes of each parameter the optimizer keeps states for, in the order its step visits
     them: every used parameter in ``parameters()`` order; under ZeRO-1, this rank's share
     (``formulas.zero_shares``, the ones without a gradient skipped)."""
+    if wl.fsdp:  # each parameter's unpadded chunk on this rank (none: a zero-size tensor)
+        return tuple(_round_up(n * pb, round_to) for (name, _), n in
+                     zip(param_tensors(spec), sharding.shards(spec, wl.shard_ranks, wl.shard_rank))
+                     if not (name in UNUSED or name.endswith(FROZEN)))
     if not wl.shards_optimizer:
         return _param_bytes(spec, pb, round_to, used=True)
     return tuple(_round_up(n * pb, round_to) for name, n in zero_shares(spec, wl.ranks)[wl.rank]
@@ -765,11 +783,18 @@ def _optimizer_sizes(spec: ViTSpec, wl: Workload, pb: int, round_to: int) -> tup
 
 
 @lru_cache(maxsize=4096)
-def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False) -> tuple[int, ...]:
+def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False, world: int = 1) -> tuple[int, ...]:
     """Bytes of each parameter tensor as allocated, in ``parameters()`` order; ``used``: only
-    those the forward uses, which get gradients and optimizer states."""
-    return tuple(_round_up(n * pb, round_to) for name, n in param_tensors(spec)
+    those the forward uses, which get gradients and optimizer states; ``world`` > 1: the
+    padded shard each rank stores under FSDP."""
+    sizes = param_tensors(spec) if world == 1 else zip((name for name, _ in param_tensors(spec)),
+                                                       sharding.padded_shards(spec, world))
+    return tuple(_round_up(n * pb, round_to) for name, n in sizes
                  if not (used and (name in UNUSED or name.endswith(FROZEN))))
+
+
+def _fsdp(spec: ViTSpec, wl: Workload, e: int, round_to: int) -> sharding.Fsdp:
+    return sharding.Fsdp(spec, wl, e, round_to, UNUSED, cuda=wl.device == Device.cuda)
 
 
 # --- the whole step ---------------------------------------------------------------------------
@@ -888,16 +913,25 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     if spec.mae is not None:
         return _replay_mae(r, spec, wl, sh, image_elems, weights, inputs)
     depth = spec.depth
+    fs = _fsdp(spec, wl, sh.par, r.round_to) if wl.fsdp else None
+    if fs:
+        fs.pre_forward(r, "root")
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full
     # timm's ``self.blocks(x)`` (an nn.Sequential) and Hugging Face's encoder
     # (``embedding_output``) hold their input until the last block returns
     keeps_embedding = not train or sh.ln_upcast  # (then no norm saves the stream: it is held)
-    full = r.FULL or spec.drop_path  # (the first block has no drop path: the blocks differ, none is lumped)
+    # (the first block has no drop path: the blocks differ, none is lumped; nor are FSDP's,
+    # whose buffers differ at the first and last block)
+    full = r.FULL or spec.drop_path or fs
     if full:
         for i in range(depth):
+            if fs:
+                fs.pre_forward(r, f"b{i}")
             _block_forward(r, i, f"b{i + 1}.in" if i < depth - 1 else "norm.in", sh, spec, wl, train and not ck,
                            checkpointed=ck, keep_input=keeps_embedding and i == 0)
+            if fs:
+                fs.post_forward(r, f"b{i}")
     else:
         state = r.local()
         _block_forward(r, 0, "b1.in" if depth > 1 else "norm.in", sh, spec, wl, train and not ck, checkpointed=ck,
@@ -912,18 +946,23 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
         if depth > 1:
             _extend_forward(r, depth)
             r.replay_shifted(block, "blocks.0", f"blocks.{depth - 1}", after=True)
-    _epilogue_forward(r, spec, sh, train, checkpointed=ck)
+    _epilogue_forward(r, spec, sh, train, checkpointed=ck, fsdp=fs)
     saved = r.cat[S]
     copies = r.cat[WC]
     components = _saved_by_component(r, depth, spec.layer_scale) if train and not full else {}
     if train and spec.classes:
-        gr = Grads(r, sh, wl.accumulates)
-        g = _epilogue_backward(r, spec, sh, gr)
+        # (under FSDP backward makes each unsharded gradient anew; the sharded ones accumulate)
+        gr = Grads(r, sh, wl.accumulates and not fs)
+        g = _epilogue_backward(r, spec, sh, gr, fsdp=fs)
         if full:
             for i in reversed(range(depth)):
+                if fs:
+                    fs.pre_backward(r, i)
                 _block_backward(r, i, g, f"g.b{i}.in", sh, spec, wl, gr)
+                if fs:
+                    fs.post_backward(r, f"b{i}")
                 g = f"g.b{i}.in"
-            _prologue_backward(r, spec, sh, g, gr, image_elems)
+            _prologue_backward(r, spec, sh, g, gr, image_elems, fsdp=fs)
             optimizer_step(r, sh)
             return (weights, sh.grads if train else 0, sh.states, inputs, saved, copies), components
         last = depth - 1

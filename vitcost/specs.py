@@ -60,6 +60,13 @@ class Strategy(str, Enum):
 
     ddp = "ddp"  # DistributedDataParallel: every rank holds everything, plus its gradient buckets
     zero1 = "zero1"  # DDP with ZeroRedundancyOptimizer: each rank keeps the optimizer states of its share
+    zero2 = "zero2"  # FSDP2 ``fully_shard`` without resharding after forward (ZeRO-2, FSDP1's SHARD_GRAD_OP)
+    fsdp = "fsdp"  # FSDP2 ``fully_shard`` per block, then the root; blocks reshard after forward (ZeRO-3)
+    hsdp = "hsdp"  # fsdp within a replica group (a node), the replicas' gradients all-reduced
+
+
+# Strategies that shard parameters, gradients and optimizer states with FSDP2's ``fully_shard``.
+FSDP_STRATEGIES = frozenset((Strategy.zero2, Strategy.fsdp, Strategy.hsdp))
 
 
 class Checkpointing(str, Enum):
@@ -268,11 +275,14 @@ class Workload(BaseModel):
     ranks: int = Field(default=1, gt=0, le=65536)  # GPUs (processes) the step is spread over
     rank: int = Field(default=0, ge=0, le=65535)  # whose share a sharded strategy's figures are
     grad_accum: int = Field(default=1, gt=0, le=4096)  # micro-steps (of ``batch`` each) per optimizer step
+    replicas: int = Field(default=1, gt=0, le=65536)  # HSDP: replica groups, each sharding over ranks / replicas
 
     @model_validator(mode="after")
     def _rank_in_range(self) -> "Workload":
         if self.rank >= self.ranks:
             raise ValueError(f"rank {self.rank} is not one of the {self.ranks} ranks")
+        if self.ranks % self.replicas:
+            raise ValueError(f"{self.ranks} ranks do not split into {self.replicas} equal replica groups")
         return self
 
     @property
@@ -290,6 +300,21 @@ class Workload(BaseModel):
     def shards_optimizer(self) -> bool:
         """Each rank keeps the optimizer states of its share of the parameters only."""
         return self.training and self.strategy == Strategy.zero1 and self.ranks > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Parameters, gradients and optimizer states sharded by ``fully_shard`` (a training step)."""
+        return self.training and self.strategy in FSDP_STRATEGIES
+
+    @property
+    def shard_ranks(self) -> int:
+        """The ranks a parameter is sharded over: all of them, or (HSDP) one replica group's."""
+        return self.ranks // self.replicas if self.strategy == Strategy.hsdp else self.ranks
+
+    @property
+    def shard_rank(self) -> int:
+        """This rank's index within its shard group (HSDP's mesh is replicas x shard ranks)."""
+        return self.rank % self.shard_ranks
 
 
 def _one_line(err: ValidationError) -> str:
