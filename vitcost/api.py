@@ -13,14 +13,14 @@ from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError, shorten
-from vitcost.estimate import (_MATMUL_DTYPE, SEARCH_GPUS, GPUFit, Report, RunOptions, TimeReport, build_report,
+from vitcost.estimate import (_MATMUL_DTYPE, SEARCH_GPUS, SEARCH_STRATEGIES, GPUFit, Report, RunOptions, TimeReport, build_report,
                               estimate_time)
 from vitcost import timing
 from vitcost.kernels import NotModelled
 from vitcost.program import estimate_memory
 from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
-from vitcost.specs import ViTSpec, Workload, make_workload
+from vitcost.specs import FSDP_STRATEGIES, ViTSpec, Workload, make_workload
 
 ImageSize = Union[int, str, tuple[int, int], None]
 
@@ -228,7 +228,7 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         raise ConfigError("--gpu '': name a GPU profile (see 'vitcost gpus') or a YAML file, or leave --gpu out")
     if allocator not in ALLOCATORS:
         raise ConfigError(f"--allocator {allocator!r}: expected one of {', '.join(ALLOCATORS)}")
-    workload.setdefault("strategy", "ddp")
+    strategy = str(getattr(workload.setdefault("strategy", "ddp"), "value", workload["strategy"]))
     accum = _whole("--grad-accum", workload.setdefault("grad_accum", 1), 4096, "micro-steps")
     resolved = _load_gpu(gpu) if gpu else None
     _whole("--gpus", gpus, 65536, "GPUs")
@@ -248,6 +248,10 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         raise ConfigError(f"--grad-accum {accum} does not divide --batch {batch}: each optimizer step is "
                           f"{accum} micro-batches of the same size")
     per_gpu = math.ceil(batch // accum / gpus)
+    if strategy == "hsdp" and nodes == 1:
+        raise ConfigError("--strategy hsdp shards within a node and replicates across nodes: give --nodes M (M > 1) "
+                          "with a node profile such as 8xa100")
+    workload["replicas"] = nodes if strategy == "hsdp" else 1
     if device is None:
         device = resolved.profile.device if resolved else "cuda"
     wl = _workload_of(per_gpu, device, gpus, 0, workload)
@@ -256,9 +260,17 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
                           "multi-GPU profile")
     if wl.grad_accum > 1 and not wl.training:
         raise ConfigError(f"--grad-accum {wl.grad_accum} accumulates gradients: it needs --mode train")
+    if wl.strategy in FSDP_STRATEGIES:
+        if not wl.training:
+            raise ConfigError(f"--strategy {strategy} shards a training step; inference on several GPUs is modelled "
+                              "as ddp (each GPU holds the model)")
+        if spec.mae is not None or spec.video:
+            raise ConfigError(f"--strategy {strategy} is modelled for image classification ViTs (timm and Hugging "
+                              "Face), not for MAE pretraining or video models")
     per_rank: tuple[int, ...] = ()
-    if wl.shards_optimizer:  # ranks differ: the figures are the rank that needs the most
-        per_rank = _per_rank_peaks(spec, lambda r: _workload_of(per_gpu, device, gpus, r, workload), gpus)
+    if wl.shards_optimizer or wl.fsdp:  # ranks differ: the figures are the rank that needs the most
+        per_rank = _per_rank_peaks(spec, lambda r: _workload_of(per_gpu, device, gpus, r, workload), gpus,
+                                   wl.shard_ranks if wl.fsdp else 0)
         wl = _workload_of(per_gpu, device, gpus, per_rank.index(max(per_rank)), workload)
     if spec.drop_path and wl.training and wl.checkpointing.value != "none":
         raise ConfigError("--drop-path with --checkpointing full is not modelled yet (the recompute runs on to "
@@ -289,7 +301,8 @@ def _search(spec: ViTSpec, *, batch: int, gpus: int, nodes: int, **options: Any)
     """Where the step does not fit: for each strategy, the fewest GPUs (more than asked for,
     the global batch split over them) on which it does, with each rank's peak and the time."""
     options.pop("strategy")
-    strategies = ("ddp", "zero1") if options.get("mode", "train") == "train" else ("ddp",)
+    options.pop("replicas", None)
+    strategies = SEARCH_STRATEGIES if options.get("mode", "train") == "train" else ("ddp",)
     rows = []
     accum = options.get("grad_accum", 1)
     for strategy in strategies:
@@ -305,12 +318,19 @@ def _search(spec: ViTSpec, *, batch: int, gpus: int, nodes: int, **options: Any)
     return rows
 
 
-def _per_rank_peaks(spec: ViTSpec, workload_of: Callable[[int], Workload], ranks: int) -> tuple[int, ...]:
-    """Each rank's peak under ZeRO-1: ranks whose shares hold parameters of the same sizes in
-    the same order have the same step, so each distinct share is replayed once."""
+def _per_rank_peaks(spec: ViTSpec, workload_of: Callable[[int], Workload], ranks: int,
+                    shard_ranks: int = 0) -> tuple[int, ...]:
+    """Each rank's peak under ZeRO-1 or (``shard_ranks`` > 0) FSDP: ranks whose shares hold
+    parameters of the same sizes in the same order have the same step, so each distinct
+    share is replayed once."""
     from vitcost.formulas import zero_shares
+    from vitcost.sharding import shards
 
-    shares = zero_shares(spec, ranks)
+    if shard_ranks:  # each parameter's unpadded chunk: the last ranks' may be smaller, or empty
+        by_shard_rank = [shards(spec, shard_ranks, k) for k in range(shard_ranks)]
+        shares = [by_shard_rank[rank % shard_ranks] for rank in range(ranks)]
+    else:
+        shares = zero_shares(spec, ranks)
     peaks: dict[tuple, int] = {}
     for rank, share in enumerate(shares):
         if share not in peaks:
@@ -340,7 +360,15 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
                       "attention_efficiency, kernel_overhead_us, host_overhead_us): the step is not priced")
     if rates.gpus != wl.ranks:  # --gpus: as many of the profile's GPUs, on its links
         rates = replace(rates, gpus=wl.ranks)
-    if nodes > 1:
+    replica_rates = None
+    if wl.fsdp and wl.replicas > 1:
+        # HSDP: the all-gathers and reduce-scatters run within a node, at its bus bandwidth;
+        # each rank then all-reduces its shard with its peers in the other nodes, every rank
+        # of a node at once, each over its own link out of the node
+        rates = replace(rates, gpus=wl.shard_ranks)
+        replica_rates = replace(rates, gpus=wl.replicas,
+                                allreduce_bytes_per_s=profile.node_interconnect.gb_per_s_per_direction * 1e9)
+    elif nodes > 1:
         # a ring crosses each node's edge once per channel, and NCCL runs a channel per link out
         # of the node: the node's links carry it together
         per_node = wl.ranks // nodes
@@ -354,13 +382,13 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
         ratio, where = saved
         rates = timing.scaled(rates, ratio)
     try:
-        return estimate_time(spec, wl, rates, dtype, batch, run, calibrated=where), None
+        return estimate_time(spec, wl, rates, dtype, batch, run, calibrated=where, replica_rates=replica_rates), None
     except NotModelled as err:
         return None, f"{err}: the step is not priced"
 
 
 _WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing", "strategy",
-                  "grad_accum")
+                  "grad_accum", "replicas")
 
 
 @lru_cache(maxsize=1024)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional
 
-from vitcost import formulas, kernels, timing
+from vitcost import formulas, kernels, memory, sharding, timing
 from vitcost.replay import MemoryResult
 from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
@@ -18,6 +18,8 @@ from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
 SCHEMA_VERSION = 1
 
 SEARCH_GPUS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # GPU counts tried where a step does not fit
+# strategies tried there (hsdp needs nodes: it is fsdp within each)
+SEARCH_STRATEGIES = ("ddp", "zero1", "zero2", "fsdp")
 
 # The dtype a profile's peak rate is read for: autocast runs its matmuls low; plain fp32
 # matmuls do not use TF32 unless torch.backends.cuda.matmul.allow_tf32 is set.
@@ -153,30 +155,49 @@ class TimeReport:
         }
 
 
+def fsdp_traffic(spec: ViTSpec, wl: Workload, replica_rates: Optional[timing.Rates] = None) -> timing.FsdpTraffic:
+    """What FSDP's collectives move in one micro-step (the parameters all-gathered in their
+    own dtype: no ``MixedPrecisionPolicy``); ``replica_rates``: HSDP's all-reduce across the
+    replica groups (its ``gpus`` the replicas, its bandwidth one GPU's link out of the node)."""
+    e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
+    fs = sharding.Fsdp(spec, wl, e, 1, memory.UNUSED, cuda=True)
+    replica = 0.0
+    if replica_rates is not None and wl.replicas > 1:
+        replica = timing.allreduce_seconds(fs.sharded_grad_bytes, replica_rates)
+    return timing.FsdpTraffic(gather_bytes=fs.root.flat + spec.depth * fs.block.flat, regather=fs.reshards,
+                              reduce_bytes=fs.root.reduce_in + spec.depth * fs.block.reduce_in,
+                              root_gather_bytes=fs.root.flat, root_reduce_bytes=fs.root.reduce_in,
+                              replica_seconds=replica)
+
+
 def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype: str, global_batch: int,
-                  options: RunOptions = RunOptions(), calibrated: Optional[str] = None) -> TimeReport:
+                  options: RunOptions = RunOptions(), calibrated: Optional[str] = None,
+                  replica_rates: Optional[timing.Rates] = None) -> TimeReport:
     """Price the step's kernels on ``rates``; raises ``kernels.NotModelled`` where there is no
-    kernel list."""
+    kernel list. Under HSDP ``rates`` are one replica group's (a node's) and ``replica_rates``
+    those of the all-reduce across the groups."""
     why = kernels.why_not(spec)
     if why:
         raise kernels.NotModelled(why)
     grads = 0
-    if wl.training and rates.gpus > 1:  # what DDP all-reduces: every gradient, in the parameters' dtype
+    if wl.training and rates.gpus > 1 and not wl.fsdp:  # what DDP all-reduces: every gradient, in the parameters' dtype
         grads = kernels.param_elements(spec) * (2 if wl.precision in (Precision.bf16, Precision.fp16) else 4)
     gather = grads if wl.shards_optimizer else 0  # ZeRO-1 sends each rank's updated parameters to the others
+    fsdp = fsdp_traffic(spec, wl, replica_rates) if wl.fsdp else None
     lines = kernels.lines(spec, wl)
     if lines is None:
         step = timing.step_time(kernels.at_batch(spec, wl), rates, grad_bytes=grads, gather_bytes=gather,
-                                micro_steps=wl.grad_accum)
+                                micro_steps=wl.grad_accum, fsdp=fsdp)
     else:
         step = timing.step_time_at(lines, wl.batch, rates, grad_bytes=grads, gather_bytes=gather,
-                                   micro_steps=wl.grad_accum)
+                                   micro_steps=wl.grad_accum, fsdp=fsdp)
+    gpus = rates.gpus * wl.replicas if wl.fsdp else rates.gpus
     flops = 2 * _model_macs(spec, wl) * wl.grad_accum  # = the kernels' (tests/test_time.py holds it)
     run = None
     if options.epochs is not None and options.dataset_size is not None:
-        run = timing.run_cost(step.step_seconds, global_batch, rates.gpus, options.epochs, options.dataset_size,
+        run = timing.run_cost(step.step_seconds, global_batch, gpus, options.epochs, options.dataset_size,
                               options.price_per_gpu_hour)
-    return TimeReport(step=step, global_batch=global_batch, gpus=rates.gpus, matmul_dtype=matmul_dtype,
+    return TimeReport(step=step, global_batch=global_batch, gpus=gpus, matmul_dtype=matmul_dtype,
                       peak_flops_per_s=rates.matmul_flops_per_s, model_flops_per_step=flops,
                       run=run, options=options, device="cuda" if rates.asynchronous else "cpu",
                       calibrated=calibrated)
@@ -401,8 +422,8 @@ def attention_maps_of(spec: ViTSpec, workload: Workload) -> dict[str, int]:
 
 def ddp_bucket_bytes(report_memory: MemoryResult, gpus: int, workload: Workload) -> int:
     """DistributedDataParallel's gradient buckets: a flat copy of every gradient, held for
-    the whole run (``gradient_as_bucket_view=False``, the default)."""
-    if gpus <= 1 or not workload.training:
+    the whole run (``gradient_as_bucket_view=False``, the default). FSDP has none."""
+    if gpus <= 1 or not workload.training or workload.fsdp:
         return 0
     return report_memory.gradients
 

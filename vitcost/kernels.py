@@ -24,6 +24,7 @@ from functools import lru_cache
 import math
 from typing import NamedTuple, Optional
 
+from vitcost import sharding
 from vitcost.formulas import param_tensors, zero_shares
 from vitcost.memory import shapes_of
 from vitcost.ops import Shapes
@@ -438,9 +439,11 @@ def param_elements(spec: ViTSpec) -> int:
 
 
 @lru_cache(maxsize=1024)
-def _stepped(spec: ViTSpec, ranks: int, rank: int) -> tuple[tuple[int, ...], int]:
-    """Elements of the parameters one rank's ZeRO-1 optimizer steps, and their chunks."""
-    sizes = tuple(n for _, n in zero_shares(spec, ranks)[rank] if n)
+def _stepped(spec: ViTSpec, ranks: int, rank: int, fsdp: bool = False) -> tuple[tuple[int, ...], int]:
+    """Elements of the parameters one rank's optimizer steps under ZeRO-1 (its share), or
+    under FSDP (``ranks``: the shard group's; each parameter's unpadded chunk), and their chunks."""
+    shares = sharding.shards(spec, ranks, rank) if fsdp else (n for _, n in zero_shares(spec, ranks)[rank])
+    sizes = tuple(n for n in shares if n)
     return sizes, sum(-(-s // _CHUNK) for s in sizes)
 
 
@@ -452,7 +455,12 @@ def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
         raise NotModelled(why)
     w = _Walk(sh)
     sizes, matrices, chunks = _weights(spec)
-    stepped, stepped_chunks = _stepped(spec, wl.ranks, wl.rank) if wl.shards_optimizer else (sizes, chunks)
+    if wl.fsdp:
+        stepped, stepped_chunks = _stepped(spec, wl.shard_ranks, wl.shard_rank, fsdp=True)
+    elif wl.shards_optimizer:
+        stepped, stepped_chunks = _stepped(spec, wl.ranks, wl.rank)
+    else:
+        stepped, stepped_chunks = sizes, chunks
     _weight_casts(w, spec, sizes, matrices)
     _prologue_forward(w, spec)
     w.count = spec.depth

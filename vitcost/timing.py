@@ -16,6 +16,11 @@ The host dispatches every kernel; on a GPU it runs ahead of the device (asynchro
 a step takes the longer of the device's sum and the host's; on a CPU the two add up.
 Multi-GPU data parallel adds the gradient all-reduce, overlapped with backward: only what
 backward does not hide is added (and the last bucket, which waits for backward to end).
+FSDP all-gathers each group's parameters (in forward; in backward again when blocks reshard
+after forward) and reduce-scatters its gradients, each behind the compute of its pass: only
+what the pass does not hide is added, and never less than the root's all-gather, which
+nothing precedes, or its reduce-scatter, which waits for backward to end. HSDP all-reduces
+each rank's shard of the gradients across the replica groups behind backward too.
 Every time is in seconds; every rate per second.
 """
 
@@ -66,6 +71,21 @@ class StepTime:
     allreduce_seconds: float = 0.0  # the whole all-reduce, hidden or not
     allgather_seconds: float = 0.0  # ZeRO-1's parameters after the step, never hidden
     overlapped: bool = True
+    # FSDP: the all-gathers and reduce-scatters of one micro-step, hidden or not
+    fsdp_gather_seconds: float = 0.0
+    fsdp_reduce_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FsdpTraffic:
+    """What FSDP moves in one micro-step, in bytes of the collectives' full (unsharded) size."""
+
+    gather_bytes: int  # every group's parameters, all-gathered in forward
+    regather: bool  # and again in backward (blocks reshard after forward)
+    reduce_bytes: int  # every group's gradients, reduce-scattered in backward
+    root_gather_bytes: int  # the root group's all-gather, which no compute precedes
+    root_reduce_bytes: int  # the root's reduce-scatter, when backward ends
+    replica_seconds: float = 0.0  # HSDP: the shard's all-reduce across replica groups
 
 
 def scaled(rates: Rates, ratio: float) -> Rates:
@@ -151,7 +171,7 @@ def allgather_seconds(nbytes: int, rates: Rates) -> float:
 
 
 def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: int = 0,
-                 gather_bytes: int = 0, micro_steps: int = 1) -> StepTime:
+                 gather_bytes: int = 0, micro_steps: int = 1, fsdp: Optional[FsdpTraffic] = None) -> StepTime:
     """:func:`step_time` of the kernels the lines give at ``batch``."""
     def runs():
         for line in lines:
@@ -159,18 +179,19 @@ def step_time_at(lines: tuple[Line, ...], batch: int, rates: Rates, grad_bytes: 
             seconds = _seconds(line.kind, b0 + bs * batch, c0 + cs * batch, m0 + ms * batch, n0 + ns * batch,
                                k0 + ks * batch, t0 + ts * batch, line.tokens, line.op, e0 + es * batch, rates)
             yield line.group, line.phase, seconds * line.count, line.launches
-    return _total(runs(), rates, grad_bytes, gather_bytes, micro_steps)
+    return _total(runs(), rates, grad_bytes, gather_bytes, micro_steps, fsdp)
 
 
 def step_time(kernels: tuple[Kernel, ...], rates: Rates, grad_bytes: int = 0, gather_bytes: int = 0,
-              micro_steps: int = 1) -> StepTime:
+              micro_steps: int = 1, fsdp: Optional[FsdpTraffic] = None) -> StepTime:
     """Price a step: per group, per phase, the launches, and (``gpus`` > 1, training) the
     all-reduce of ``grad_bytes`` not hidden behind backward, and the all-gather of
     ``gather_bytes`` after the optimizer step (ZeRO-1's parameters: nothing hides it).
     ``micro_steps``: gradient accumulation runs forward and backward so many times before
-    the one optimizer step; the all-reduce hides behind the last backward only."""
+    the one optimizer step; the all-reduce hides behind the last backward only. ``fsdp``:
+    FSDP's collectives instead, every micro-step (see :class:`FsdpTraffic`)."""
     return _total(((k.group, k.phase, kernel_seconds(k, rates) * k.count, k.launches * k.count) for k in kernels),
-                  rates, grad_bytes, gather_bytes, micro_steps)
+                  rates, grad_bytes, gather_bytes, micro_steps, fsdp)
 
 
 def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
@@ -182,7 +203,23 @@ def allreduce_seconds(grad_bytes: int, rates: Rates) -> float:
     return grad_bytes * 2 * (g - 1) / g / rates.allreduce_bytes_per_s
 
 
-def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0, micro_steps: int = 1) -> StepTime:
+def _fsdp_seconds(fsdp: FsdpTraffic, phases: dict[str, float], micro_steps: int,
+                  rates: Rates) -> tuple[float, float, float]:
+    """FSDP's exposed communication over the step, and one micro-step's all-gathers and
+    reduce-scatters in all. A ring all-gather or reduce-scatter moves (g - 1) / g of the
+    bytes through each GPU, at the bus bandwidth."""
+    forward = phases.get("forward", 0.0) / micro_steps
+    backward = (phases.get("backward", 0.0) + phases.get("recompute", 0.0)) / micro_steps
+    gather = allgather_seconds(fsdp.gather_bytes, rates)
+    reduce = allgather_seconds(fsdp.reduce_bytes, rates)
+    exposed_forward = max(gather - forward, allgather_seconds(fsdp.root_gather_bytes, rates))
+    in_backward = (gather if fsdp.regather else 0.0) + reduce + fsdp.replica_seconds
+    exposed_backward = max(in_backward - backward, allgather_seconds(fsdp.root_reduce_bytes, rates))
+    return micro_steps * (exposed_forward + exposed_backward), gather * (2 if fsdp.regather else 1), reduce
+
+
+def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0, micro_steps: int = 1,
+           fsdp: Optional[FsdpTraffic] = None) -> StepTime:
     """Sum (group, phase, seconds, launches) of every kernel into a step."""
     groups = dict.fromkeys(BREAKDOWN, 0.0)
     phases: dict[str, float] = {}
@@ -209,8 +246,13 @@ def _total(runs, rates: Rates, grad_bytes: int, gather_bytes: int = 0, micro_ste
         groups["communication"] = max(allreduce - backward, last)
     gather = allgather_seconds(gather_bytes, rates)
     groups["communication"] += gather
+    fsdp_gather = fsdp_reduce = 0.0
+    if fsdp is not None and rates.gpus > 1:
+        exposed, fsdp_gather, fsdp_reduce = _fsdp_seconds(fsdp, phases, micro_steps, rates)
+        groups["communication"] += exposed
     return StepTime(step_seconds=sum(groups.values()), breakdown_seconds=groups, phase_seconds=phases, allgather_seconds=gather,
-                    device_seconds=device, host_seconds=host, launches=launches, allreduce_seconds=allreduce)
+                    device_seconds=device, host_seconds=host, launches=launches, allreduce_seconds=allreduce,
+                    fsdp_gather_seconds=fsdp_gather, fsdp_reduce_seconds=fsdp_reduce)
 
 
 @dataclass(frozen=True)
