@@ -146,3 +146,25 @@ def test_mae_is_refused_under_fsdp():
     with pytest.raises(ConfigError, match="not for MAE pretraining or video"):
         vitcost.plan(dim=64, depth=2, heads=2, mlp_hidden=256, image=64, patch=16, impl="hf", classes=0, mae=mae,
                      gpus=2, strategy="fsdp", batch=4)
+
+
+def test_sharding_figures_are_the_models_groups():
+    """The buffers ``plan`` lists under FSDP, from the torch model's shapes: a block's flat
+    all-gather output and reduce-scatter input are 4 x its padded chunks; the root's unsharded
+    parameters are every parameter outside the blocks, padded to whole chunks, gathered."""
+    from vitcost import measure
+
+    report = vitcost.plan("vit-s", batch=8, gpus=4, strategy="fsdp", **{**TINY, "dim": 384, "heads": 6,
+                                                                         "mlp_hidden": 1536, "classes": 1000})
+    model = measure.build_model(report.spec)
+
+    def gathered(params):
+        return sum(4 * -(-p.size(0) // 4) * (p.numel() // p.size(0)) * 4 for p in params)
+
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    figures = json.loads(json.dumps(report.to_dict()))["sharding"]
+    assert figures["block_allgather_bytes"] == figures["block_reduce_scatter_bytes"] == \
+        gathered(model.blocks[0].parameters())
+    assert figures["root_unsharded_bytes"] == gathered(p for p in model.parameters() if id(p) not in in_blocks)
+    assert figures["shard_ranks"] == 4 and figures["reshard_after_forward"]
+    assert vitcost.plan("vit-s", **TINY).to_dict()["sharding"] is None

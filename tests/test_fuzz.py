@@ -45,7 +45,7 @@ FLAGS = {
     "--frames": NUMBERS, "--tubelet": NUMBERS,
     "--mlp": st.sampled_from(["gelu", "swiglu", "relu"]),
     "--impl": st.sampled_from(["timm", "hf", "jax"]),
-    "--strategy": st.sampled_from(["ddp", "zero1", "fsdp"]),
+    "--strategy": st.sampled_from(["ddp", "zero1", "zero2", "fsdp", "hsdp", "zero3"]),
     "--gpus": NUMBERS, "--nodes": NUMBERS, "--grad-accum": NUMBERS,
     "--epochs": NUMBERS, "--dataset-size": NUMBERS, "--price-per-gpu-hour": NUMBERS,
 }

@@ -264,9 +264,9 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         if not wl.training:
             raise ConfigError(f"--strategy {strategy} shards a training step; inference on several GPUs is modelled "
                               "as ddp (each GPU holds the model)")
-        if spec.mae is not None or spec.video:
+        if spec.mae is not None or spec.video or spec.distillation:
             raise ConfigError(f"--strategy {strategy} is modelled for image classification ViTs (timm and Hugging "
-                              "Face), not for MAE pretraining or video models")
+                              "Face), not for MAE pretraining, video models or distillation")
     per_rank: tuple[int, ...] = ()
     if wl.shards_optimizer or wl.fsdp:  # ranks differ: the figures are the rank that needs the most
         per_rank = _per_rank_peaks(spec, lambda r: _workload_of(per_gpu, device, gpus, r, workload), gpus,

@@ -145,6 +145,8 @@ class TimeReport:
             "allreduce_seconds": self.step.allreduce_seconds,
             "allreduce_overlapped_with_backward": bool(self.step.allreduce_seconds),
             "allgather_seconds": self.step.allgather_seconds,
+            "fsdp_allgather_seconds": self.step.fsdp_gather_seconds,
+            "fsdp_reduce_scatter_seconds": self.step.fsdp_reduce_seconds,
             "epochs": self.options.epochs,
             "dataset_size": self.options.dataset_size,
             "steps": run.steps if run else None,
@@ -285,6 +287,18 @@ class Report:
         return self.memory.peak + self.ddp_bucket_bytes
 
     @property
+    def sharding(self) -> Optional[dict[str, int]]:
+        """Under zero2, fsdp and hsdp: the sizes of FSDP's buffers on a rank, each one group's."""
+        if not self.workload.fsdp:
+            return None
+        fs = memory.fsdp_buffers(self.spec, self.workload)
+        return {"shard_ranks": self.workload.shard_ranks, "replicas": self.workload.replicas,
+                "sharded_param_bytes": self.memory.weights, "sharded_gradient_bytes": fs.sharded_grad_bytes,
+                "root_unsharded_bytes": fs.root.unsharded, "block_allgather_bytes": fs.block.flat,
+                "block_unsharded_bytes": fs.block.unsharded, "block_reduce_scatter_bytes": fs.block.reduce_in,
+                "reshard_after_forward": fs.reshards}
+
+    @property
     def rank_peaks_bytes(self) -> tuple[int, ...]:
         """Every rank's peak (DDP's buckets included), rank 0 first."""
         if self.per_rank_peak_bytes:
@@ -371,6 +385,7 @@ class Report:
             "activations_bytes_by_component": dict(m.saved_by_component),
             "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
             "per_rank_peak_bytes": list(self.rank_peaks_bytes) if self.per_rank_peak_bytes else None,
+            "sharding": self.sharding,
             "gpu": None if gpu is None else {
                 "name": gpu.name,
                 "requested": gpu.requested,

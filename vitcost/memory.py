@@ -797,6 +797,12 @@ def _fsdp(spec: ViTSpec, wl: Workload, e: int, round_to: int) -> sharding.Fsdp:
     return sharding.Fsdp(spec, wl, e, round_to, UNUSED, cuda=wl.device == Device.cuda)
 
 
+def fsdp_buffers(spec: ViTSpec, wl: Workload) -> sharding.Fsdp:
+    """FSDP's buffers on a rank, as the replay allocates them (the allocator's rounding applied)."""
+    sh = shapes_of(spec, wl)
+    return _fsdp(spec, wl, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
+
+
 # --- the whole step ---------------------------------------------------------------------------
 
 

@@ -151,6 +151,12 @@ def memory_table(report: Report) -> Table:
     ]
     if report.ddp_bucket_bytes:
         rows.append(("DDP gradient buckets", report.ddp_bucket_bytes))
+    fsdp = report.sharding
+    if fsdp:  # each one group's: what a rank holds of them depends on the moment
+        rows += [("FSDP root, unsharded (whole step)", fsdp["root_unsharded_bytes"]),
+                 ("FSDP all-gather output, a block", fsdp["block_allgather_bytes"]),
+                 ("FSDP unsharded params, a block", fsdp["block_unsharded_bytes"]),
+                 ("FSDP reduce-scatter input, a block", fsdp["block_reduce_scatter_bytes"])]
     for name, value in rows:
         cells = [name, f"{value:,}", fmt_bytes(value)]
         if usable:
@@ -236,6 +242,9 @@ def time_parts(report: Report) -> list[Any]:
         notes.append(f"all-reduce {fmt_seconds(t.step.allreduce_seconds)}, overlapped with backward")
     if t.step.allgather_seconds:
         notes.append(f"parameters' all-gather {fmt_seconds(t.step.allgather_seconds)} after the step, not overlapped")
+    if t.step.fsdp_gather_seconds:
+        notes.append(f"FSDP all-gathers {fmt_seconds(t.step.fsdp_gather_seconds)} and reduce-scatters "
+                     f"{fmt_seconds(t.step.fsdp_reduce_seconds)} per micro-step, overlapped with compute")
     table.caption = "; ".join(notes)
     parts: list[Any] = [head, table]
     if t.run is not None:
