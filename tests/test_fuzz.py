@@ -42,7 +42,7 @@ FLAGS = {
     "--device": st.sampled_from(["cuda", "cpu", "tpu"]),
     "--pos-embed": st.sampled_from(["learned", "sincos", "none", "rope"]),
     "--pool": st.sampled_from(["token", "avg", "max", "token+avg"]),
-    "--frames": NUMBERS, "--tubelet": NUMBERS,
+    "--frames": NUMBERS, "--tubelet": NUMBERS, "--patch-stride": NUMBERS,
     "--mlp": st.sampled_from(["gelu", "swiglu", "relu"]),
     "--impl": st.sampled_from(["timm", "hf", "jax"]),
     "--strategy": st.sampled_from(["ddp", "zero1", "zero2", "fsdp", "hsdp", "zero3"]),

@@ -30,6 +30,7 @@ _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
     "impl", "mask_token", "mae", "mlp", "frames", "tubelet", "drop_path", "distillation", "pos_grid",
+    "patch_stride",
 )
 
 
@@ -100,8 +101,10 @@ def _make_model_spec(model: Optional[str], image: ImageSize, patch: Optional[int
         spec = build_spec(model, overrides={**hf, **overrides, "pos_embed_prefix": True})
     warnings: list[str] = []
     if not spec.divisible:
-        lost_h, lost_w = spec.image_h % spec.patch, spec.image_w % spec.patch
-        msg = (f"image {spec.image_h}x{spec.image_w} is not divisible by patch {spec.patch}: "
+        over = spec.patch - spec.stride
+        lost_h, lost_w = (spec.image_h - over) % spec.stride, (spec.image_w - over) % spec.stride
+        what = f"patch {spec.patch}" if not spec.patch_stride else f"patch {spec.patch} at stride {spec.stride}"
+        msg = (f"image {spec.image_h}x{spec.image_w} is not divisible by {what}: "
                f"the conv patch embedding drops the last {lost_h} rows and {lost_w} columns "
                f"({spec.grid_h}x{spec.grid_w} patches)")
         if strict:

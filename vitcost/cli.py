@@ -153,6 +153,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("drop_path", Annotated[Optional[bool], typer.Option("--drop-path/--no-drop-path", help="timm's stochastic depth in training (rates rising from 0 at the first block): a per-sample mask per branch.", rich_help_panel="Model")], None),
     ("frames", Annotated[Optional[int], typer.Option(help="Video frames (Hugging Face's VideoMAE, --impl hf; with --tubelet).", rich_help_panel="Model", show_default="1")], None),
     ("tubelet", Annotated[Optional[int], typer.Option(help="Frames per patch (VideoMAE's tubelet size).", rich_help_panel="Model", show_default="1")], None),
+    ("patch_stride", Annotated[Optional[int], typer.Option(help="An overlapping patch embedding: the conv's stride (below --patch), padded by (patch - stride) / 2; tokens per side floor((H - P + 2 pad) / S) + 1.", rich_help_panel="Model", show_default="the patch")], None),
     ("mlp", Annotated[Optional[Mlp], typer.Option(help="gelu: fc1, GELU, fc2; swiglu: down(silu(gate(x)) * up(x)) (Hugging Face's DINOv2-giant; --impl hf).", rich_help_panel="Model", show_default="gelu")], None),
     ("impl", Annotated[Optional[Impl], typer.Option(help="Whose code runs the model: timm (vitcost's reference mirrors it) or hf (Hugging Face transformers).", rich_help_panel="Model", show_default="timm")], None),
 ]

@@ -352,6 +352,7 @@ class Report:
                 "distillation": s.distillation,
                 "frames": s.frames,
                 "tubelet": s.tubelet,
+                "patch_stride": s.stride,
                 "mae": s.mae.model_dump() if s.mae else None,
             },
             "tokens": dict(self.tokens),

@@ -21,11 +21,14 @@ from vitcost.specs import ViTSpec
 
 
 class PatchEmbed(nn.Module):
-    """Conv2d(C, D, P, stride P), then (B, D, gh, gw) -> (B, gh*gw, D), as timm does."""
+    """Conv2d(C, D, P, stride P), then (B, D, gh, gw) -> (B, gh*gw, D), as timm does; with a
+    smaller ``stride``, overlapping patches padded by (P - stride) / 2."""
 
-    def __init__(self, channels: int, dim: int, patch: int) -> None:
+    def __init__(self, channels: int, dim: int, patch: int, stride: int = 0) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch, bias=True)
+        stride = stride or patch
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=stride, padding=(patch - stride) // 2,
+                              bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -146,7 +149,7 @@ class VisionTransformer(nn.Module):
         self.spec = spec
         self.checkpointing = checkpointing
         d = spec.dim
-        self.patch_embed = PatchEmbed(spec.channels, d, spec.patch)
+        self.patch_embed = PatchEmbed(spec.channels, d, spec.patch, spec.patch_stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if spec.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if spec.dist_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, spec.registers, d)) if spec.registers else None

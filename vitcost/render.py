@@ -71,7 +71,8 @@ def header(report: Report) -> Text:
     text = Text()
     text.append(f"vitcost: {escape_control(s.name)}", style="bold")
     text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
-    text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}, batch {report.batch}"
+    stride = f" at stride {s.stride} (overlapping, padded {s.patch_pad})" if s.patch_stride else ""
+    text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}{stride}, batch {report.batch}"
                 + (f" ({w.batch} per GPU x {w.ranks})" if w.ranks > 1 else "") + ", "
                 f"{w.mode.value}, {w.precision.value}, {w.attention.value}")
     if w.training:

@@ -172,6 +172,9 @@ class ViTSpec(BaseModel):
     pos_grid: int = Field(default=0, ge=0, le=MAX_PIXELS)
     frames: int = Field(default=1, gt=0, le=4096)  # a video's frames (VideoMAE)
     tubelet: int = Field(default=1, gt=0, le=4096)  # frames per patch (VideoMAE's tubelet_size)
+    # an overlapping patch embedding: the conv's stride, below the patch (0: the patch, no
+    # overlap), with the padding (patch - stride) / 2 on every side
+    patch_stride: int = Field(default=0, ge=0, le=MAX_PIXELS)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":
@@ -216,6 +219,16 @@ class ViTSpec(BaseModel):
                                  f"square): {self.image_h}x{self.image_w} with patch {self.patch}")
             if self.kept_patches < 1:
                 raise ValueError(f"mask ratio {self.mae.mask_ratio} leaves no patch visible")
+        if self.patch_stride:
+            if self.patch_stride >= self.patch:
+                raise ValueError(f"--patch-stride {self.patch_stride}: an overlapping patch embedding strides less "
+                                 f"than the patch ({self.patch}); leave it out for stride = patch")
+            if (self.patch - self.patch_stride) % 2:
+                raise ValueError(f"--patch-stride {self.patch_stride} with patch {self.patch}: the padding "
+                                 f"(patch - stride) / 2 = {(self.patch - self.patch_stride) / 2:g} is not whole")
+            if self.impl != Impl.timm or self.mae or self.video:
+                raise ValueError("--patch-stride is modelled on the reference (timm-style) ViT: not with --impl hf, "
+                                 "MAE or video")
         return self
 
     @property
@@ -224,12 +237,23 @@ class ViTSpec(BaseModel):
         return int(self.patch_tokens * (1 - self.mae.mask_ratio)) if self.mae else self.patch_tokens
 
     @property
+    def stride(self) -> int:
+        """The patch embedding's stride: the patch, or a smaller ``patch_stride`` (overlapping)."""
+        return self.patch_stride or self.patch
+
+    @property
+    def patch_pad(self) -> int:
+        """Zero padding on every side of the image: (patch - stride) / 2."""
+        return (self.patch - self.stride) // 2
+
+    @property
     def grid_h(self) -> int:
-        return self.image_h // self.patch
+        """Patches down the image: floor((H - P + 2 pad) / S) + 1 (H // P without overlap)."""
+        return (self.image_h - self.patch + 2 * self.patch_pad) // self.stride + 1
 
     @property
     def grid_w(self) -> int:
-        return self.image_w // self.patch
+        return (self.image_w - self.patch + 2 * self.patch_pad) // self.stride + 1
 
     @property
     def patch_tokens(self) -> int:
@@ -255,7 +279,9 @@ class ViTSpec(BaseModel):
 
     @property
     def divisible(self) -> bool:
-        return self.image_h % self.patch == 0 and self.image_w % self.patch == 0
+        """Every pixel in some patch: the strides cover the padded image exactly."""
+        over = self.patch - self.stride  # (2 pad)
+        return (self.image_h - over) % self.stride == 0 and (self.image_w - over) % self.stride == 0
 
 
 class Workload(BaseModel):
