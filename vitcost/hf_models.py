@@ -43,7 +43,7 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
         cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
         cfg.architectures = ["ViTMAEForPreTraining"]
         return cfg, transformers.ViTMAEForPreTraining
-    # (a DINOv2 built for another image: its square grid, interpolated to the image's)
+    # (a DINOv2 or ViT built for another image: its square grid, interpolated to the image's)
     built_for = [spec.pos_grid * spec.patch] * 2 if spec.pos_grid else [spec.image_h, spec.image_w]
     common = dict(hidden_size=spec.dim, num_hidden_layers=spec.depth, num_attention_heads=spec.heads,
                   image_size=built_for, patch_size=spec.patch, num_channels=spec.channels,
@@ -96,6 +96,11 @@ def build_hf(spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none"
     what Hugging Face's eager attention is, so ``eager`` and it build the same model."""
     cfg, cls = hf_config(spec, attention)
     model = cls(cfg)
+    if spec.pos_grid and not spec.layer_scale:
+        # Hugging Face's ViT built for another image interpolates its table only when asked
+        import functools
+
+        model.forward = functools.partial(model.forward, interpolate_pos_encoding=True)
     if checkpointing == "full":
         model.activation_checkpointing_enable()  # non-reentrant, as gradient_checkpointing_enable
     return model

@@ -168,10 +168,12 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
         r.retag("b0.in", saved)
 
 
-def _interpolated_in_fp32(r: Replay, name: str, in_elems: int, out_elems: int, par: int, cat: int) -> None:
+def _interpolated_in_fp32(r: Replay, name: str, in_elems: int, out_elems: int, par: int, cat: int,
+                          fp32: bool = True) -> None:
     """An interpolation (or its backward) that runs in fp32: below fp32 the input is cast up,
-    interpolated, the fp32 input freed and the result cast back; in fp32, just the result."""
-    if par == 4:
+    interpolated, the fp32 input freed and the result cast back; in fp32, or (``fp32`` False)
+    in the table's own dtype, just the result."""
+    if par == 4 or not fp32:
         r.alloc(name, out_elems * 4, cat)
         return
     r.alloc(f"{name}.in.32", in_elems * 4, cat)
@@ -182,12 +184,14 @@ def _interpolated_in_fp32(r: Replay, name: str, in_elems: int, out_elems: int, p
 
 
 def _interpolated_pos(r: Replay, spec: ViTSpec, sh: Shapes) -> None:
-    """Hugging Face's DINOv2 run at an image other than the one it was built for: its patch
-    positions are interpolated (bicubic, in fp32) to the image's grid every forward, and the
+    """Hugging Face's DINOv2 (or its ViT, with ``interpolate_pos_encoding=True``) run at an
+    image other than the one it was built for: its patch positions are interpolated (bicubic;
+    DINOv2 in fp32, ViT in the table's dtype) to the image's grid every forward, and the
     class row put back in front (``pos.i``, which the add reads)."""
     if not spec.pos_grid:
         return
-    _interpolated_in_fp32(r, "pos.up", spec.pos_grid ** 2 * sh.d, sh.patches * sh.d, sh.par, F)
+    _interpolated_in_fp32(r, "pos.up", spec.pos_grid ** 2 * sh.d, sh.patches * sh.d, sh.par, F,
+                          fp32=spec.layer_scale)
     r.alloc("pos.i", (sh.patches + 1) * sh.d * sh.par, F)
     r.free("pos.up")
 
@@ -197,7 +201,8 @@ def _interpolated_pos_backward(r: Replay, gr: Grads, spec: ViTSpec, sh: Shapes) 
     (in fp32) back to the grid's, each of the two slices put into a zero table, added."""
     table = sh.pos * sh.d * sh.par
     r.alloc("g.pos.i", (sh.patches + 1) * sh.d * sh.par, B)
-    _interpolated_in_fp32(r, "g.pos.grid", sh.patches * sh.d, spec.pos_grid ** 2 * sh.d, sh.par, B)
+    _interpolated_in_fp32(r, "g.pos.grid", sh.patches * sh.d, spec.pos_grid ** 2 * sh.d, sh.par, B,
+                          fp32=spec.layer_scale)
     r.alloc("g.pos.rows", table, B)
     r.free("g.pos.grid")
     r.alloc("g.pos.first", table, B)

@@ -197,9 +197,10 @@ class ViTSpec(BaseModel):
                                  "a GELU MLP")
             if self.frames < self.tubelet:
                 raise ValueError(f"--frames {self.frames} is fewer than one tubelet of {self.tubelet}")
-        if self.pos_grid and not (self.impl == Impl.hf and self.layer_scale and not self.video
+        if self.pos_grid and not (self.impl == Impl.hf and not self.video and not self.dist_token and not self.mae
                                   and self.pos_embed == PosEmbed.learned):
-            raise ValueError("a position grid of another size (pos_grid) is Hugging Face's DINOv2's")
+            raise ValueError("a position grid of another size (pos_grid), interpolated every forward, is Hugging "
+                             "Face's ViT's (interpolate_pos_encoding=True) or DINOv2's")
         if self.distillation and not (self.dist_token and self.impl == Impl.timm and self.classes):
             raise ValueError("--distillation trains timm's distilled DeiT: it needs --dist-token, a head, --impl timm")
         if self.drop_path and (self.impl != Impl.timm or self.mae):
