@@ -43,6 +43,7 @@ FLAGS = {
     "--pos-embed": st.sampled_from(["learned", "sincos", "none", "rope"]),
     "--pool": st.sampled_from(["token", "avg", "max", "token+avg"]),
     "--frames": NUMBERS, "--tubelet": NUMBERS, "--patch-stride": NUMBERS,
+    "--to": st.one_of(NUMBERS, st.sampled_from(["384", "224,320,384", "384x256", "", ",", "x"])), "--to-patch": NUMBERS,
     "--mlp": st.sampled_from(["gelu", "swiglu", "relu"]),
     "--impl": st.sampled_from(["timm", "hf", "jax"]),
     "--strategy": st.sampled_from(["ddp", "zero1", "zero2", "fsdp", "hsdp", "zero3"]),
@@ -55,7 +56,7 @@ SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-to
 
 @st.composite
 def command_lines(draw):
-    command = draw(st.sampled_from(["plan", "compare"]))
+    command = draw(st.sampled_from(["plan", "compare", "transfer"]))
     args = [command]
     for flag in draw(st.lists(st.sampled_from(sorted(FLAGS)), max_size=5, unique=True)):
         args += [flag, str(draw(FLAGS[flag]))]

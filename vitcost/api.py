@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import replace
 from functools import lru_cache, partial
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from vitcost.errors import ConfigError, shorten
 from vitcost.estimate import (_MATMUL_DTYPE, SEARCH_GPUS, SEARCH_STRATEGIES, GPUFit, Report, RunOptions, TimeReport, build_report,
@@ -21,6 +21,9 @@ from vitcost.program import estimate_memory
 from vitcost.fit import ALLOCATORS, Solver
 from vitcost.presets import build_spec
 from vitcost.specs import FSDP_STRATEGIES, ViTSpec, Workload, make_workload
+
+if TYPE_CHECKING:
+    from vitcost.resolution import TransferReport
 
 ImageSize = Union[int, str, tuple[int, int], None]
 
@@ -474,3 +477,51 @@ def compare(
         for p in _as_list(patch):
             reports.append(plan(model, image=img, patch=int(p) if p is not None else None, **options))
     return reports
+
+
+def transfer(
+    model: Optional[str] = "vit-b",
+    *,
+    to: Union[ImageSize, Iterable[ImageSize]] = None,
+    to_patch: Optional[int] = None,
+    image: ImageSize = None,
+    patch: Optional[int] = None,
+    **options: Any,
+) -> "TransferReport":
+    """A model trained at ``image`` (its name's size by default) moved to each of ``to``: the
+    position table before and after, its interpolation once at load or every forward, and
+    ``plan`` at both sizes (``vitcost.resolution``). Several ``to`` sizes: multi-scale
+    training, whose worst step is reported."""
+    from vitcost import resolution as tr
+
+    sizes = [t for t in _as_list(to) if t is not None]
+    if not sizes:
+        raise ConfigError("--to: the image size(s) to transfer to, such as --to 384 or --to 224,320,384")
+    if options.get("hf_config"):
+        raise ConfigError("--hf-config: transfer takes --model (a preset or timm name) and --image")
+    source = plan(model, image=image, patch=patch, **options)
+    new_patch = to_patch if to_patch is not None else source.spec.patch
+    targets = []
+    for size in sizes:
+        report = plan(model, image=size, patch=new_patch, **options)
+        interpolation = tr.interpolation(source, report)
+        per_forward = resized = None
+        if interpolation is None:
+            reason = "no learned position table" if source.spec.pos_embed.value != "learned" else "the same grid"
+        elif new_patch != source.spec.patch:
+            reason = (f"patch {source.spec.patch} -> {new_patch}: the patch embedding's weights change too, so the "
+                      "model is rebuilt, its table resized once")
+        elif source.spec.grid_h != source.spec.grid_w:
+            reason = f"the trained grid {source.spec.grid_h}x{source.spec.grid_w} is not square (Hugging Face's is)"
+        else:
+            reason = None
+            hf = {**options, "impl": "hf"}
+            try:
+                per_forward = plan(model, image=size, patch=new_patch, pos_grid=source.spec.grid_h, **hf)
+                resized = plan(model, image=size, patch=new_patch, **hf)
+            except ConfigError as err:
+                per_forward = resized = None
+                reason = f"not on Hugging Face's code: {err}"
+        targets.append(tr.Target(report=report, interpolation=interpolation, per_forward=per_forward,
+                                 resized_hf=resized, per_forward_reason=reason))
+    return tr.TransferReport(source=source, targets=tuple(targets))

@@ -248,13 +248,13 @@ def _int_list(text: Optional[str], flag: str) -> list[Optional[int]]:
     return values
 
 
-def _image_list(text: Optional[str]) -> Optional[list[str]]:
+def _image_list(text: Optional[str], flag: str = "--image") -> Optional[list[str]]:
     """``--image 224,384``: every part a size (an empty one is an error, not the default)."""
     if text is None:
         return None
     parts = [s.strip() for s in text.split(",")]
     if not all(parts):
-        raise typer.BadParameter(f"{text!r}: a size like 384 or 384x256 between every comma", param_hint="--image")
+        raise typer.BadParameter(f"{text!r}: a size like 384 or 384x256 between every comma", param_hint=flag)
     return parts
 
 
@@ -275,6 +275,27 @@ def compare(
         print_json([r.to_dict() for r in reports])
     else:
         render_compare(reports, _console())
+
+
+@app.command()
+@shared_options
+def transfer(
+    to: Annotated[str, typer.Option(help="Image size(s) to move to, comma-separated: 384 or 224,320,384 (several: multi-scale training, its worst step reported).", rich_help_panel="Model")],
+    to_patch: Annotated[Optional[int], typer.Option("--to-patch", help="Patch size at the new resolution.", rich_help_panel="Model", show_default="the same patch")] = None,
+    image: Annotated[Optional[str], typer.Option(help="The image size the model was trained at: 224 or HxW.", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
+    patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
+    opts: Any = None,
+) -> None:
+    """A model trained at one image size, run or fine-tuned at another: its position table, the interpolation (once, or every forward), and what changes."""
+    from vitcost.api import transfer as run_transfer
+    from vitcost.render import render_transfer
+
+    kw = plan_kwargs(opts)
+    result = run_transfer(to=_image_list(to, "--to"), to_patch=to_patch, image=image, patch=patch, **kw)
+    if opts["json_out"]:
+        print_json(result.to_dict())
+    else:
+        render_transfer(result, _console())
 
 
 @app.command()

@@ -309,6 +309,14 @@ def _with_ratio(text: str, value: float, ref: float, first: bool) -> Text:
 
 
 def render_compare(reports: list[Report], console: Console) -> None:
+    console.print(Group(header(reports[0]), *compare_parts(reports)))
+    for r in reports:
+        for w in r.warnings:
+            console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
+
+
+def compare_parts(reports: list[Report]) -> list[Any]:
+    """The compare table (and, with a GPU, the time table), ratios to the first report."""
     base = reports[0]
     has_gpu = base.gpu is not None
     # numbers are never wrapped or cut; the table is dense (no outer edge, collapsed padding)
@@ -339,11 +347,57 @@ def render_compare(reports: list[Report], console: Console) -> None:
             row.append(Text(f"{r.gpu.max_batch_size:,}" + ("" if r.gpu.fits else " x"),
                             style="" if r.gpu.fits else "bold red"))
         table.add_row(*row)
-    parts: list[Any] = [header(base), table]
+    parts: list[Any] = [table]
     if any(r.time is not None for r in reports):
         parts.append(_compare_time_table(reports))
+    return parts
+
+
+def render_transfer(tr: Any, console: Console) -> None:
+    """``vitcost transfer``: the position table before and after, its interpolation once or
+    every forward, then what changes between the sizes (``compare``'s tables)."""
+    from vitcost.formulas import pos_embed_tokens
+
+    src = tr.source
+    s = src.spec
+    before = pos_embed_tokens(s)
+    intro = Text(f"trained at {s.image_h}x{s.image_w}, patch {s.patch}: a {s.grid_h}x{s.grid_w} grid, "
+                 f"{before:,} learned positions ({before * s.dim:,} parameters)\n" if before else
+                 f"trained at {s.image_h}x{s.image_w}, patch {s.patch}: no learned position table "
+                 f"({s.pos_embed.value}): nothing to interpolate\n")
+    table = Table(title="position table at each size", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("to", "grid", "positions", "bicubic MACs", "every forward (Hugging Face)"):
+        table.add_column(col, justify="left" if col in ("to", "every forward (Hugging Face)") else "right")
+    for t in tr.targets:
+        ts = t.report.spec
+        i = t.interpolation
+        after = pos_embed_tokens(ts)
+        if t.per_forward is not None:
+            extra = t.per_forward_extra_peak_bytes
+            every = (f"+{fmt_count(t.per_step_interpolation_macs)} MACs/step; peak "
+                     f"{'+' if extra >= 0 else '-'}{fmt_bytes(abs(extra))} vs resizing once")
+        else:
+            every = escape_control(t.per_forward_reason or "")
+        table.add_row(f"{ts.image_h}x{ts.image_w}/{ts.patch}", f"{s.grid_h}x{s.grid_w} -> {ts.grid_h}x{ts.grid_w}",
+                      f"{before:,} -> {after:,}", fmt_count(i.macs) if i else "-", every)
+    table.caption = ("once at load (timm's resample_abs_pos_embed): the patch rows resampled bicubic, the prefix "
+                     "rows kept, and the model built at the new size, as below. Every forward (Hugging Face's "
+                     "interpolate_pos_encoding=True): the old table kept and resampled each step, and its "
+                     "backward when training (16 multiply-adds per output element each way); its peak against "
+                     "the same code with the table resized once (fewer parameters, states and gradients, plus "
+                     "the interpolation's buffers).")
+    table.caption_justify = "left"
+    parts: list[Any] = [header(src), intro, table, *compare_parts([src] + [t.report for t in tr.targets])]
+    if len(tr.targets) > 1:
+        w = tr.worst.report
+        line = (f"multi-scale over {', '.join(f'{t.report.spec.image_h}x{t.report.spec.image_w}' for t in tr.targets)}: "
+                f"the worst step is at {w.spec.image_h}x{w.spec.image_w}, peak {fmt_bytes(w.peak_bytes)}")
+        if w.gpu:
+            line += (f" (reserved {fmt_bytes(w.gpu.peak_reserved_bytes)}): "
+                     + ("fits" if w.gpu.fits else "does not fit") + f" on {escape_control(w.gpu.display_name)}")
+        parts.append(Text(line))
     console.print(Group(*parts))
-    for r in reports:
+    for r in [src] + [t.report for t in tr.targets]:
         for w in r.warnings:
             console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
 
