@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from vitcost import formulas, kernels, memory, sharding, timing
 from vitcost.replay import MemoryResult
 from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
-from vitcost.specs import Checkpointing, Device, Precision, ViTSpec, Workload
+from vitcost.specs import Checkpointing, Device, PosEmbed, Precision, ViTSpec, Workload
 
 SCHEMA_VERSION = 1
 
@@ -287,6 +287,22 @@ class Report:
         return self.memory.peak + self.ddp_bucket_bytes
 
     @property
+    def position_encoding(self) -> dict[str, Any]:
+        """What the position encoding adds: parameters, fixed tables (buffers) and, for RoPE,
+        the rotated q and k each block saves for backward."""
+        s, w = self.spec, self.workload
+        sh = memory.shapes_of(s, w)
+        kind = s.pos_embed
+        out = {"kind": kind.value, "params": self.params.get("pos_embed", 0), "buffer_bytes": 0,
+               "saved_per_block_bytes": 0}
+        if kind in (PosEmbed.sincos, PosEmbed.sincos_1d):
+            out["buffer_bytes"] = sh.patches * sh.d * sh.par
+        elif kind == PosEmbed.rope_2d:
+            out["buffer_bytes"] = 2 * sh.n * (sh.d // sh.h) * sh.par
+            out["saved_per_block_bytes"] = 2 * sh.tok_lo if w.training else 0
+        return out
+
+    @property
     def sharding(self) -> Optional[dict[str, int]]:
         """Under zero2, fsdp and hsdp: the sizes of FSDP's buffers on a rank, each one group's."""
         if not self.workload.fsdp:
@@ -387,6 +403,7 @@ class Report:
             "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
             "per_rank_peak_bytes": list(self.rank_peaks_bytes) if self.per_rank_peak_bytes else None,
             "sharding": self.sharding,
+            "position_encoding": self.position_encoding,
             "gpu": None if gpu is None else {
                 "name": gpu.name,
                 "requested": gpu.requested,

@@ -125,9 +125,29 @@ def _attention_sizes(sh: Shapes) -> tuple[int, int, int, int, int, int]:
     return sh.b, sh.n, sh.h, sh.d // sh.h, sh.b * sh.n * sh.d * sh.lo, sh.amap
 
 
+def _rope(w: _Walk, spec: ViTSpec, p: str, backward: bool = False) -> None:
+    """RoPE-2D on q and k (``memory._rope_forward``): the two products, the negated half, the
+    halves put together, the sum and (autocast) the cast back, each a pass over (B, N, D);
+    backward as many again, and the two branches' gradients added. Memory-bound."""
+    if spec.pos_embed != PosEmbed.rope_2d:
+        return
+    sh = w.sh
+    e = sh.b * sh.n * sh.d
+    wide, lo = sh.par, sh.lo
+    cast = wide != lo
+    read = 3 * e * lo + 2 * e * wide + (e * wide if cast else 0)
+    write = 3 * e * wide + e * lo * 3 // 2 + (e * lo if cast else 0)
+    launches = 5 + int(cast)
+    if backward:
+        read, write, launches = read + 2 * e * lo, write + e * lo, launches + 2
+    for name in ("q", "k"):
+        w.stream(p + "attn/rope_" + name, "memory", read, write, launches=launches)
+
+
 def _attention_forward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
     sh = w.sh
     b, n, h, hd, t, amap = _attention_sizes(sh)
+    _rope(w, spec, p)
     if wl.attention == AttentionKernel.sdpa:
         w.flash(p + "attn/core", b * h * n * n * hd * 2, n, 3 * t, t + b * h * n * 4)
         return
@@ -211,7 +231,7 @@ def _prologue_forward(w: _Walk, spec: ViTSpec) -> None:
     rows = b * sh.n
     if spec.prefix_tokens or spec.impl == Impl.hf:
         w.stream("prefix_tokens", "memory", b * sh.patches * d * sh.lo, rows * d * sh.res)  # cat
-    if spec.pos_embed != PosEmbed.none or spec.video:
+    if spec.pos_table or spec.video:
         w.stream("pos_embed", "memory", rows * d * sh.res + sh.pos * d * 4, rows * d * sh.res)
 
 
@@ -326,6 +346,7 @@ def _block_backward(w: _Walk, spec: ViTSpec, wl: Workload) -> None:
     g = _branch_backward(w, spec, wl, p + "attn/proj", rows)
     _linear_backward(w, p + "attn/proj", rows, d, d, g, sh.lo)
     _attention_backward(w, spec, wl, p)
+    _rope(w, spec, p, backward=True)
     if spec.impl == Impl.hf:
         for i in range(3):
             gi = _linear_backward(w, p + "attn/qkv", rows, d, d, sh.lo, ln)
@@ -372,7 +393,7 @@ def _prologue_backward(w: _Walk, spec: ViTSpec) -> None:
     sh = w.sh
     b, d = sh.b, sh.d
     rows = b * sh.n
-    if spec.pos_embed != PosEmbed.none:
+    if spec.pos_embed == PosEmbed.learned:
         w.stream("pos_embed", "memory", rows * d * sh.res, sh.pos * d * 4)  # summed over the batch
     if spec.prefix_tokens or spec.impl == Impl.hf:
         w.stream("prefix_tokens", "memory", rows * d * sh.res, b * sh.patches * d * sh.lo)  # the cat's slice, cast

@@ -75,6 +75,7 @@ from vitcost.specs import (
     Impl,
     Mlp,
     Optimizer,
+    POS_BUFFERS,
     PosEmbed,
     Pooling,
     Precision,
@@ -90,7 +91,7 @@ def _stream_stays_low(spec: ViTSpec) -> bool:
     """Under autocast the residual stream is promoted to fp32 by the first fp32 parameter it
     meets: the position embedding, a prefix token, LayerScale's gamma. With none of them the
     conv's bf16 output is the stream, and stays so (on the CPU, where LayerNorm keeps it)."""
-    return (spec.impl == Impl.timm and spec.pos_embed == PosEmbed.none and not spec.prefix_tokens
+    return (spec.impl == Impl.timm and not spec.pos_table and not spec.prefix_tokens
             and not spec.layer_scale)
 
 
@@ -145,7 +146,7 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
     if spec.impl == Impl.hf and spec.registers:
         _hf_register_prologue(r, spec, sh, saved)
         return
-    has_pos = spec.pos_embed != PosEmbed.none
+    has_pos = spec.pos_table
     pos_after_cat = spec.pos_embed == PosEmbed.learned and spec.pos_embed_prefix
     if has_pos and not pos_after_cat:
         r.alloc("pos_add", patch_elems * sh.res, F)  # promotes to the fp32 position embedding
@@ -320,14 +321,67 @@ def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Wo
     qkv_cat = S if (grad and (sdpa or sh.eager_views)) else F
     linear_forward(r, sh, p, "qkv", 3 * d * d, 3 * d if spec.qkv_bias else 0,
                     bn * d if sh.casts else 0, 3 * bn * d, qkv_cat, grad)
+    if spec.pos_embed == PosEmbed.rope_2d:
+        for name in ("q", "k"):
+            _rope_forward(r, p + name, sh, keep)
     attention_core_forward(r, sh, p, wl.attention, grad)
     linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
     if not grad:
-        r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "probs.32", p + "ln1")
+        r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "probs.32", p + "ln1", p + "q.r", p + "k.r")
     elif not sdpa and not sh.eager_views:
         r.free(p + "qs", p + "qkv")
     if sh.casts:
         r.free(p + "ln1")
+
+
+def _rope_forward(r: Replay, x: str, sh: Shapes, keep: int) -> None:
+    """RoPE-2D on q or k (``vitcost.reference_vit.apply_rope``): ``x * cos`` and
+    ``cat(-x2, x1) * sin`` in the dtype x meets the (parameter-dtype) tables in (fp32 under
+    autocast), added, and cast back to x's: ``x.r``, which attention saves; the products save
+    only the tables, which exist."""
+    e = sh.b * sh.n * sh.d  # (B, H, N, hd)
+    wide = sh.par  # x's dtype promoted by the tables': fp32 under autocast
+    r.alloc(x + ".cos", e * wide, F)
+    r.alloc(x + ".neg", e // 2 * sh.lo, F)
+    r.alloc(x + ".rot", e * sh.lo, F)
+    r.free(x + ".neg")
+    r.alloc(x + ".sin", e * wide, F)
+    r.free(x + ".rot")
+    r.alloc(x + ".r", e * wide, keep if wide == sh.lo else F)
+    r.free(x + ".sin", x + ".cos")
+    if wide != sh.lo:  # .type_as(x)
+        r.alloc(x + ".r.lo", e * sh.lo, keep)
+        r.free(x + ".r")
+        r.rename(x + ".r.lo", x + ".r")
+
+
+def _rope_backward(r: Replay, g: str, sh: Shapes) -> None:
+    """RoPE-2D's backward from the gradient ``g`` of ``x.r`` to x's, left under the name ``g``:
+    through the cast, each product's gradient (the rotated one cast to x's dtype first), the
+    negation's, the halves put together, the two branches added."""
+    e = sh.b * sh.n * sh.d
+    wide = sh.par
+    if wide != sh.lo:
+        r.alloc(g + ".32", e * wide, B)
+        r.free(g)
+        g32 = g + ".32"
+    else:
+        g32 = g
+    for branch in ("rot", "x"):  # the add's two inputs: the rotated half's product first
+        if wide != sh.lo:
+            r.alloc(f"{g}.{branch}.32", e * wide, B)
+            r.alloc(f"{g}.{branch}", e * sh.lo, B)
+            r.free(f"{g}.{branch}.32")
+        else:
+            r.alloc(f"{g}.{branch}", e * sh.lo, B)
+        if branch == "rot":
+            r.alloc(g + ".neg", e // 2 * sh.lo, B)
+    r.free(g32)
+    r.alloc(g + ".halves", e * sh.lo, B)  # chunk's backward: the two halves' gradients side by side
+    r.free(g + ".rot", g + ".neg")
+    r.alloc(g + ".sum", e * sh.lo, B)
+    r.free(g + ".x", g + ".halves")
+    r.rename(g + ".sum", g)
 
 
 def _ln_cat(sh: Shapes, grad: bool) -> int:
@@ -583,7 +637,11 @@ def _timm_attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViT
     ck = wl.checkpointing == Checkpointing.full
     gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, sh.casts, False,
                              () if sdpa else (p + "attn",))
-    attention_core_backward(r, sh, p, gproj, wl.attention)
+    rope = spec.pos_embed == PosEmbed.rope_2d
+    attention_core_backward(r, sh, p, gproj, wl.attention, qkv=("qkv", "q.r", "k.r") if rope else ("qkv",))
+    if rope:
+        for name in ("k", "q"):  # (k's nodes were made last: backward reaches them first)
+            _rope_backward(r, p + "g." + name, sh)
     r.alloc(p + "g.stack", 3 * sh.tok_lo, B)  # unbind backward: stack
     r.free(p + "g.q", p + "g.k", p + "g.kT", p + "g.v")
     r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
@@ -814,7 +872,7 @@ def fsdp_buffers(spec: ViTSpec, wl: Workload) -> sharding.Fsdp:
 _COMPONENT_OF = {
     "b0.in": "patch_embed",
     **{k: "blocks/norm1" for k in ("ln1", "ln1.in32", "ln1.mean", "ln1.rstd", "qkv.ic", "q.ic", "k.ic", "v.ic")},
-    **{k: "blocks/attn/qkv" for k in ("qkv", "q", "k", "v", "qs", "qs.c", "kT.c", "v.c")},
+    **{k: "blocks/attn/qkv" for k in ("qkv", "q", "k", "v", "qs", "qs.c", "kT.c", "v.c", "q.r", "k.r")},
     **{k: "blocks/attn/core" for k in ("attn", "lse", "probs", "probs.32")},
     **{k: "blocks/norm2" for k in ("x1", "ln2", "ln2.in32", "ln2.mean", "ln2.rstd", "fc1.ic", "gate.ic", "up.ic")},
     **{k: "blocks/mlp" for k in ("fc1", "gelu", "gate", "act", "up")},
@@ -910,8 +968,10 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
         # reads it (a GPU holds only the step's copy of it)
         if not sh.cuda:  # (MemTracker counts it with the activations once the step reads it)
             r.alloc("sincos", sh.patches * sh.d * 4, I)
-    elif spec.pos_embed == PosEmbed.sincos:
+    elif spec.pos_embed in POS_BUFFERS:
         r.alloc("sincos", sh.patches * sh.d * sh.par, W)  # a buffer, moved with the model
+    elif spec.pos_embed == PosEmbed.rope_2d:
+        r.alloc("rope", 2 * sh.n * (sh.d // sh.h) * sh.par, W)  # the (N, hd) cos and sin buffers
     weights = r.cat[W]
     r.alloc_parts("opt.states", sh.states, sh.state_parts, O)
     r.alloc_parts("grads.kept", sh.kept, sh.kept_parts, G)
@@ -1031,7 +1091,7 @@ def replay_memory(spec: ViTSpec, wl: Workload) -> tuple[MemoryResult, tuple[int,
 # --- a trace for the allocator ----------------------------------------------------------------
 
 # Tensors that outlive a step: made once, before or in the first step, and kept.
-PERSISTENT = frozenset(("weights", "sincos", "opt.states", "grads.kept", "x", "y"))
+PERSISTENT = frozenset(("weights", "sincos", "rope", "opt.states", "grads.kept", "x", "y"))
 
 
 def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:

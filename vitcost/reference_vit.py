@@ -34,9 +34,35 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class Rope2d(nn.Module):
+    """Axial 2-D rotary position embedding: channel i of a head is rotated with channel
+    i + hd/2 by an angle of the patch's row (the first hd/4 pairs) or column (the last hd/4)
+    times a frequency 100^(-j / (hd/4)); the prefix tokens are not rotated (cos 1, sin 0).
+    ``cos`` and ``sin`` are (N, hd) buffers shared by every block."""
+
+    def __init__(self, grid_h: int, grid_w: int, head_dim: int, prefix: int) -> None:
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = 1.0 / (100 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+        ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                                indexing="ij")
+        angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=1)  # (patches, hd/2)
+        angles = torch.cat([torch.zeros(prefix, head_dim // 2, dtype=torch.float64), angles])
+        angles = torch.cat([angles, angles], dim=1)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, in x's dtype (``rotate_half``: (-x2, x1) of the halves)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qkv_bias: bool, kernel: str) -> None:
         super().__init__()
+        self.rope: list = []  # [the model's Rope2d], not registered here: its buffers are the model's
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
@@ -48,6 +74,9 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.rope:
+            rope = self.rope[0]
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         if self.kernel == "sdpa":
             x = F.scaled_dot_product_attention(q, k, v)
         elif self.kernel == "eager-postscale":
@@ -124,6 +153,17 @@ class Block(nn.Module):
         return x
 
 
+def sincos_1d(positions: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sin-cos position embedding over the patch index (the Transformer's), shape
+    (1, positions, dim): sines in the first half of the channels, cosines in the second."""
+    if dim % 2:
+        raise ValueError("1-D sin-cos position embedding needs an even width")
+    half = dim // 2
+    omega = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    out = torch.arange(positions, dtype=torch.float64)[:, None] * omega[None, :]
+    return torch.cat([out.sin(), out.cos()], dim=1).float().unsqueeze(0)
+
+
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (MAE / big_vision), shape (1, gh*gw, dim)."""
     if dim % 4:
@@ -159,8 +199,12 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, n_pos, d) * 0.02)
         elif spec.pos_embed == "sincos":
             self.register_buffer("pos_embed", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
+        elif spec.pos_embed == "sincos-1d":
+            self.register_buffer("pos_embed", sincos_1d(grid, d), persistent=False)
         else:
             self.pos_embed = None
+        self.rope = Rope2d(spec.grid_h, spec.grid_w, d // spec.heads, spec.prefix_tokens) \
+            if spec.pos_embed == "rope-2d" else None
         # timm's stochastic depth schedule: rates rising linearly from 0 at the first block
         top = DROP_PATH_RATE if spec.drop_path else 0.0
         rates = [top * k / (spec.depth - 1) if spec.depth > 1 else 0.0 for k in range(spec.depth)]
@@ -168,6 +212,9 @@ class VisionTransformer(nn.Module):
             Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale, rate)
             for rate in rates
         ))
+        if self.rope is not None:
+            for blk in self.blocks:
+                blk.attn.rope.append(self.rope)
         # timm: with average pooling the final norm runs on the pooled vector (fc_norm), not
         # on every token
         avg = spec.pooling == "avg" and spec.classes
@@ -233,4 +280,4 @@ def build(spec: ViTSpec, attention: str = "sdpa", checkpointing: str = "none") -
     return VisionTransformer(spec, attention=attention, checkpointing=checkpointing)
 
 
-__all__ = ["VisionTransformer", "build", "sincos_2d"]
+__all__ = ["VisionTransformer", "build", "sincos_1d", "sincos_2d"]

@@ -126,7 +126,28 @@ def compute_table(report: Report) -> Table:
         fmt_count(2 * report.macs_forward_per_image),
         fmt_count(report.macs_training_per_image) if train else "", style="bold",
     )
+    table.caption = _position_text(report.position_encoding)
+    table.caption_justify = "left"
     return table
+
+
+_POSITION_WHAT = {
+    "learned": "a learned table added to the tokens",
+    "sincos": "a fixed 2-D sin-cos table added to the patches",
+    "sincos-1d": "a fixed 1-D sin-cos table added to the patches",
+    "rope-2d": "q and k rotated in every block by fixed (N, head width) cos and sin tables",
+    "none": "no position information",
+}
+
+
+def _position_text(pos: dict[str, Any]) -> str:
+    parts = [f"position encoding {pos['kind']}: {_POSITION_WHAT.get(pos['kind'], '')}",
+             f"{pos['params']:,} parameters"]
+    if pos["buffer_bytes"]:
+        parts.append(f"tables {fmt_bytes(pos['buffer_bytes'])}")
+    if pos["saved_per_block_bytes"]:
+        parts.append(f"each block saves the rotated q and k: {fmt_bytes(pos['saved_per_block_bytes'])}")
+    return "; ".join(parts)
 
 
 def memory_table(report: Report) -> Table:

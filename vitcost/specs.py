@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitcost.errors import ConfigError, shorten
 
@@ -75,9 +75,18 @@ class Checkpointing(str, Enum):
 
 
 class PosEmbed(str, Enum):
-    learned = "learned"
-    sincos = "sincos"
+    learned = "learned"  # a learned table added to the tokens
+    sincos = "sincos"  # a fixed 2-D sin-cos table added to the patches (a buffer); "sincos-2d" is the same
+    sincos_2d = "sincos-2d"  # (read as sincos)
+    sincos_1d = "sincos-1d"  # a fixed 1-D sin-cos table over the patch index, added to the patches
+    rope_2d = "rope-2d"  # axial 2-D rotary embedding, applied to q and k in every block
+    relative_bias = "relative-bias"  # a learned bias per head and relative offset, added to the attention scores
     none = "none"
+
+
+# position encodings that add a table to the tokens, and those of them that are fixed buffers
+POS_TABLES = frozenset((PosEmbed.learned, PosEmbed.sincos, PosEmbed.sincos_1d))
+POS_BUFFERS = frozenset((PosEmbed.sincos, PosEmbed.sincos_1d))
 
 
 class Pooling(str, Enum):
@@ -176,6 +185,11 @@ class ViTSpec(BaseModel):
     # overlap), with the padding (patch - stride) / 2 on every side
     patch_stride: int = Field(default=0, ge=0, le=MAX_PIXELS)
 
+    @field_validator("pos_embed", mode="before")
+    @classmethod
+    def _sincos_alias(cls, value: object) -> object:
+        return PosEmbed.sincos if value in ("sincos-2d", PosEmbed.sincos_2d) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> "ViTSpec":
         if self.dim % self.heads:
@@ -188,6 +202,18 @@ class ViTSpec(BaseModel):
             raise ValueError("a class-token head needs the class token: use --pool avg or --class-token")
         if self.pos_embed == PosEmbed.sincos and self.dim % 4:
             raise ValueError(f"sin-cos position embedding needs --dim divisible by 4, got {self.dim}")
+        if self.pos_embed == PosEmbed.sincos_1d and self.dim % 2:
+            raise ValueError(f"1-D sin-cos position embedding needs an even --dim, got {self.dim}")
+        if self.pos_embed == PosEmbed.rope_2d and self.head_dim % 4:
+            raise ValueError(f"--pos-embed rope-2d rotates pairs of q and k along two axes: the head width "
+                             f"{self.head_dim} (--dim / --heads) must be divisible by 4")
+        if self.pos_embed == PosEmbed.relative_bias:
+            raise ValueError("--pos-embed relative-bias is not modelled yet: use learned, sincos, sincos-1d, rope-2d "
+                             "or none")
+        if self.pos_embed in (PosEmbed.sincos_1d, PosEmbed.rope_2d, PosEmbed.relative_bias) and (
+                self.impl != Impl.timm or self.mae or self.video):
+            raise ValueError(f"--pos-embed {self.pos_embed.value} is modelled on the reference (timm-style) ViT: "
+                             "not with --impl hf, MAE or video")
         if self.video:
             if self.impl != Impl.hf:
                 raise ValueError("a video model (--frames, --tubelet) is modelled as Hugging Face's VideoMAE: use --impl hf")
@@ -236,6 +262,11 @@ class ViTSpec(BaseModel):
     def kept_patches(self) -> int:
         """Patches the MAE encoder sees: ``int(L * (1 - mask_ratio))``, as Hugging Face rounds."""
         return int(self.patch_tokens * (1 - self.mae.mask_ratio)) if self.mae else self.patch_tokens
+
+    @property
+    def pos_table(self) -> bool:
+        """A position table is added to the tokens (learned, or a fixed sin-cos buffer)."""
+        return self.pos_embed in POS_TABLES
 
     @property
     def stride(self) -> int:

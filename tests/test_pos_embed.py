@@ -1,0 +1,142 @@
+"""Position encodings (``--pos-embed``): what each adds in parameters, tables, MACs and memory,
+held against the reference model's torch implementations."""
+
+from __future__ import annotations
+
+import pytest
+
+import vitcost
+from vitcost.errors import ConfigError
+
+TINY = dict(image=32, patch=8, dim=64, depth=2, heads=2, mlp_hidden=256, classes=10, device="cpu")
+
+
+def test_what_each_adds_worked_example():
+    """ViT-B/16 at 224, batch 8, amp-bf16: a learned table of 197 x 768 parameters; sin-cos
+    tables of the 196 patches' rows (fp32 buffers), no parameters; RoPE-2D two (197, 64)
+    tables, and each block saves its rotated q and k: 2 x 8 x 197 x 768 bf16 elements."""
+    pos = {kind: vitcost.plan("vit-b", pos_embed=kind).position_encoding
+           for kind in ("learned", "sincos", "sincos-1d", "rope-2d", "none")}
+    assert pos["learned"]["params"] == 197 * 768 and pos["learned"]["buffer_bytes"] == 0
+    assert pos["sincos"]["buffer_bytes"] == pos["sincos-1d"]["buffer_bytes"] == 196 * 768 * 4
+    assert pos["rope-2d"] == {"kind": "rope-2d", "params": 0, "buffer_bytes": 2 * 197 * 64 * 4,
+                              "saved_per_block_bytes": 2 * 8 * 197 * 768 * 2}
+    assert pos["none"]["params"] == pos["none"]["buffer_bytes"] == 0
+    learned, rope = vitcost.plan("vit-b"), vitcost.plan("vit-b", pos_embed="rope-2d")
+    assert learned.params_total - rope.params_total == 197 * 768
+    assert rope.memory.activations - vitcost.plan("vit-b", pos_embed="none").memory.activations \
+        == 12 * 2 * 8 * 197 * 768 * 2  # the rotated q and k of every block, and nothing else
+    assert rope.macs_forward == learned.macs_forward  # rotations are elementwise: no MACs
+
+
+def test_sincos_2d_is_sincos():
+    assert vitcost.plan("vit-s", pos_embed="sincos-2d").spec == vitcost.plan("vit-s", pos_embed="sincos").spec
+
+
+@pytest.mark.parametrize("pos_embed,options", [
+    ("sincos-1d", dict(precision="fp32")),
+    ("sincos-1d", dict(precision="amp-bf16")),
+    ("sincos-2d", dict(precision="bf16", mode="infer")),
+    ("rope-2d", dict(precision="fp32")),
+    ("rope-2d", dict(precision="amp-bf16")),
+    ("rope-2d", dict(precision="bf16")),
+    ("rope-2d", dict(precision="amp-bf16", mode="infer")),
+    ("rope-2d", dict(precision="amp-bf16", checkpointing="full")),
+    ("rope-2d", dict(precision="fp32", batch=1, depth=3)),
+])
+def test_every_figure_equals_torchs(pos_embed, options):
+    """``calibrate``'s figures: MemTracker's peak, its categories, what is saved after
+    forward, FlopCounterMode's MACs and the parameter count, all exact."""
+    pytest.importorskip("torch")
+    from vitcost.calibrate import calibrate
+
+    (cal,) = calibrate("vit-ti", pos_embed=pos_embed, **{**TINY, "batch": 2, **options}).results
+    assert all(f.within(0) for f in cal.figures), [(f.name, f.predicted, f.measured) for f in cal.figures]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp-bf16", "bf16"])
+def test_rope_backward_allocates_as_torch_does(precision):
+    """The total over RoPE's backward in one block, allocation by allocation, against torch's:
+    from SDPA's backward to the stack of q's, k's and v's gradients (the peak of these tiny
+    models lies elsewhere, so the peak alone would not see it)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from vitcost import measure, memory
+    from vitcost.replay import Replay
+
+    class Storages(TorchDispatchMode):
+        """Every new storage an operator returns, and when it dies: (operator, live total)."""
+
+        def __init__(self):
+            super().__init__()
+            self.live, self.total, self.events, self.op, self.keep = {}, 0, [], "", []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            import weakref
+
+            self.op = func.__name__
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    key = (st.data_ptr(), st.nbytes())
+                    if key not in self.live and st.nbytes():
+                        self.live[key] = st.nbytes()
+                        self.total += st.nbytes()
+                        self.events.append((self.op, self.total))
+
+                        def gone(_, key=key):
+                            self.total -= self.live.pop(key)
+                            self.events.append(("free", self.total))
+                        self.keep.append(weakref.ref(st, gone))
+            return out
+
+    report = vitcost.plan("vit-ti", pos_embed="rope-2d", precision=precision, **{**TINY, "depth": 1, "batch": 2})
+    model = measure.build_model(report.spec).to(measure.param_dtype(report.workload))
+    runner = measure.Runner(model, report.spec, report.workload, "cpu")
+    runner.step()
+    tracer = Storages()
+    with tracer:
+        runner.step()
+    ev = tracer.events
+    start = next(i for i, (op, _) in enumerate(ev) if op.startswith("_scaled_dot_product_flash_attention_for_cpu_b"))
+    stop = next(i for i, (op, _) in enumerate(ev) if op.startswith("stack"))
+    torch_rise = [total - ev[start - 1][1] for _, total in ev[start:stop + 1]]
+
+    class Log(Replay):
+        def __init__(self):
+            super().__init__(1)
+            self.log = []
+
+        def alloc(self, name, nbytes, cat):
+            super().alloc(name, nbytes, cat)
+            if nbytes > 0:
+                self.log.append((name, self.total))
+
+        def free(self, *names):
+            for name in names:
+                known = name in self.live
+                super().free(name)
+                if known:
+                    self.log.append(("free", self.total))
+
+    replay = Log()
+    memory.replay_step(replay, report.spec, report.workload, memory.shapes_of(report.spec, report.workload))
+    first = next(i for i, (name, _) in enumerate(replay.log) if name == "b0.g.q")
+    last = next(i for i, (name, _) in enumerate(replay.log) if name == "b0.g.stack")
+    replay_rise = [total - replay.log[first - 1][1] for _, total in replay.log[first:last + 1]]
+    # SDPA's backward frees its saved tensors in another order (frees in a row: the same highs)
+    assert max(torch_rise) == max(replay_rise)
+    assert torch_rise[6:] == replay_rise[6:]
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(pos_embed="rope-2d", dim=66, heads=3), "must be divisible by 4"),
+    (dict(pos_embed="rope-2d", impl="hf"), "modelled on the reference"),
+    (dict(pos_embed="sincos-1d", dim=63, heads=1), "even --dim"),
+])
+def test_impossible_encodings_are_one_line_errors(options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        vitcost.plan("vit-ti", **options)
