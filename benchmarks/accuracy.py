@@ -71,6 +71,22 @@ GRID = [
     ("vit-b", 384, 8, 1, "infer", "amp-bf16", "sdpa", False),
 ]
 
+# architecture variants: (plan keyword arguments beyond the model's), each on the reference ViT
+VARIANTS = [
+    dict(model="vit-ti", image=224, patch=16, patch_stride=12, batch=4, mode="train", precision="amp-bf16"),
+    dict(model="vit-s", image=224, patch=16, patch_stride=8, batch=1, mode="infer", precision="bf16"),
+    dict(model="vit-ti", image=224, patch=16, pos_embed="sincos-1d", batch=8, mode="train", precision="fp32"),
+    dict(model="vit-ti", image=224, patch=16, pos_embed="rope-2d", batch=8, mode="train", precision="amp-bf16"),
+    dict(model="vit-s", image=224, patch=16, pos_embed="rope-2d", batch=4, mode="train", precision="bf16",
+         checkpointing="full"),
+    dict(model="vit-ti", image=224, patch=16, pos_embed="relative-bias", attention="eager", batch=4, mode="train",
+         precision="amp-bf16"),
+    dict(model="vit-s", image=224, patch=16, pos_embed="relative-bias", attention="eager-postscale", batch=2,
+         mode="train", precision="fp32", keep_grads=True),
+    dict(model="vit-s", image=224, patch=16, pos_embed="relative-bias", attention="eager", batch=4, mode="infer",
+         precision="amp-bf16"),
+]
+
 AXES = {
     "model": {"vit-ti", "vit-s", "vit-b"},
     "patch": {8, 16, 32},
@@ -157,6 +173,9 @@ def main() -> None:
     calls = [(dict(model=model, image=image, patch=patch, batch=batch, mode=mode, precision=precision,
                    attention=attention, keep_grads=keep), f"{mode} {precision} {attention} keep_grads={keep}")
              for model, image, patch, batch, mode, precision, attention, keep in rows]
+    if not args.limit:
+        calls += [(kw, " ".join(f"{k}={v}" for k, v in kw.items() if k not in ("model", "image", "patch", "batch")))
+                  for kw in VARIANTS]
     results, seconds = run_grid(calls, TOLERANCE)
 
     write_markdown(args.out, results, seconds, torch.__version__, torch.get_num_threads())
@@ -176,7 +195,9 @@ INTRO = [
     "one warm-up step, then one steady-state step measured by PyTorch's MemTracker (bytes of",
     "every live tensor, by category, at the peak); parameters and MACs by `numel()` and",
     "FlopCounterMode on the meta device. The prediction is `vitcost plan --device cpu` (the CPU",
-    "rules: CPU autocast policy, no allocator rounding, single-tensor optimizer).",
+    "rules: CPU autocast policy, no allocator rounding, single-tensor optimizer). The last rows",
+    "are architecture variants of the same model (an overlapping patch embedding, sin-cos, RoPE-2D",
+    "and BEiT's relative position bias), named in the model column.",
 ]
 
 
@@ -238,7 +259,9 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
         worst = r.worst
         zero_grad = ("keep" if w.keep_grads else "none") if w.training else "-"
         size = f"{s.image_h}" if s.image_h == s.image_w else f"{s.image_h}x{s.image_w}"
-        head = (f"| {i} | {s.name} | {size} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
+        variant = (f", {s.pos_embed.value}" if s.pos_embed.value != "learned" else "") + \
+            (f", stride {s.patch_stride}" if s.patch_stride else "")
+        head = (f"| {i} | {s.name}{variant} | {size} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
                 f"{w.precision.value} | {w.attention.value} | {zero_grad} | {w.checkpointing.value} | "
                 f"{r.report.memory.peak:,} | ")
         lines.append(

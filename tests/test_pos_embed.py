@@ -43,6 +43,17 @@ def test_sincos_2d_is_sincos():
     ("rope-2d", dict(precision="amp-bf16", mode="infer")),
     ("rope-2d", dict(precision="amp-bf16", checkpointing="full")),
     ("rope-2d", dict(precision="fp32", batch=1, depth=3)),
+    ("relative-bias", dict(precision="fp32", attention="eager")),
+    ("relative-bias", dict(precision="amp-bf16", attention="eager")),
+    ("relative-bias", dict(precision="bf16", attention="eager-postscale")),
+    ("relative-bias", dict(precision="amp-bf16", attention="eager", mode="infer")),
+    ("relative-bias", dict(precision="amp-bf16", attention="eager", checkpointing="full", keep_grads=True)),
+    ("relative-bias", dict(precision="fp32", attention="eager", class_token=False, pooling="avg", batch=1)),
+    # the peak inside the attention's backward (forward, in inference): 257 tokens, 8 heads
+    ("relative-bias", dict(precision="amp-bf16", attention="eager", image=64, patch=4, depth=1, heads=8,
+                           mlp_hidden=64)),
+    ("relative-bias", dict(precision="fp32", attention="eager", image=64, patch=4, depth=1, heads=8, mlp_hidden=64,
+                           mode="infer")),
 ])
 def test_every_figure_equals_torchs(pos_embed, options):
     """``calibrate``'s figures: MemTracker's peak, its categories, what is saved after
@@ -132,7 +143,27 @@ def test_rope_backward_allocates_as_torch_does(precision):
     assert torch_rise[6:] == replay_rise[6:]
 
 
+def test_relative_bias_worked_example():
+    """BEiT-B/16 at 224: each block's table has (2 x 14 - 1)^2 + 3 = 732 rows of 12 heads,
+    105,408 parameters over 12 blocks; the (197, 197) int64 index is one buffer; the table
+    the torch model builds has as many rows, and its index reaches every one."""
+    report = vitcost.plan("vit-b", pos_embed="relative-bias", attention="eager")
+    assert report.params["blocks/attn/relative_bias"] == 12 * 732 * 12 == report.position_encoding["params"]
+    assert report.position_encoding["buffer_bytes"] == 197 * 197 * 8
+    assert report.params_total == vitcost.plan("vit-b", pos_embed="none").params_total + 12 * 732 * 12
+    torch = pytest.importorskip("torch")
+    from vitcost import measure
+
+    small = vitcost.plan("vit-ti", pos_embed="relative-bias", attention="eager", **TINY)
+    model = measure.build_model(small.spec, attention="eager")
+    table = model.blocks[0].attn.relative_position_bias_table
+    assert table.shape == (7 * 7 + 3, 2) and len(torch.unique(model.relative_index.index)) == 7 * 7 + 3
+    assert sum(p.numel() for p in model.parameters()) == small.params_total
+
+
 @pytest.mark.parametrize("options,needle", [
+    (dict(pos_embed="relative-bias"), "--attention eager or eager-postscale"),
+    (dict(pos_embed="relative-bias", attention="eager", registers=4), "at most a class token"),
     (dict(pos_embed="rope-2d", dim=66, heads=3), "must be divisible by 4"),
     (dict(pos_embed="rope-2d", impl="hf"), "modelled on the reference"),
     (dict(pos_embed="sincos-1d", dim=63, heads=1), "even --dim"),

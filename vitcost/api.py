@@ -266,6 +266,9 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
                           "multi-GPU profile")
     if wl.grad_accum > 1 and not wl.training:
         raise ConfigError(f"--grad-accum {wl.grad_accum} accumulates gradients: it needs --mode train")
+    if spec.pos_embed.value == "relative-bias" and wl.attention.value == "sdpa":
+        raise ConfigError("--pos-embed relative-bias adds a bias to the attention scores: it is modelled with "
+                          "--attention eager or eager-postscale (sdpa would take it as a mask)")
     if wl.strategy in FSDP_STRATEGIES:
         if not wl.training:
             raise ConfigError(f"--strategy {strategy} shards a training step; inference on several GPUs is modelled "

@@ -300,6 +300,12 @@ class Report:
         elif kind == PosEmbed.rope_2d:
             out["buffer_bytes"] = 2 * sh.n * (sh.d // sh.h) * sh.par
             out["saved_per_block_bytes"] = 2 * sh.tok_lo if w.training else 0
+        elif kind == PosEmbed.relative_bias:
+            out["params"] = self.params.get("blocks/attn/relative_bias", 0)
+            out["buffer_bytes"] = sh.n * sh.n * 8  # the int64 index
+            if w.training and sh.par > sh.lo and not sh.softmax_fp32:
+                # the fp32 sum makes the softmax (and what it saves) fp32, beside the matmul's copy
+                out["saved_per_block_bytes"] = sh.b * sh.h * sh.n * sh.n * 4
         return out
 
     @property

@@ -18,7 +18,7 @@ from vitcost.specs import Impl, Mlp, Pooling, PosEmbed, ViTSpec
 # The order components are listed in, everywhere (params, MACs, tables).
 COMPONENT_ORDER = (
     "patch_embed", "pos_embed", "prefix_tokens", "mask_token", "blocks/norm1", "blocks/attn/qkv",
-    "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/proj", "blocks/norm2",
+    "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/relative_bias", "blocks/attn/proj", "blocks/norm2",
     "blocks/mlp/fc1", "blocks/mlp/fc2", "blocks/layer_scale", "norm", "head",
     # MAE's decoder
     "decoder/embed", "decoder/mask_token", "decoder/pos_embed", "decoder/blocks", "decoder/blocks/attn/qkv",
@@ -78,6 +78,8 @@ def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     ]
     if spec.qkv_bias:
         tensors.append(("attn/qkv/bias", 3 * d))
+    if spec.pos_embed == PosEmbed.relative_bias:
+        tensors.append(("attn/relative_position_bias_table", relative_bias_entries(spec) * spec.heads))
     tensors += [("attn/proj/weight", d * d), ("attn/proj/bias", d)]
     if spec.layer_scale:
         tensors.append(("ls1/gamma", d))
@@ -125,6 +127,14 @@ def _hf_block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
 def _fc1s(spec: ViTSpec) -> int:
     """Linear layers into the MLP's hidden width: SwiGLU has two (gate and up)."""
     return 2 if spec.mlp == Mlp.swiglu else 1
+
+
+def relative_bias_entries(spec: ViTSpec) -> int:
+    """Rows of a block's relative position bias table (BEiT): one per relative offset between
+    two patches, (2 gh - 1)(2 gw - 1), and three for the class token's pairs."""
+    if spec.pos_embed != PosEmbed.relative_bias:
+        return 0
+    return (2 * spec.grid_h - 1) * (2 * spec.grid_w - 1) + (3 if spec.class_token else 0)
 
 
 def head_in(spec: ViTSpec) -> int:
@@ -210,6 +220,8 @@ def param_rows(spec: ViTSpec) -> list[int]:
         parts = name.split("/")
         if parts[-1] in _ONE_ROW:
             rows.append(1)
+        elif parts[-1] == "relative_position_bias_table":  # (entries, heads)
+            rows.append(n // spec.heads)
         elif parts[-1] == "weight" and not parts[-2].startswith(("norm", "fc_norm")):
             rows.append(n // inputs.get(parts[-2], d))
         else:
@@ -248,6 +260,8 @@ def param_counts(spec: ViTSpec) -> dict[str, int]:
     }
     if spec.mask_token:
         counts["mask_token"] = d
+    if spec.pos_embed == PosEmbed.relative_bias:
+        counts["blocks/attn/relative_bias"] = spec.depth * relative_bias_entries(spec) * spec.heads
     if spec.layer_scale:  # one D-vector per residual branch
         counts["blocks/layer_scale"] = spec.depth * 2 * d
     if spec.mae is not None:

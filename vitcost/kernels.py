@@ -164,7 +164,16 @@ def _attention_forward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
     if post:
         w.stream(name, "attention", amap, amap)  # scores * scale
     maps = b * h * n * n
-    if softmax32:
+    relative = spec.pos_embed == PosEmbed.relative_bias
+    widened = relative and sh.par > sh.lo  # the scores plus an fp32 bias: fp32 (under autocast)
+    if relative:
+        table = h * n * n * sh.par
+        w.stream(p + "attn/relative_bias", "attention", 2 * table + n * n * 8, 2 * table, launches=2)  # gather, copy
+        w.stream(p + "attn/relative_bias", "attention", amap + table, maps * sh.par)  # added to the scores
+    if widened:  # the softmax in fp32, its output copied down for the matmul
+        w.stream(name, "attention", 2 * maps * 4, maps * 4, op="softmax", elems=maps, elem_bytes=4)
+        w.stream(name, "attention", maps * 4, amap)
+    elif softmax32:
         w.stream(name, "attention", amap, 2 * amap)  # the scores cast up
         w.stream(name, "attention", 2 * amap, 2 * amap, op="softmax", elems=maps, elem_bytes=4)  # softmax in fp32
         w.stream(name, "attention", 2 * amap, amap)  # cast back for the matmul
@@ -307,12 +316,17 @@ def _attention_backward(w: _Walk, spec: ViTSpec, wl: Workload, p: str) -> None:
         w.gemm(p + "attn/attn_v", "attention", n, n, hd, sh.lo, sh.lo, sh.lo, batch=b * h)  # g @ v^T
         w.gemm(p + "attn/attn_v", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # probs^T @ g
         maps = b * h * n * n
-        if softmax32:
+        relative = spec.pos_embed == PosEmbed.relative_bias
+        if softmax32 or (relative and sh.par > sh.lo):
             w.stream(name, "attention", amap, 2 * amap)
             w.stream(name, "attention", 4 * amap, 2 * amap, op="softmax_backward", elems=maps, elem_bytes=4)
             w.stream(name, "attention", 2 * amap, amap)
         else:  # softmax backward reads its output
             w.stream(name, "attention", 2 * amap, amap, op="softmax_backward", elems=maps, elem_bytes=sh.lo)
+        if relative:  # the bias's gradient: summed over the batch, put into a zero table
+            w.stream(p + "attn/relative_bias", "attention", maps * (4 if sh.par > sh.lo else sh.lo), h * n * n * sh.par)
+            w.stream(p + "attn/relative_bias", "attention", h * n * n * sh.par + n * n * 8, h * n * n * sh.par,
+                     launches=2)
         if wl.attention == AttentionKernel.eager_postscale:
             w.stream(name, "attention", amap, amap)
         w.gemm(p + "attn/q_kT", "attention", n, hd, n, sh.lo, sh.lo, sh.lo, batch=b * h)  # g @ k

@@ -34,7 +34,7 @@ from functools import lru_cache
 import itertools
 
 from vitcost import mae, sharding, videomae, vit_hf
-from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, zero_shares
+from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, relative_bias_entries, zero_shares
 from vitcost.ops import (
     Grads,
     Shapes,
@@ -324,7 +324,8 @@ def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Wo
     if spec.pos_embed == PosEmbed.rope_2d:
         for name in ("q", "k"):
             _rope_forward(r, p + name, sh, keep)
-    attention_core_forward(r, sh, p, wl.attention, grad)
+    bias = sh.h * sh.n * sh.n * sh.par if spec.pos_embed == PosEmbed.relative_bias else 0
+    attention_core_forward(r, sh, p, wl.attention, grad, bias_bytes=bias)
     linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
     if not grad:
         r.free(p + "qs", p + "attn", p + "qkv", p + "probs", p + "probs.32", p + "ln1", p + "q.r", p + "k.r")
@@ -638,7 +639,17 @@ def _timm_attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViT
     gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, sh.casts, False,
                              () if sdpa else (p + "attn",))
     rope = spec.pos_embed == PosEmbed.rope_2d
-    attention_core_backward(r, sh, p, gproj, wl.attention, qkv=("qkv", "q.r", "k.r") if rope else ("qkv",))
+
+    def table_grad() -> None:
+        """The gathered bias's backward: its gradient put (accumulated) into a zero table."""
+        entries = relative_bias_entries(spec) * sh.h
+        r.alloc(p + "g.bias.zeros", entries * sh.par, B)
+        gr.make_param(p + "rel", entries)
+        r.free(p + "g.bias.zeros", p + "g.bias")
+        gr.accumulate(p + "rel")
+
+    attention_core_backward(r, sh, p, gproj, wl.attention, qkv=("qkv", "q.r", "k.r") if rope else ("qkv",),
+                            bias_grad=table_grad if spec.pos_embed == PosEmbed.relative_bias else None)
     if rope:
         for name in ("k", "q"):  # (k's nodes were made last: backward reaches them first)
             _rope_backward(r, p + "g." + name, sh)
@@ -972,6 +983,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
         r.alloc("sincos", sh.patches * sh.d * sh.par, W)  # a buffer, moved with the model
     elif spec.pos_embed == PosEmbed.rope_2d:
         r.alloc("rope", 2 * sh.n * (sh.d // sh.h) * sh.par, W)  # the (N, hd) cos and sin buffers
+    elif spec.pos_embed == PosEmbed.relative_bias:
+        r.alloc("relidx", sh.n * sh.n * INDEX_BYTES, W)  # the (N, N) int64 index into the tables
     weights = r.cat[W]
     r.alloc_parts("opt.states", sh.states, sh.state_parts, O)
     r.alloc_parts("grads.kept", sh.kept, sh.kept_parts, G)
@@ -1091,7 +1104,7 @@ def replay_memory(spec: ViTSpec, wl: Workload) -> tuple[MemoryResult, tuple[int,
 # --- a trace for the allocator ----------------------------------------------------------------
 
 # Tensors that outlive a step: made once, before or in the first step, and kept.
-PERSISTENT = frozenset(("weights", "sincos", "rope", "opt.states", "grads.kept", "x", "y"))
+PERSISTENT = frozenset(("weights", "sincos", "rope", "relidx", "opt.states", "grads.kept", "x", "y"))
 
 
 def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:

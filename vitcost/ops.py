@@ -12,6 +12,7 @@ docs/memory-model.md explains each rule and what measured it. Every size in byte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 from vitcost.replay import B, F, G, O, OT, S, WC, Replay, _round_up
 from vitcost.specs import AttentionKernel, Optimizer, Workload
@@ -128,17 +129,21 @@ def linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_ele
 
 
 def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool,
-                           explicit32: bool = False) -> None:
+                           explicit32: bool = False, bias_bytes: int = 0) -> None:
     """q, k, v to the attention output ``attn`` (B, N, D), by kernel.
 
     The softmax runs in fp32 and its output is cast back to the matmul's precision under
     CUDA autocast (its policy), or always with ``explicit32``: Hugging Face's
     ``softmax(dtype=float32).to(dtype)``, one expression, so the low-precision scores die
     only after the cast. Under no_grad the attention weights (``probs``, and ``probs.32``
-    when autocast made them) are left to the caller, which may hold them.
+    when autocast made them) are left to the caller, which may hold them. ``bias_bytes``: a
+    relative position bias of so many bytes, (1, H, N, N) in the table's dtype, gathered from
+    its table and added to the scores (eager only): in a wider dtype (fp32 under autocast) the
+    sum, and so the softmax, are in it, and the matmul then takes a low-precision copy.
     """
     t = sh.tok_lo
-    softmax32 = explicit32 or sh.softmax_fp32
+    widened = bool(bias_bytes) and sh.par > sh.lo
+    softmax32 = explicit32 or sh.softmax_fp32 or widened
     keep = S if grad else F
     if kernel == AttentionKernel.sdpa:
         # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
@@ -165,7 +170,21 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         r.alloc(p + "scaled", sh.amap, F)
         r.free(p + "scores")
         r.rename(p + "scaled", p + "scores")
-    if softmax32 and sh.lo == 2:
+    if bias_bytes:
+        r.alloc(p + "bias.g", bias_bytes, F)  # table[index]: (N N, H)
+        r.alloc(p + "bias", bias_bytes, F)  # permuted to (H, N, N), made contiguous
+        r.free(p + "bias.g")
+        r.alloc(p + "scores.b", sh.amap * sh.par // sh.lo if widened else sh.amap, F)
+        r.free(p + "bias", p + "scores")
+        if widened:  # the softmax of the fp32 sum saves its fp32 output; the matmul takes a copy
+            r.alloc(p + "probs.32", sh.amap * 2, keep)
+            r.free(p + "scores.b")
+            r.alloc(p + "probs", sh.amap, keep)
+        else:
+            r.rename(p + "scores.b", p + "scores")
+    if widened:
+        pass
+    elif softmax32 and sh.lo == 2:
         # the scores are cast up; softmax saves its fp32 output; the scores themselves
         # stay referenced by the caller until softmax returns
         r.alloc(p + "scores.32", sh.amap * 2, F)
@@ -328,12 +347,16 @@ def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in
 
 
 def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel,
-                            explicit32: bool = False, qkv: tuple[str, ...] = ("qkv",)) -> None:
+                            explicit32: bool = False, qkv: tuple[str, ...] = ("qkv",),
+                            bias_grad: Optional[Callable[[], None]] = None) -> None:
     """The gradients ``g.q``, ``g.k`` (sdpa) or ``g.kT`` (eager), ``g.v`` from the output's;
     ``qkv``: the tensors q, k and v are views of (freed once the kernel's backward is done
-    with them)."""
+    with them). ``bias_grad``: with a relative position bias, the sum's backward also sums
+    the scores' gradient over the batch, ``g.bias``, which ``bias_grad()`` takes to its table
+    (its nodes were made after the scores': backward reaches them first)."""
     t = sh.tok_lo
-    softmax32 = explicit32 or sh.softmax_fp32
+    widened = bias_grad is not None and sh.par > sh.lo
+    softmax32 = explicit32 or sh.softmax_fp32 or widened
     qkv = tuple(p + name for name in qkv)
     if kernel == AttentionKernel.sdpa:
         r.alloc(p + "g.q", t, B)
@@ -358,10 +381,16 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
         r.alloc(p + "g.scores.32", 2 * sh.amap, B)
         r.free(p + "g.probs.32", p + "probs.32")
         r.alloc(p + "g.scores", sh.amap, B)
+        if widened:  # the bias's share, summed over the batch in fp32
+            r.alloc(p + "g.bias", sh.h * sh.n * sh.n * 4, B)
         r.free(p + "g.scores.32")
     else:
         r.alloc(p + "g.scores", sh.amap, B)  # softmax backward reads its saved output
         r.free(p + "g.probs", p + "probs")
+        if bias_grad is not None:  # the same gradient for the bias, summed over the batch
+            r.alloc(p + "g.bias", sh.h * sh.n * sh.n * sh.lo, B)
+    if bias_grad is not None:
+        bias_grad()
     if kernel == AttentionKernel.eager_postscale:
         r.alloc(p + "g.raw", sh.amap, B)  # the scale's backward: a new map
         r.free(p + "g.scores")

@@ -59,16 +59,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
+def relative_position_index(grid_h: int, grid_w: int, cls: bool) -> torch.Tensor:
+    """BEiT's index into a relative position bias table: (N, N) entries, one per pair of
+    tokens, ``(dy + gh - 1) (2 gw - 1) + dx + gw - 1`` between patches; with a class token,
+    three more entries at the end (class to patch, patch to class, class to class)."""
+    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, patches)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    index = (rel[..., 0] + grid_h - 1) * (2 * grid_w - 1) + rel[..., 1] + grid_w - 1
+    if not cls:
+        return index
+    n_rel = (2 * grid_h - 1) * (2 * grid_w - 1) + 3
+    out = torch.zeros(grid_h * grid_w + 1, grid_h * grid_w + 1, dtype=torch.long)
+    out[1:, 1:] = index
+    out[0, 0:] = n_rel - 3
+    out[0:, 0] = n_rel - 2
+    out[0, 0] = n_rel - 1
+    return out
+
+
+class RelativeIndex(nn.Module):
+    """The (N, N) index into every block's relative position bias table: one buffer, shared."""
+
+    def __init__(self, grid_h: int, grid_w: int, cls: bool) -> None:
+        super().__init__()
+        self.register_buffer("index", relative_position_index(grid_h, grid_w, cls), persistent=False)
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, kernel: str) -> None:
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, kernel: str, relative: int = 0) -> None:
         super().__init__()
         self.rope: list = []  # [the model's Rope2d], not registered here: its buffers are the model's
+        self.relative: list = []  # [the model's RelativeIndex], likewise
         self.heads = heads
         self.head_dim = dim // heads
         self.scale = self.head_dim**-0.5
         self.kernel = kernel
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # BEiT's relative position bias: a learned (entries, heads) table per block
+        self.relative_position_bias_table = nn.Parameter(torch.randn(relative, heads) * 0.02) if relative else None
         self.proj = nn.Linear(dim, dim)
+
+    def relative_bias(self) -> torch.Tensor:
+        """The (1, H, N, N) bias the table gives every pair of tokens."""
+        index = self.relative[0].index
+        n = index.shape[0]
+        bias = self.relative_position_bias_table[index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -81,11 +118,15 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v)
         elif self.kernel == "eager-postscale":
             attn = (q @ k.transpose(-2, -1)) * self.scale
+            if self.relative_position_bias_table is not None:
+                attn = attn + self.relative_bias()
             attn = attn.softmax(dim=-1)
             x = attn @ v
         else:
             q = q * self.scale
             attn = q @ k.transpose(-2, -1)
+            if self.relative_position_bias_table is not None:
+                attn = attn + self.relative_bias()
             attn = attn.softmax(dim=-1)
             x = attn @ v
         x = x.transpose(1, 2).reshape(b, n, c)
@@ -136,10 +177,10 @@ class DropPath(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, qkv_bias: bool, kernel: str,
-                 layer_scale: bool = False, drop_path: float = 0.0) -> None:
+                 layer_scale: bool = False, drop_path: float = 0.0, relative: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads, qkv_bias, kernel)
+        self.attn = Attention(dim, heads, qkv_bias, kernel, relative)
         self.ls1 = LayerScale(dim) if layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -208,10 +249,17 @@ class VisionTransformer(nn.Module):
         # timm's stochastic depth schedule: rates rising linearly from 0 at the first block
         top = DROP_PATH_RATE if spec.drop_path else 0.0
         rates = [top * k / (spec.depth - 1) if spec.depth > 1 else 0.0 for k in range(spec.depth)]
+        relative = 0
+        if spec.pos_embed == "relative-bias":
+            relative = (2 * spec.grid_h - 1) * (2 * spec.grid_w - 1) + (3 if spec.class_token else 0)
+            self.relative_index = RelativeIndex(spec.grid_h, spec.grid_w, spec.class_token)
         self.blocks = nn.Sequential(*(
-            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale, rate)
+            Block(d, spec.heads, spec.mlp_hidden, spec.qkv_bias, attention, spec.layer_scale, rate, relative)
             for rate in rates
         ))
+        if relative:
+            for blk in self.blocks:
+                blk.attn.relative.append(self.relative_index)
         if self.rope is not None:
             for blk in self.blocks:
                 blk.attn.rope.append(self.rope)

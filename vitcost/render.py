@@ -136,6 +136,7 @@ _POSITION_WHAT = {
     "sincos": "a fixed 2-D sin-cos table added to the patches",
     "sincos-1d": "a fixed 1-D sin-cos table added to the patches",
     "rope-2d": "q and k rotated in every block by fixed (N, head width) cos and sin tables",
+    "relative-bias": "a learned bias per head and relative offset (BEiT) added to every block's scores",
     "none": "no position information",
 }
 
@@ -146,7 +147,8 @@ def _position_text(pos: dict[str, Any]) -> str:
     if pos["buffer_bytes"]:
         parts.append(f"tables {fmt_bytes(pos['buffer_bytes'])}")
     if pos["saved_per_block_bytes"]:
-        parts.append(f"each block saves the rotated q and k: {fmt_bytes(pos['saved_per_block_bytes'])}")
+        what = "the rotated q and k" if pos["kind"] == "rope-2d" else "fp32 attention maps as well"
+        parts.append(f"each block saves {what}: {fmt_bytes(pos['saved_per_block_bytes'])}")
     return "; ".join(parts)
 
 

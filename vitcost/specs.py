@@ -207,9 +207,9 @@ class ViTSpec(BaseModel):
         if self.pos_embed == PosEmbed.rope_2d and self.head_dim % 4:
             raise ValueError(f"--pos-embed rope-2d rotates pairs of q and k along two axes: the head width "
                              f"{self.head_dim} (--dim / --heads) must be divisible by 4")
-        if self.pos_embed == PosEmbed.relative_bias:
-            raise ValueError("--pos-embed relative-bias is not modelled yet: use learned, sincos, sincos-1d, rope-2d "
-                             "or none")
+        if self.pos_embed == PosEmbed.relative_bias and (self.dist_token or self.registers):
+            raise ValueError("--pos-embed relative-bias is BEiT's: patches and at most a class token (no distillation "
+                             "token or registers)")
         if self.pos_embed in (PosEmbed.sincos_1d, PosEmbed.rope_2d, PosEmbed.relative_bias) and (
                 self.impl != Impl.timm or self.mae or self.video):
             raise ValueError(f"--pos-embed {self.pos_embed.value} is modelled on the reference (timm-style) ViT: "
