@@ -54,6 +54,9 @@ GRID = [
     (*VIT, 224, 16, "infer", "amp-bf16", "eager", "none"),
     (*VIT, 224, 16, "infer", "fp32", "sdpa", "none"),
     ("vit-s", {}, "224x320", 4, "train", "amp-bf16", "sdpa", "full"),
+    # built for 224 px, run at 384 / 320 with interpolate_pos_encoding=True: the table interpolated every step
+    (VIT[0], {**VIT[1], "pos_grid": 14}, 384, 2, "train", "amp-bf16", "sdpa", "none"),
+    (VIT[0], {**VIT[1], "pos_grid": 14}, 320, 2, "train", "bf16", "eager", "none"),
     (*DEIT, 224, 16, "train", "amp-bf16", "sdpa", "none"),
     (*DEIT, 224, 4, "train", "fp32", "eager", "none"),
     (*DEIT, 224, 8, "train", "bf16", "sdpa", "full"),
