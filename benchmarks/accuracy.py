@@ -260,7 +260,8 @@ def write_markdown(path: Path, results, seconds: float, torch_version: str, thre
         zero_grad = ("keep" if w.keep_grads else "none") if w.training else "-"
         size = f"{s.image_h}" if s.image_h == s.image_w else f"{s.image_h}x{s.image_w}"
         variant = (f", {s.pos_embed.value}" if s.pos_embed.value != "learned" else "") + \
-            (f", stride {s.patch_stride}" if s.patch_stride else "")
+            (f", stride {s.patch_stride}" if s.patch_stride else "") + \
+            (f", {s.pos_grid}x{s.pos_grid} table interpolated" if s.pos_grid else "")
         head = (f"| {i} | {s.name}{variant} | {size} | {s.patch} | {s.tokens:,} | {w.batch} | {w.mode.value} | "
                 f"{w.precision.value} | {w.attention.value} | {zero_grad} | {w.checkpointing.value} | "
                 f"{r.report.memory.peak:,} | ")

@@ -281,11 +281,15 @@ class ViTSpec(BaseModel):
     @property
     def grid_h(self) -> int:
         """Patches down the image: floor((H - P + 2 pad) / S) + 1 (H // P without overlap)."""
-        return (self.image_h - self.patch + 2 * self.patch_pad) // self.stride + 1
+        if not self.patch_stride:  # (read on every report: the common case kept short)
+            return self.image_h // self.patch
+        return (self.image_h - self.patch + 2 * self.patch_pad) // self.patch_stride + 1
 
     @property
     def grid_w(self) -> int:
-        return (self.image_w - self.patch + 2 * self.patch_pad) // self.stride + 1
+        if not self.patch_stride:
+            return self.image_w // self.patch
+        return (self.image_w - self.patch + 2 * self.patch_pad) // self.patch_stride + 1
 
     @property
     def patch_tokens(self) -> int:
