@@ -47,6 +47,9 @@ GRID = [
     ("vit-ti", "hf", "zero2", 4, 1, 1, "amp-bf16", "sdpa"),
     ("vit-s", "hf", "fsdp", 4, 1, 1, "fp32", "sdpa"),
     ("vit-s", "hf", "hsdp", 4, 1, 1, "amp-bf16", "sdpa", 2),
+    # FSDP's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)
+    ("vit-ti", "timm", "fsdp", 4, 2, 1, "mixed-bf16", "sdpa"),
+    ("vit-s", "hf", "fsdp", 2, 1, 2, "mixed-bf16", "eager-postscale"),
 ]
 
 
@@ -62,9 +65,10 @@ def main() -> int:
     rows = []
     for i, (model, impl, strategy, ranks, per_rank, accum, precision, attention, *nodes) in enumerate(
             GRID[: args.limit or None]):
+        mixed = precision == "mixed-bf16"  # FSDP's mixed precision: bf16 compute, fp32 shards
         report = vitcost.plan(model, image=224, patch=16, batch=per_rank * ranks * accum, gpus=ranks, grad_accum=accum,
-                              strategy=strategy, precision=precision, attention=attention, impl=impl, device="cpu",
-                              nodes=nodes[0] if nodes else None)
+                              strategy=strategy, precision="bf16" if mixed else precision, attention=attention,
+                              impl=impl, device="cpu", nodes=nodes[0] if nodes else None, mixed_precision=mixed)
         if nodes:
             strategy = f"{strategy} ({nodes[0]} nodes)"
         predicted = list(report.rank_peaks_bytes)
@@ -86,7 +90,8 @@ def main() -> int:
         "optimizer in ZeroRedundancyOptimizer around AdamW), warm-up steps (DDP builds its buckets in the first), "
         "then one steady-state step under PyTorch's MemTracker; or (zero2, fsdp, hsdp) the model sharded with "
         "FSDP2's `fully_shard` per block and then the root (zero2: `reshard_after_forward=False`; hsdp: a 2-D "
-        "mesh, replicas x ranks per node), each step under `FSDPMemTracker`, the smallest of three (gloo's worker "
+        "mesh, replicas x ranks per node; `mixed-bf16`: `MixedPrecisionPolicy(param_dtype=bf16, "
+        "reduce_dtype=fp32)`, fp32 images and model), each step under `FSDPMemTracker`, the smallest of three (gloo's worker "
         "thread lets go of a collective's tensors on its own time, which only ever adds). Every rank's peak "
         "against `plan --gpus N --strategy S [--nodes M] --device cpu` for that rank. The batch is per rank and micro-step; `--grad-accum K` runs K "
         "micro-steps (DDP syncs the last). The CPU allocator does not round: a right prediction is exact.", "",

@@ -55,6 +55,9 @@ def test_param_rows_are_the_models_first_dimension(impl):
     ("hsdp", 4, dict(precision="fp32", nodes=2)),
     ("fsdp", 2, dict(precision="amp-bf16", attention="eager", checkpointing="full", depth=3)),
     ("fsdp", 2, dict(precision="bf16", grad_accum=2, batch=8, optimizer="sgd-momentum")),
+    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): fp32 shards, bf16 gathers and compute
+    ("fsdp", 2, dict(precision="bf16", mixed_precision=True, attention="eager", checkpointing="full", depth=3)),
+    ("zero2", 4, dict(precision="bf16", mixed_precision=True, impl="hf", grad_accum=2, batch=16)),
 ])
 def test_every_rank_is_exact(strategy, ranks, options):
     options = {**TINY, "batch": 2 * ranks, **options}
@@ -127,7 +130,26 @@ def test_search_tries_fsdp():
     assert all(row["peak_reserved_bytes"] <= report.gpu.usable_memory_bytes for row in rows.values())
 
 
+def test_mixed_precision_keeps_fp32_shards():
+    """Under MixedPrecisionPolicy the sharded weights, gradients and states stay fp32 (as under
+    fp32), while the gathers and the compute are bf16: each block's all-gather and unsharded
+    parameters are half fp32's, its reduce-scatter input (fp32) as large."""
+    kw = dict(batch=64, gpu="8xa100", strategy="fsdp")
+    mixed = vitcost.plan("vit-b", precision="bf16", mixed_precision=True, **kw)
+    fp32, bf16 = vitcost.plan("vit-b", precision="fp32", **kw), vitcost.plan("vit-b", precision="bf16", **kw)
+    assert (mixed.memory.weights, mixed.memory.gradients, mixed.memory.optimizer_states) == \
+        (fp32.memory.weights, fp32.memory.gradients, fp32.memory.optimizer_states)
+    # the same activations, and the images' bf16 copy FSDP makes of the fp32 batch (8 per GPU)
+    assert mixed.memory.activations == bf16.memory.activations + 8 * 3 * 224 * 224 * 2
+    m, f = mixed.sharding, fp32.sharding
+    assert 2 * m["block_allgather_bytes"] == f["block_allgather_bytes"]
+    assert 2 * m["block_unsharded_bytes"] == f["block_unsharded_bytes"]
+    assert m["block_reduce_scatter_bytes"] == f["block_reduce_scatter_bytes"]
+
+
 @pytest.mark.parametrize("args,needle", [
+    (["--strategy", "fsdp", "--gpus", "4", "--mixed-precision"], "--mixed-precision is FSDP's"),
+    (["--strategy", "ddp", "--gpus", "4", "--precision", "bf16", "--mixed-precision"], "--mixed-precision is FSDP's"),
     (["--strategy", "hsdp", "--gpus", "4"], "--strategy hsdp shards within a node"),
     (["--strategy", "fsdp", "--gpus", "4", "--mode", "infer"], "--strategy fsdp shards a training step"),
     (["--strategy", "zero2"], "--strategy zero2 shards over several GPUs"),

@@ -52,7 +52,7 @@ FLAGS = {
     "--epochs": NUMBERS, "--dataset-size": NUMBERS, "--price-per-gpu-hour": NUMBERS,
 }
 SWITCHES = ["--keep-grads", "--json", "--strict", "--no-class-token", "--dist-token", "--no-qkv-bias", "--layer-scale",
-            "--impl=hf", "--pool=token+avg", "--drop-path", "--distillation", "--tf32"]
+            "--impl=hf", "--pool=token+avg", "--drop-path", "--distillation", "--tf32", "--mixed-precision"]
 
 
 @st.composite

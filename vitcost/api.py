@@ -132,6 +132,7 @@ def plan(
     gpus: Optional[int] = None,
     nodes: Optional[int] = None,
     grad_accum: int = 1,
+    mixed_precision: bool = False,
     gpu: Optional[str] = None,
     device: Optional[str] = None,
     allocator: str = "native",
@@ -154,7 +155,9 @@ def plan(
     Face ``config.json`` as the architecture, run by Hugging Face's code; explicit options
     override what it says. With a profile that has a ``time`` section the step is priced
     (``tf32``: fp32 matmuls on TF32 tensor cores); ``epochs`` over ``dataset_size`` samples
-    give a run's wall time and GPU-hours, ``price_per_gpu_hour`` its cost.
+    give a run's wall time and GPU-hours, ``price_per_gpu_hour`` its cost. ``mixed_precision``:
+    under zero2, fsdp and hsdp, FSDP's ``MixedPrecisionPolicy`` (``param_dtype`` the precision's,
+    ``reduce_dtype`` fp32): fp32 sharded weights, gradients and states, bf16 or fp16 compute.
     """
     run = run_options(tf32, epochs, dataset_size, price_per_gpu_hour)
     explicit_classes = arch.get("classes")
@@ -176,7 +179,7 @@ def plan(
                                "for features only",)
     return _plan_spec(spec, warnings, batch=batch, mode=mode, precision=precision, attention=attention,
                       optimizer=optimizer, keep_grads=keep_grads, checkpointing=checkpointing, strategy=strategy,
-                      gpus=gpus, nodes=nodes, grad_accum=grad_accum,
+                      gpus=gpus, nodes=nodes, grad_accum=grad_accum, mixed_precision=mixed_precision,
                       gpu=gpu, device=device, allocator=allocator, run=run)
 
 
@@ -258,6 +261,7 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         raise ConfigError("--strategy hsdp shards within a node and replicates across nodes: give --nodes M (M > 1) "
                           "with a node profile such as 8xa100")
     workload["replicas"] = nodes if strategy == "hsdp" else 1
+    workload.setdefault("mixed_precision", False)
     if device is None:
         device = resolved.profile.device if resolved else "cuda"
     wl = _workload_of(per_gpu, device, gpus, 0, workload)
@@ -269,6 +273,9 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
     if spec.pos_embed.value == "relative-bias" and wl.attention.value == "sdpa":
         raise ConfigError("--pos-embed relative-bias adds a bias to the attention scores: it is modelled with "
                           "--attention eager or eager-postscale (sdpa would take it as a mask)")
+    if wl.mixed_precision and (wl.strategy not in FSDP_STRATEGIES or wl.precision.value not in ("bf16", "fp16")):
+        raise ConfigError("--mixed-precision is FSDP's MixedPrecisionPolicy (fp32 sharded weights, bf16 or fp16 "
+                          "compute): it needs --strategy zero2, fsdp or hsdp and --precision bf16 or fp16")
     if wl.strategy in FSDP_STRATEGIES:
         if not wl.training:
             raise ConfigError(f"--strategy {strategy} shards a training step; inference on several GPUs is modelled "
@@ -397,7 +404,7 @@ def _time(spec: ViTSpec, wl: Workload, resolved, batch: int, run: RunOptions,
 
 
 _WORKLOAD_KEYS = ("mode", "precision", "attention", "optimizer", "keep_grads", "checkpointing", "strategy",
-                  "grad_accum", "replicas")
+                  "grad_accum", "replicas", "mixed_precision")
 
 
 @lru_cache(maxsize=1024)

@@ -158,11 +158,13 @@ class TimeReport:
 
 
 def fsdp_traffic(spec: ViTSpec, wl: Workload, replica_rates: Optional[timing.Rates] = None) -> timing.FsdpTraffic:
-    """What FSDP's collectives move in one micro-step (the parameters all-gathered in their
-    own dtype: no ``MixedPrecisionPolicy``); ``replica_rates``: HSDP's all-reduce across the
-    replica groups (its ``gpus`` the replicas, its bandwidth one GPU's link out of the node)."""
+    """What FSDP's collectives move in one micro-step: the parameters all-gathered in the
+    dtype the step computes on them (their own under autocast; bf16 or fp16 under
+    ``MixedPrecisionPolicy``), the gradients reduce-scattered in the optimizer's (fp32 under
+    it). ``replica_rates``: HSDP's all-reduce across the replica groups (its ``gpus`` the
+    replicas, its bandwidth one GPU's link out of the node)."""
     e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
-    fs = sharding.Fsdp(spec, wl, e, 1, memory.UNUSED, cuda=True)
+    fs = sharding.Fsdp(spec, wl, e, 1, memory.UNUSED, cuda=True, reduce_bytes=wl.master_bytes)
     replica = 0.0
     if replica_rates is not None and wl.replicas > 1:
         replica = timing.allreduce_seconds(fs.sharded_grad_bytes, replica_rates)
@@ -349,6 +351,7 @@ class Report:
                 "checkpointing": w.checkpointing.value,
                 "device": w.device.value,
                 "strategy": w.strategy.value,
+                "mixed_precision": w.mixed_precision,
                 "grad_accum": w.grad_accum,
                 "gpus": w.ranks,
                 "nodes": self.nodes,

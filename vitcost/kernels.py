@@ -437,7 +437,7 @@ def _optimizer(w: _Walk, wl: Workload, sizes: tuple[int, ...], chunks: int) -> N
     w.phase, w.count = "optimizer", 1
     elems = sum(sizes)
     per_elem, passes = _OPTIMIZER_PASSES[wl.optimizer]
-    scale = sh.par / 4
+    scale = wl.master_bytes / 4  # (the parameters stepped: fp32 under FSDP's mixed precision)
     if wl.keep_grads:
         w.stream("optimizer", "optimizer", 0, elems * sh.par, launches=len(sizes))  # zero_grad() writes zeros
     if sh.cuda:  # foreach (the CUDA default): a few launches per pass over every tensor

@@ -75,6 +75,12 @@ class TracedCounts:
 
 
 def param_dtype(workload: Workload) -> "torch.dtype":
+    """The dtype the model is built in and the batch made in: fp32 under FSDP's mixed
+    precision, which casts both itself."""
+    return torch.float32 if workload.mixed_precision else _DTYPES[workload.precision]
+
+
+def compute_dtype(workload: Workload) -> "torch.dtype":
     return _DTYPES[workload.precision]
 
 

@@ -79,9 +79,17 @@ def _fully_shard(model: Any, wl: Workload) -> Any:
     else:
         mesh = init_device_mesh("cpu", (wl.ranks,))
     reshard = wl.strategy != Strategy.zero2
+    policy = {}
+    if wl.mixed_precision:
+        import torch
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from vitcost.measure import compute_dtype
+
+        policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype(wl), reduce_dtype=torch.float32)}
     for block in _blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
+    return fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **policy)
 
 
 def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, out: Any) -> None:

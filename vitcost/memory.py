@@ -107,9 +107,10 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     cuda = wl.device == Device.cuda
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
-    params = sum(_param_bytes(spec, e, round_to, world=wl.shard_ranks if wl.fsdp else 1))
+    master = wl.master_bytes  # (fp32 under FSDP's mixed precision, whose compute is in e)
+    params = sum(_param_bytes(spec, master, round_to, world=wl.shard_ranks if wl.fsdp else 1))
     grads = _fsdp(spec, wl, e, round_to).sharded_grad_bytes if wl.fsdp else sum(_param_bytes(spec, e, round_to, used=True))
-    sizes = _optimizer_sizes(spec, wl, e, round_to)
+    sizes = _optimizer_sizes(spec, wl, master, round_to)
     train = wl.training
     adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
     return Shapes(
@@ -789,6 +790,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     r.free("g.patches.c", "patches.wc", "patches.ic")
     if not views:
         r.free(g)
+    r.free("x.lo")  # (FSDP's mixed precision: the images' cast copy, saved by the conv)
     if sh.amp:
         gr.finish("patch.w", conv_w)
         gr.finish("patch.b", d)
@@ -868,7 +870,7 @@ def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False, worl
 
 
 def _fsdp(spec: ViTSpec, wl: Workload, e: int, round_to: int) -> sharding.Fsdp:
-    return sharding.Fsdp(spec, wl, e, round_to, UNUSED, cuda=wl.device == Device.cuda)
+    return sharding.Fsdp(spec, wl, e, round_to, UNUSED, cuda=wl.device == Device.cuda, reduce_bytes=wl.master_bytes)
 
 
 def fsdp_buffers(spec: ViTSpec, wl: Workload) -> sharding.Fsdp:
@@ -990,7 +992,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     r.alloc_parts("grads.kept", sh.kept, sh.kept_parts, G)
     image_elems = sh.b * sh.image
     r.where = "forward: input batch"
-    r.alloc("x", image_elems * sh.par, I)  # images arrive in fp32 under autocast
+    # images arrive in fp32 under autocast and under FSDP's mixed precision
+    r.alloc("x", image_elems * (4 if wl.mixed_precision else sh.par), I)
     # the labels (with distillation, the teacher's too)
     r.alloc("y", sh.b * INDEX_BYTES * (2 if spec.distillation else 1) if train and spec.mae is None else 0, I)
     inputs = r.cat[I]
@@ -999,6 +1002,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     depth = spec.depth
     fs = _fsdp(spec, wl, sh.par, r.round_to) if wl.fsdp else None
     if fs:
+        if wl.mixed_precision:  # the root casts the (fp32) images to the compute dtype: the conv saves it
+            r.alloc("x.lo", image_elems * sh.par, S if train else F)
         fs.pre_forward(r, "root")
     _prologue_forward(r, spec, sh, train, image_elems)
     ck = train and wl.checkpointing == Checkpointing.full

@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from vitcost.estimate import SEARCH_GPUS, Report
+from vitcost.estimate import SEARCH_GPUS, SEARCH_STRATEGIES, Report
 from vitcost.formulas import COMPONENT_ORDER
 
 DEFAULTS = "model vit-b, batch 8, mode train, precision amp-bf16, attention sdpa, optimizer adamw"
@@ -80,6 +80,10 @@ def header(report: Report) -> Text:
                     f"checkpointing {w.checkpointing.value}")
         if w.ranks > 1:
             text.append(f", {w.strategy.value} over {w.ranks} GPUs")
+            if w.replicas > 1:
+                text.append(f" ({w.replicas} nodes of {w.shard_ranks}, sharded within each)")
+            if w.mixed_precision:
+                text.append(" with MixedPrecisionPolicy (fp32 shards)")
         if w.grad_accum > 1:
             text.append(f", {w.grad_accum} micro-steps of {w.batch} per GPU")
     text.append(f"{where}\n", style="bold")
@@ -287,7 +291,7 @@ def alternatives_parts(report: Report) -> list[Any]:
     if rows is None:
         return []
     if not rows:
-        return [Text(f"no strategy vitcost models (ddp, zero1) fits it on up to {max(SEARCH_GPUS)} GPUs at this batch; "
+        return [Text(f"no strategy vitcost models ({', '.join(SEARCH_STRATEGIES)}) fits it on up to {max(SEARCH_GPUS)} GPUs at this batch; "
                      "a smaller batch, --grad-accum, --checkpointing full or a larger GPU", style="yellow")]
     table = Table(title=f"does not fit on {report.workload.ranks} GPU(s): the fewest that fit, per strategy "
                         f"(global batch {report.batch:,})", title_justify="left", box=box.SIMPLE_HEAD)

@@ -88,17 +88,21 @@ class Buffers:
     reduce_in: int  # the reduce-scatter input: world x the padded shards of those with gradients
     reduce_out: int  # its output, the group's sharded gradients
     last_grad: int  # the unsharded gradient of the group's last parameter (``foreach_reduce``'s loop holds it)
+    copy_in: int  # mixed precision: this rank's padded shards cast to the compute dtype, the all-gather's input
 
 
 def _buffers(params: tuple[tuple[str, int, int], ...], world: int, e: int, round_to: int,
-             unused: frozenset) -> Buffers:
+             unused: frozenset, reduce_bytes: int, mixed: bool) -> Buffers:
+    """``e``: the bytes of the parameters as gathered and computed on (and of their unsharded
+    gradients); ``reduce_bytes``: of the reduce-scatter and the sharded gradients."""
     padded = [padded_elements(n, rows, world) for _, n, rows in params]
     used = [(p, n) for p, (name, n, _) in zip(padded, params) if name not in unused]
     return Buffers(flat=_round_up(world * sum(padded) * e, round_to),
                    unsharded=sum(_round_up(world * p * e, round_to) for p in padded),
-                   reduce_in=_round_up(world * sum(p for p, _ in used) * e, round_to),
-                   reduce_out=_round_up(sum(p for p, _ in used) * e, round_to),
-                   last_grad=_round_up(used[-1][1] * e, round_to))
+                   reduce_in=_round_up(world * sum(p for p, _ in used) * reduce_bytes, round_to),
+                   reduce_out=_round_up(sum(p for p, _ in used) * reduce_bytes, round_to),
+                   last_grad=_round_up(used[-1][1] * e, round_to),
+                   copy_in=_round_up(sum(padded) * e, round_to) if mixed else 0)
 
 
 class Fsdp:
@@ -106,13 +110,15 @@ class Fsdp:
     memory model (``vitcost.memory``) reaches: the root's forward, each block's, the root's
     return, each block's backward and the end of backward."""
 
-    def __init__(self, spec: ViTSpec, wl: Workload, e: int, round_to: int, unused: frozenset, cuda: bool) -> None:
+    def __init__(self, spec: ViTSpec, wl: Workload, e: int, round_to: int, unused: frozenset, cuda: bool,
+                 reduce_bytes: int = 0) -> None:
         world = wl.shard_ranks
         self.copies_input = not cuda  # gloo's reduce-scatter works on a copy of its input
         self.accumulates = wl.accumulates  # sharded gradients exist: the output is added into them
         root, block = groups(spec)
-        self.root = _buffers(root, world, e, round_to, unused)
-        self.block = _buffers(block, world, e, round_to, unused)
+        reduce_bytes = reduce_bytes or e
+        self.root = _buffers(root, world, e, round_to, unused, reduce_bytes, wl.mixed_precision)
+        self.block = _buffers(block, world, e, round_to, unused, reduce_bytes, wl.mixed_precision)
         self.reshards = wl.strategy != Strategy.zero2  # blocks free their unsharded buffers after forward
         self.depth = spec.depth
         self.gathered = ""  # the flat all-gather output forward keeps (``all_gather_state``)
@@ -131,7 +137,12 @@ class Fsdp:
         r.where = f"{phase}: {'root' if group == 'root' else 'blocks.' + group[1:]} ({what})"
 
     def _gather(self, r: Replay, group: str) -> None:
-        r.alloc("fsdp.ag." + group, self._buffers(group).flat, B)
+        """The all-gather: under mixed precision the shards are first cast into one flat
+        input, which lives until the collective's call returns."""
+        buffers = self._buffers(group)
+        r.alloc("fsdp.in", buffers.copy_in, B)
+        r.alloc("fsdp.ag." + group, buffers.flat, B)
+        r.free("fsdp.in")
 
     def _copy_out(self, r: Replay, group: str) -> None:
         r.alloc("fsdp.un." + group, self._buffers(group).unsharded, W)

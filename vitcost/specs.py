@@ -338,6 +338,9 @@ class Workload(BaseModel):
     rank: int = Field(default=0, ge=0, le=65535)  # whose share a sharded strategy's figures are
     grad_accum: int = Field(default=1, gt=0, le=4096)  # micro-steps (of ``batch`` each) per optimizer step
     replicas: int = Field(default=1, gt=0, le=65536)  # HSDP: replica groups, each sharding over ranks / replicas
+    # FSDP2's MixedPrecisionPolicy(param_dtype=the precision's, reduce_dtype=fp32): fp32 sharded
+    # parameters, gradients and optimizer states; compute and all-gathers in bf16 / fp16
+    mixed_precision: bool = False
 
     @model_validator(mode="after")
     def _rank_in_range(self) -> "Workload":
@@ -367,6 +370,13 @@ class Workload(BaseModel):
     def fsdp(self) -> bool:
         """Parameters, gradients and optimizer states sharded by ``fully_shard`` (a training step)."""
         return self.training and self.strategy in FSDP_STRATEGIES
+
+    @property
+    def master_bytes(self) -> int:
+        """Element bytes of the parameters the optimizer steps: fp32 under FSDP's mixed precision."""
+        if self.mixed_precision:
+            return 4
+        return 2 if self.precision in (Precision.bf16, Precision.fp16) else 4
 
     @property
     def shard_ranks(self) -> int:
