@@ -91,7 +91,7 @@ def main() -> int:
         "then one steady-state step under PyTorch's MemTracker; or (zero2, fsdp, hsdp) the model sharded with "
         "FSDP2's `fully_shard` per block and then the root (zero2: `reshard_after_forward=False`; hsdp: a 2-D "
         "mesh, replicas x ranks per node; `mixed-bf16`: `MixedPrecisionPolicy(param_dtype=bf16, "
-        "reduce_dtype=fp32)`, fp32 images and model), each step under `FSDPMemTracker`, the smallest of three (gloo's worker "
+        "reduce_dtype=fp32)`, fp32 images and model), each step under `FSDPMemTracker`, the smallest of six (gloo's worker "
         "thread lets go of a collective's tensors on its own time, which only ever adds). Every rank's peak "
         "against `plan --gpus N --strategy S [--nodes M] --device cpu` for that rank. The batch is per rank and micro-step; `--grad-accum K` runs K "
         "micro-steps (DDP syncs the last). The CPU allocator does not round: a right prediction is exact.", "",

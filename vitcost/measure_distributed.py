@@ -24,7 +24,7 @@ from vitcost.errors import MeasurementError
 from vitcost.specs import Strategy, ViTSpec, Workload
 
 
-FSDP_REPEATS = 3  # tracked steps per rank under FSDP (see ``_rank_main``)
+FSDP_REPEATS = 6  # tracked steps per rank under FSDP (see ``_rank_main``)
 
 
 def _free_port() -> int:
@@ -115,7 +115,8 @@ def _rank_main(rank: int, spec_json: str, wl_json: str, port: int, warmup: int, 
 
                 # gloo's worker thread lets go of a collective's tensors on its own time: now
                 # and then a rank's tracked peak holds one of them a little longer. That only
-                # adds, so the smallest of three tracked steps is the step's own peak
+                # adds, so the smallest of several tracked steps is the step's own peak (on a
+                # loaded 2-core machine three were once all late)
                 measured = min((measure.track_runner(runner, wl, warmup if k == 0 else 1, tracker=FSDPMemTracker)
                                 for k in range(FSDP_REPEATS)), key=lambda m: m.peak_bytes)
             else:
