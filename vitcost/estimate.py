@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any, Callable, Optional
 
-from vitcost import formulas, kernels, memory, sharding, timing
+from vitcost import formulas, kernels, memory, timing
 from vitcost.replay import MemoryResult
 from vitcost.program import candidate_totals, config_key, estimate_memory, peak_at
 from vitcost.specs import Checkpointing, Device, PosEmbed, Precision, ViTSpec, Workload
@@ -163,8 +163,7 @@ def fsdp_traffic(spec: ViTSpec, wl: Workload, replica_rates: Optional[timing.Rat
     ``MixedPrecisionPolicy``), the gradients reduce-scattered in the optimizer's (fp32 under
     it). ``replica_rates``: HSDP's all-reduce across the replica groups (its ``gpus`` the
     replicas, its bandwidth one GPU's link out of the node)."""
-    e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
-    fs = sharding.Fsdp(spec, wl, e, 1, memory.UNUSED, cuda=True, reduce_bytes=wl.master_bytes)
+    fs = memory.fsdp_buffers(spec, wl, round_to=1)
     replica = 0.0
     if replica_rates is not None and wl.replicas > 1:
         replica = timing.allreduce_seconds(fs.sharded_grad_bytes, replica_rates)
@@ -185,7 +184,7 @@ def estimate_time(spec: ViTSpec, wl: Workload, rates: timing.Rates, matmul_dtype
         raise kernels.NotModelled(why)
     grads = 0
     if wl.training and rates.gpus > 1 and not wl.fsdp:  # what DDP all-reduces: every gradient, in the parameters' dtype
-        grads = kernels.param_elements(spec) * (2 if wl.precision in (Precision.bf16, Precision.fp16) else 4)
+        grads = kernels.param_elements(spec) * wl.param_bytes
     gather = grads if wl.shards_optimizer else 0  # ZeRO-1 sends each rank's updated parameters to the others
     fsdp = fsdp_traffic(spec, wl, replica_rates) if wl.fsdp else None
     lines = kernels.lines(spec, wl)
@@ -295,16 +294,12 @@ class Report:
         s, w = self.spec, self.workload
         sh = memory.shapes_of(s, w)
         kind = s.pos_embed
-        out = {"kind": kind.value, "params": self.params.get("pos_embed", 0), "buffer_bytes": 0,
-               "saved_per_block_bytes": 0}
-        if kind in (PosEmbed.sincos, PosEmbed.sincos_1d):
-            out["buffer_bytes"] = sh.patches * sh.d * sh.par
-        elif kind == PosEmbed.rope_2d:
-            out["buffer_bytes"] = 2 * sh.n * (sh.d // sh.h) * sh.par
+        out = {"kind": kind.value, "params": self.params.get("pos_embed", 0),
+               "buffer_bytes": memory.position_buffer_bytes(s, sh), "saved_per_block_bytes": 0}
+        if kind == PosEmbed.rope_2d:
             out["saved_per_block_bytes"] = 2 * sh.tok_lo if w.training else 0
         elif kind == PosEmbed.relative_bias:
             out["params"] = self.params.get("blocks/attn/relative_bias", 0)
-            out["buffer_bytes"] = sh.n * sh.n * 8  # the int64 index
             if w.training and sh.par > sh.lo and not sh.softmax_fp32:
                 # the fp32 sum makes the softmax (and what it saves) fp32, beside the matmul's copy
                 out["saved_per_block_bytes"] = sh.b * sh.h * sh.n * sh.n * 4

@@ -438,8 +438,8 @@ def _optimizer(w: _Walk, wl: Workload, sizes: tuple[int, ...], chunks: int) -> N
     elems = sum(sizes)
     per_elem, passes = _OPTIMIZER_PASSES[wl.optimizer]
     scale = wl.master_bytes / 4  # (the parameters stepped: fp32 under FSDP's mixed precision)
-    if wl.keep_grads:
-        w.stream("optimizer", "optimizer", 0, elems * sh.par, launches=len(sizes))  # zero_grad() writes zeros
+    if wl.keep_grads:  # zero_grad() writes zeros into the gradients the optimizer steps with
+        w.stream("optimizer", "optimizer", 0, elems * wl.master_bytes, launches=len(sizes))
     if sh.cuda:  # foreach (the CUDA default): a few launches per pass over every tensor
         launches = passes * max(math.ceil(len(sizes) / _TENSORS), math.ceil(chunks / _BLOCKS))
     else:  # one kernel per pass and tensor (the CPU default)

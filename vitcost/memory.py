@@ -99,7 +99,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     """Every number the replay sizes a tensor from; the spec and workload otherwise only
     decide which tensors there are."""
     amp = wl.precision in (Precision.amp_bf16, Precision.amp_fp16)
-    e = 2 if wl.precision in (Precision.bf16, Precision.fp16) else 4
+    e = wl.param_bytes
     lo = 2 if amp else e
     # VideoMAE's stream is made by a low-precision conv and never meets an fp32 parameter:
     # under autocast it stays low, LayerNorm included (on the CPU: its statistics fp32)
@@ -109,7 +109,8 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     b, n, d = wl.batch, spec.tokens, spec.dim
     master = wl.master_bytes  # (fp32 under FSDP's mixed precision, whose compute is in e)
     params = sum(_param_bytes(spec, master, round_to, world=wl.shard_ranks if wl.fsdp else 1))
-    grads = _fsdp(spec, wl, e, round_to).sharded_grad_bytes if wl.fsdp else sum(_param_bytes(spec, e, round_to, used=True))
+    grads = fsdp_buffers(spec, wl, round_to).sharded_grad_bytes if wl.fsdp else \
+        sum(_param_bytes(spec, e, round_to, used=True))
     sizes = _optimizer_sizes(spec, wl, master, round_to)
     train = wl.training
     adam = wl.optimizer in (Optimizer.adamw, Optimizer.adam)
@@ -869,14 +870,25 @@ def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False, worl
                  if not (used and (name in UNUSED or name.endswith(FROZEN))))
 
 
-def _fsdp(spec: ViTSpec, wl: Workload, e: int, round_to: int) -> sharding.Fsdp:
-    return sharding.Fsdp(spec, wl, e, round_to, UNUSED, cuda=wl.device == Device.cuda, reduce_bytes=wl.master_bytes)
+def position_buffer_bytes(spec: ViTSpec, sh: Shapes) -> int:
+    """The position encoding's fixed tables, buffers moved with the model (in the parameters'
+    dtype; an index stays int64): a sin-cos table of the patches, RoPE's (N, head width) cos
+    and sin, or the relative bias's (N, N) index into every block's table."""
+    if spec.pos_embed in POS_BUFFERS:
+        return sh.patches * sh.d * sh.par
+    if spec.pos_embed == PosEmbed.rope_2d:
+        return 2 * sh.n * (sh.d // sh.h) * sh.par
+    if spec.pos_embed == PosEmbed.relative_bias:
+        return sh.n * sh.n * INDEX_BYTES
+    return 0
 
 
-def fsdp_buffers(spec: ViTSpec, wl: Workload) -> sharding.Fsdp:
-    """FSDP's buffers on a rank, as the replay allocates them (the allocator's rounding applied)."""
-    sh = shapes_of(spec, wl)
-    return _fsdp(spec, wl, sh.par, CUDA_BLOCK_BYTES if sh.cuda else 1)
+def fsdp_buffers(spec: ViTSpec, wl: Workload, round_to: int | None = None) -> sharding.Fsdp:
+    """FSDP's buffers on a rank, as the replay allocates them: rounded as the device's
+    allocator rounds them, or to ``round_to`` (1: the bytes a collective moves)."""
+    if round_to is None:
+        round_to = CUDA_BLOCK_BYTES if wl.device == Device.cuda else 1
+    return sharding.Fsdp(spec, wl, round_to, UNUSED)
 
 
 # --- the whole step ---------------------------------------------------------------------------
@@ -981,12 +993,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
         # reads it (a GPU holds only the step's copy of it)
         if not sh.cuda:  # (MemTracker counts it with the activations once the step reads it)
             r.alloc("sincos", sh.patches * sh.d * 4, I)
-    elif spec.pos_embed in POS_BUFFERS:
-        r.alloc("sincos", sh.patches * sh.d * sh.par, W)  # a buffer, moved with the model
-    elif spec.pos_embed == PosEmbed.rope_2d:
-        r.alloc("rope", 2 * sh.n * (sh.d // sh.h) * sh.par, W)  # the (N, hd) cos and sin buffers
-    elif spec.pos_embed == PosEmbed.relative_bias:
-        r.alloc("relidx", sh.n * sh.n * INDEX_BYTES, W)  # the (N, N) int64 index into the tables
+    else:
+        r.alloc("pos.buffers", position_buffer_bytes(spec, sh), W)
     weights = r.cat[W]
     r.alloc_parts("opt.states", sh.states, sh.state_parts, O)
     r.alloc_parts("grads.kept", sh.kept, sh.kept_parts, G)
@@ -1000,7 +1008,7 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     if spec.mae is not None:
         return _replay_mae(r, spec, wl, sh, image_elems, weights, inputs)
     depth = spec.depth
-    fs = _fsdp(spec, wl, sh.par, r.round_to) if wl.fsdp else None
+    fs = fsdp_buffers(spec, wl, r.round_to) if wl.fsdp else None
     if fs:
         if wl.mixed_precision:  # the root casts the (fp32) images to the compute dtype: the conv saves it
             r.alloc("x.lo", image_elems * sh.par, S if train else F)
@@ -1109,7 +1117,7 @@ def replay_memory(spec: ViTSpec, wl: Workload) -> tuple[MemoryResult, tuple[int,
 # --- a trace for the allocator ----------------------------------------------------------------
 
 # Tensors that outlive a step: made once, before or in the first step, and kept.
-PERSISTENT = frozenset(("weights", "sincos", "rope", "relidx", "opt.states", "grads.kept", "x", "y"))
+PERSISTENT = frozenset(("weights", "sincos", "pos.buffers", "opt.states", "grads.kept", "x", "y"))
 
 
 def _trace_shapes(spec: ViTSpec, wl: Workload) -> Shapes:

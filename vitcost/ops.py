@@ -176,18 +176,13 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         r.free(p + "bias.g")
         r.alloc(p + "scores.b", sh.amap * sh.par // sh.lo if widened else sh.amap, F)
         r.free(p + "bias", p + "scores")
-        if widened:  # the softmax of the fp32 sum saves its fp32 output; the matmul takes a copy
-            r.alloc(p + "probs.32", sh.amap * 2, keep)
-            r.free(p + "scores.b")
-            r.alloc(p + "probs", sh.amap, keep)
-        else:
-            r.rename(p + "scores.b", p + "scores")
-    if widened:
-        pass
-    elif softmax32 and sh.lo == 2:
+        # widened, the sum is the softmax's fp32 input (no cast of the scores is made)
+        r.rename(p + "scores.b", p + ("scores.32" if widened else "scores"))
+    if softmax32 and sh.lo == 2:
         # the scores are cast up; softmax saves its fp32 output; the scores themselves
         # stay referenced by the caller until softmax returns
-        r.alloc(p + "scores.32", sh.amap * 2, F)
+        if not widened:
+            r.alloc(p + "scores.32", sh.amap * 2, F)
         r.alloc(p + "probs.32", sh.amap * 2, keep)
         r.free(p + "scores.32")
         if not explicit32:

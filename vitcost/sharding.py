@@ -35,7 +35,7 @@ from functools import lru_cache
 
 from vitcost.formulas import param_rows, param_tensors
 from vitcost.replay import B, G, Replay, W, _round_up
-from vitcost.specs import Strategy, ViTSpec, Workload
+from vitcost.specs import Device, Strategy, ViTSpec, Workload
 
 
 def chunk_rows(rows: int, world: int) -> int:
@@ -110,13 +110,15 @@ class Fsdp:
     memory model (``vitcost.memory``) reaches: the root's forward, each block's, the root's
     return, each block's backward and the end of backward."""
 
-    def __init__(self, spec: ViTSpec, wl: Workload, e: int, round_to: int, unused: frozenset, cuda: bool,
-                 reduce_bytes: int = 0) -> None:
+    def __init__(self, spec: ViTSpec, wl: Workload, round_to: int, unused: frozenset) -> None:
+        """``round_to``: the allocator's rounding of each buffer (1: sizes as requested);
+        ``unused``: parameters the forward never reads (no gradient)."""
         world = wl.shard_ranks
-        self.copies_input = not cuda  # gloo's reduce-scatter works on a copy of its input
+        self.copies_input = wl.device != Device.cuda  # gloo's reduce-scatter works on a copy of its input
         self.accumulates = wl.accumulates  # sharded gradients exist: the output is added into them
         root, block = groups(spec)
-        reduce_bytes = reduce_bytes or e
+        # gathered and computed in the step's parameter dtype, reduced in the optimizer's
+        e, reduce_bytes = wl.param_bytes, wl.master_bytes
         self.root = _buffers(root, world, e, round_to, unused, reduce_bytes, wl.mixed_precision)
         self.block = _buffers(block, world, e, round_to, unused, reduce_bytes, wl.mixed_precision)
         self.reshards = wl.strategy != Strategy.zero2  # blocks free their unsharded buffers after forward

@@ -372,11 +372,15 @@ class Workload(BaseModel):
         return self.training and self.strategy in FSDP_STRATEGIES
 
     @property
+    def param_bytes(self) -> int:
+        """Element bytes of the parameters (and their gradients) as the step computes with
+        them: 2 in bf16 and fp16, else 4 (autocast keeps them fp32)."""
+        return 2 if self.precision in (Precision.bf16, Precision.fp16) else 4
+
+    @property
     def master_bytes(self) -> int:
         """Element bytes of the parameters the optimizer steps: fp32 under FSDP's mixed precision."""
-        if self.mixed_precision:
-            return 4
-        return 2 if self.precision in (Precision.bf16, Precision.fp16) else 4
+        return 4 if self.mixed_precision else self.param_bytes
 
     @property
     def shard_ranks(self) -> int:
