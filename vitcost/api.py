@@ -33,7 +33,7 @@ _ARCH_KEYS = (
     "dim", "depth", "heads", "mlp_hidden", "mlp_ratio", "channels", "class_token", "dist_token",
     "registers", "pos_embed", "pos_embed_prefix", "pooling", "classes", "qkv_bias", "layer_scale",
     "impl", "mask_token", "mae", "mlp", "frames", "tubelet", "drop_path", "distillation", "pos_grid",
-    "patch_stride",
+    "patch_stride", "swin", "window",
 )
 
 
@@ -280,9 +280,12 @@ def _plan_spec(spec: ViTSpec, warnings: tuple[str, ...], *, batch: int, gpu: Opt
         if not wl.training:
             raise ConfigError(f"--strategy {strategy} shards a training step; inference on several GPUs is modelled "
                               "as ddp (each GPU holds the model)")
-        if spec.mae is not None or spec.video or spec.distillation:
+        if spec.mae is not None or spec.video or spec.distillation or spec.swin is not None:
             raise ConfigError(f"--strategy {strategy} is modelled for image classification ViTs (timm and Hugging "
-                              "Face), not for MAE pretraining, video models or distillation")
+                              "Face), not for MAE pretraining, video models, distillation or Swin")
+    if spec.swin is not None and wl.training and wl.checkpointing.value != "none":
+        raise ConfigError("--checkpointing full with Swin is not modelled yet (Hugging Face checkpoints its layers and "
+                          "stages); use --checkpointing none")
     per_rank: tuple[int, ...] = ()
     if wl.shards_optimizer or wl.fsdp:  # ranks differ: the figures are the rank that needs the most
         per_rank = _per_rank_peaks(spec, lambda r: _workload_of(per_gpu, device, gpus, r, workload), gpus,

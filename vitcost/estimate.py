@@ -296,6 +296,8 @@ class Report:
         kind = s.pos_embed
         out = {"kind": kind.value, "params": self.params.get("pos_embed", 0),
                "buffer_bytes": memory.position_buffer_bytes(s, sh), "saved_per_block_bytes": 0}
+        if s.swin is not None:  # each block's window bias table, gathered by its (M^2, M^2) index
+            out.update(kind="swin-relative-bias", params=self.params.get("blocks/attn/relative_bias", 0))
         if kind == PosEmbed.rope_2d:
             out["saved_per_block_bytes"] = 2 * sh.tok_lo if w.training else 0
         elif kind == PosEmbed.relative_bias:
@@ -304,6 +306,10 @@ class Report:
                 # the fp32 sum makes the softmax (and what it saves) fp32, beside the matmul's copy
                 out["saved_per_block_bytes"] = sh.b * sh.h * sh.n * sh.n * 4
         return out
+
+    def to_stages(self) -> Optional[list[dict[str, int]]]:
+        """A Swin's stages (``stages_of``); None for the isotropic families."""
+        return stages_of(self.spec, self.workload)
 
     @property
     def sharding(self) -> Optional[dict[str, int]]:
@@ -374,8 +380,10 @@ class Report:
                 "tubelet": s.tubelet,
                 "patch_stride": s.stride,
                 "mae": s.mae.model_dump() if s.mae else None,
+                "swin": s.swin.model_dump(mode="json") if s.swin else None,
             },
             "tokens": dict(self.tokens),
+            "stages": stages_of(s, w),
             "params": {**self.params, "total": self.params_total},
             "macs": {
                 "forward_per_image": self.macs_forward_per_image,
@@ -435,6 +443,25 @@ class Report:
         }
 
 
+def stages_of(spec: ViTSpec, workload: Workload) -> Optional[list[dict[str, int]]]:
+    """A Swin's stages: blocks, width, heads, grid and tokens, the window (M x M, clamped to the
+    grid as Hugging Face does) and the shift, windows per image, attention-map elements of one
+    block per image (heads x windows x N^2, N = M^2) and their bytes for the batch. None for
+    the isotropic families."""
+    if spec.swin is None:
+        return None
+    from vitcost.swin import stages
+
+    element = 4 if workload.precision == Precision.fp32 else 2
+    return [{"stage": st.index + 1, "blocks": st.depth, "dim": st.dim, "heads": st.heads, "grid_h": st.grid_h,
+             "grid_w": st.grid_w, "tokens": st.tokens, "window": st.window, "shift": st.shift,
+             "windows": st.windows, "window_tokens": st.window_tokens,
+             "attention_elements_per_block": st.attention_elements,
+             "attention_bytes_per_block": workload.batch * st.attention_elements * element,
+             "merges_to_dim": 2 * st.dim if st.merges else 0}
+            for st in stages(spec)]
+
+
 def tokens_of(spec: ViTSpec) -> dict[str, int]:
     return {
         "grid_h": spec.grid_h,
@@ -446,8 +473,18 @@ def tokens_of(spec: ViTSpec) -> dict[str, int]:
 
 
 def attention_maps_of(spec: ViTSpec, workload: Workload) -> dict[str, int]:
-    per_head = formulas.attention_map_elements(spec.tokens)
+    """One head's and one layer's attention maps; a Swin's are windows' (N = M^2 keys per
+    query): per head all of a block's windows, per layer the largest stage's block, and all
+    layers every block's."""
     element = 4 if workload.precision == Precision.fp32 else 2
+    if spec.swin is not None:
+        stages = stages_of(spec, workload)
+        top = max(stages, key=lambda st: st["attention_elements_per_block"])
+        return {"elements_per_head": top["attention_elements_per_block"] // top["heads"],
+                "elements_per_layer": top["attention_elements_per_block"],
+                "bytes_per_layer": top["attention_bytes_per_block"],
+                "bytes_all_layers": sum(st["blocks"] * st["attention_bytes_per_block"] for st in stages)}
+    per_head = formulas.attention_map_elements(spec.tokens)
     per_layer_batch = workload.batch * spec.heads * per_head * element
     return {
         "elements_per_head": per_head,

@@ -14,12 +14,13 @@ from __future__ import annotations
 from functools import lru_cache
 
 from vitcost.specs import Impl, Mlp, Pooling, PosEmbed, ViTSpec
+from vitcost.swin import bias_entries, stages
 
 # The order components are listed in, everywhere (params, MACs, tables).
 COMPONENT_ORDER = (
     "patch_embed", "pos_embed", "prefix_tokens", "mask_token", "blocks/norm1", "blocks/attn/qkv",
     "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/relative_bias", "blocks/attn/proj", "blocks/norm2",
-    "blocks/mlp/fc1", "blocks/mlp/fc2", "blocks/layer_scale", "norm", "head",
+    "blocks/mlp/fc1", "blocks/mlp/fc2", "blocks/layer_scale", "patch_merging", "norm", "head",
     # MAE's decoder
     "decoder/embed", "decoder/mask_token", "decoder/pos_embed", "decoder/blocks", "decoder/blocks/attn/qkv",
     "decoder/blocks/attn/q_kT", "decoder/blocks/attn/attn_v", "decoder/blocks/attn/proj", "decoder/blocks/mlp/fc1",
@@ -175,6 +176,8 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
     """
     if spec.mae is not None:
         return _mae_param_tensors(spec)
+    if spec.swin is not None:
+        return _swin_param_tensors(spec)
     d = spec.dim
     tensors: list[tuple[str, int]] = []
     hf = spec.impl == Impl.hf
@@ -203,6 +206,86 @@ def param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
         if spec.dist_token:
             tensors += [("head_dist/weight", spec.classes * d), ("head_dist/bias", spec.classes)]
     return tensors
+
+
+def _swin_block_param_tensors(spec: ViTSpec, d: int, heads: int, f: int) -> list[tuple[str, int]]:
+    """``SwinLayer``: attention (q, k, v, o projections, the relative position bias table),
+    the two norms, the MLP."""
+    attn: list[tuple[str, int]] = []
+    for name in ("q", "k", "v"):
+        attn.append((f"attn/{name}/weight", d * d))
+        if spec.qkv_bias:
+            attn.append((f"attn/{name}/bias", d))
+    return attn + [("attn/proj/weight", d * d), ("attn/proj/bias", d),
+                   ("attn/relative_position_bias_table", bias_entries(spec) * heads),
+                   ("norm1/weight", d), ("norm1/bias", d), ("norm2/weight", d), ("norm2/bias", d),
+                   ("mlp/fc1/weight", f * d), ("mlp/fc1/bias", f), ("mlp/fc2/weight", d * f), ("mlp/fc2/bias", d)]
+
+
+def _swin_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:
+    """``SwinForImageClassification``: the patch embedding and its norm, each stage's blocks
+    and patch merging (a 4C -> 2C linear without bias, then its 4C norm), the final norm,
+    the classifier."""
+    d = spec.dim
+    tensors = [("patch_embed/weight", d * spec.channels * spec.patch * spec.patch), ("patch_embed/bias", d),
+               ("patch_embed/norm/weight", d), ("patch_embed/norm/bias", d)]
+    for st in stages(spec):
+        block = _swin_block_param_tensors(spec, st.dim, st.heads, st.mlp_hidden)
+        for j in range(st.depth):
+            tensors += [(f"stages.{st.index}/blocks.{j}/{name}", n) for name, n in block]
+        if st.merges:
+            tensors += [(f"stages.{st.index}/merging/reduction/weight", 8 * st.dim * st.dim),
+                        (f"stages.{st.index}/merging/norm/weight", 4 * st.dim),
+                        (f"stages.{st.index}/merging/norm/bias", 4 * st.dim)]
+    last = stages(spec)[-1].dim
+    tensors += [("norm/weight", last), ("norm/bias", last)]
+    if spec.classes:
+        tensors += [("head/weight", spec.classes * last), ("head/bias", spec.classes)]
+    return tensors
+
+
+def _swin_param_counts(spec: ViTSpec) -> dict[str, int]:
+    """Swin's parameters by component (``patch_embed`` with its norm; the blocks summed over
+    every stage)."""
+    counts = dict.fromkeys(("patch_embed", "blocks/norm1", "blocks/attn/qkv", "blocks/attn/relative_bias",
+                            "blocks/attn/proj", "blocks/norm2", "blocks/mlp/fc1", "blocks/mlp/fc2",
+                            "patch_merging", "norm", "head"), 0)
+    counts["patch_embed"] = patch_embed_params(spec.channels, spec.patch, spec.dim) + layernorm_params(spec.dim)
+    for st in stages(spec):
+        d, f, k = st.dim, st.mlp_hidden, st.depth
+        counts["blocks/norm1"] += k * layernorm_params(d)
+        counts["blocks/attn/qkv"] += k * linear_params(d, 3 * d, spec.qkv_bias)
+        counts["blocks/attn/relative_bias"] += k * bias_entries(spec) * st.heads
+        counts["blocks/attn/proj"] += k * linear_params(d, d)
+        counts["blocks/norm2"] += k * layernorm_params(d)
+        counts["blocks/mlp/fc1"] += k * linear_params(d, f)
+        counts["blocks/mlp/fc2"] += k * linear_params(f, d)
+        if st.merges:
+            counts["patch_merging"] += linear_params(4 * d, 2 * d, bias=False) + layernorm_params(4 * d)
+    last = stages(spec)[-1].dim
+    counts["norm"] = layernorm_params(last)
+    counts["head"] = linear_params(last, spec.classes) if spec.classes else 0
+    return counts
+
+
+def _swin_mac_counts(spec: ViTSpec) -> dict[str, int]:
+    """Swin's forward MACs per image: each stage's blocks at its width on its tokens, their
+    attention products within windows (N = M^2 keys per query: ``tokens x N x D`` each),
+    patch merging (a quarter of the tokens, 4C -> 2C), the head on the pooled vector."""
+    counts = dict.fromkeys(("blocks/attn/qkv", "blocks/attn/q_kT", "blocks/attn/attn_v", "blocks/attn/proj",
+                            "blocks/mlp/fc1", "blocks/mlp/fc2", "patch_merging"), 0)
+    for st in stages(spec):
+        n, d, k = st.tokens, st.dim, st.depth
+        counts["blocks/attn/qkv"] += k * qkv_macs(n, d)
+        counts["blocks/attn/q_kT"] += k * n * st.window_tokens * d
+        counts["blocks/attn/attn_v"] += k * n * st.window_tokens * d
+        counts["blocks/attn/proj"] += k * linear_macs(n, d, d)
+        counts["blocks/mlp/fc1"] += k * linear_macs(n, d, st.mlp_hidden)
+        counts["blocks/mlp/fc2"] += k * linear_macs(n, st.mlp_hidden, d)
+        if st.merges:
+            counts["patch_merging"] += linear_macs(n // 4, 4 * d, 2 * d)
+    return {"patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels, spec.patch, spec.dim), **counts,
+            "head": linear_macs(1, stages(spec)[-1].dim, spec.classes)}
 
 
 _ONE_ROW = ("cls_token", "dist_token", "mask_token", "reg_token", "pos_embed")  # (1, n, D) tables
@@ -244,6 +327,8 @@ def _mae_decoder_param_counts(spec: ViTSpec) -> dict[str, int]:
 
 def param_counts(spec: ViTSpec) -> dict[str, int]:
     """Parameters by component; blocks are summed over depth (``blocks/attn/qkv``)."""
+    if spec.swin is not None:
+        return _swin_param_counts(spec)
     d = spec.dim
     counts = {
         "patch_embed": patch_embed_params(spec.channels * spec.tubelet, spec.patch, d),
@@ -316,6 +401,8 @@ def mac_counts(spec: ViTSpec) -> dict[str, int]:
     """
     if spec.mae is not None:
         return _mae_mac_counts(spec)
+    if spec.swin is not None:
+        return _swin_mac_counts(spec)
     d = spec.dim
     return {
         "patch_embed": patch_embed_macs(spec.patch_tokens, spec.channels * spec.tubelet, spec.patch, d),

@@ -16,6 +16,17 @@ def hf_config(spec: ViTSpec, attention: str = "sdpa"):
     except ImportError:  # pragma: no cover - the test extra installs it
         raise MeasurementError("measuring a Hugging Face model needs transformers: "
                                "pip install -e '.[test]'") from None
+    if spec.swin is not None:
+        sw = spec.swin
+        cfg = transformers.SwinConfig(
+            image_size=[spec.image_h, spec.image_w], patch_size=spec.patch, num_channels=spec.channels,
+            embed_dim=spec.dim, depths=list(sw.depths), num_heads=list(sw.heads), window_size=sw.window,
+            mlp_ratio=sw.mlp_ratio, qkv_bias=spec.qkv_bias, num_labels=max(spec.classes, 1),
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0,
+            use_absolute_embeddings=False)
+        cfg._attn_implementation = "sdpa" if attention == "sdpa" else "eager"
+        cfg.architectures = ["SwinForImageClassification"]
+        return cfg, transformers.SwinForImageClassification
     if not spec.video and (spec.pos_embed.value != "learned" or not spec.class_token or not spec.pos_embed_prefix):
         raise MeasurementError("Hugging Face's ViT, DeiT and DINOv2 have a class token and a learned "
                                "position embedding on it")

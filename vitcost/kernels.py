@@ -415,6 +415,105 @@ def _prologue_backward(w: _Walk, spec: ViTSpec) -> None:
     _linear_backward(w, "patch_embed", b * sh.patches, sh.conv_w // d, d, sh.lo, sh.lo, input_grad=False)
 
 
+# --- Swin ---------------------------------------------------------------------------------------
+
+
+def _swin_windows(w: _Walk, st, shifted: int, backward: bool = False) -> None:
+    """A Swin block's own passes over its tokens (``vitcost.swin``): the pad's copy, the roll
+    (shifted blocks), the window partition and reverse (copies when a row holds more than one
+    window), the roll back; the bias gathered from its table and copied, added to the scores
+    (with the mask, the mask's sum first); backward, each copy's gradient and the bias's sum
+    into its table. ``shifted``: how many of the ``w.count`` blocks roll."""
+    sh = w.sh
+    rows, d = sh.b * sh.n, sh.d
+    tok = rows * d * sh.res
+    h, n, maps = sh.h, sh.n, sh.b * sh.h * sh.n * sh.n
+    table = h * n * n * sh.par
+    copies = 2 + (2 if st.windows > st.grid_h // st.window else 0)  # pad, residual's view; partition, reverse
+    plain = w.count - shifted
+    for count, rolls in ((plain, 0), (shifted, 2)):
+        if not count:
+            continue
+        w.count = count
+        w.stream("blocks/attn/windows", "memory", (copies + rolls) * tok, (copies + rolls) * tok,
+                 launches=copies + rolls)
+        if backward:
+            w.stream("blocks/attn/relative_bias", "attention", maps * sh.lo, table + table, launches=3)
+        else:
+            w.stream("blocks/attn/relative_bias", "attention", 2 * table + n * n * 8, 2 * table, launches=2)
+            bias = table if not rolls else maps * max(sh.par, sh.res)
+            if rolls:  # the mask expanded over the batch and added to the bias
+                w.stream("blocks/attn/relative_bias", "attention", table + maps * sh.res, bias, launches=2)
+            w.stream("blocks/attn/relative_bias", "attention", maps * sh.lo + bias, maps * max(sh.par, sh.lo))
+    w.count = plain + shifted
+
+
+def _swin_step(w: _Walk, spec: ViTSpec, wl: Workload) -> None:
+    """A Swin step: the patch embedding and its norm, each stage's blocks (Hugging Face's layer
+    at the stage's width on B x windows batches of M^2 tokens) with their window passes, patch
+    merging, the final norm, the mean and the head; backward in reverse."""
+    from vitcost.swin import stage_shapes, stages
+
+    top, b = w.sh, w.sh.b
+    sts = stages(spec)
+    first, last = stage_shapes(top, sts[0], b), stage_shapes(top, sts[-1], b)
+    w.sh = first
+    rows0 = b * sts[0].tokens
+    if first.amp:
+        w.stream("patch_embed", "memory", b * first.image * 4, b * first.image * first.lo)
+    w.gemm("patch_embed", "matmul", rows0, spec.dim, first.conv_w // spec.dim, first.lo, first.lo, first.lo)
+    _layernorm(w, "patch_embed", rows0, spec.dim)
+
+    def merge(st, backward: bool) -> None:
+        rows = b * st.tokens // 4
+        if backward:
+            _linear_backward(w, "patch_merging", rows, 4 * st.dim, 2 * st.dim, w.sh.res, 4 if w.sh.ln_upcast else w.sh.res)
+            _layernorm_backward(w, "patch_merging", rows, 4 * st.dim, w.sh.res)
+            w.stream("patch_merging", "memory", 8 * rows * 4 * st.dim * w.sh.res, 4 * rows * 4 * st.dim * w.sh.res,
+                     launches=12)  # each quarter's two slices put into zeros, summed
+        else:
+            w.stream("patch_merging", "memory", rows * 4 * st.dim * w.sh.res, rows * 4 * st.dim * w.sh.res)  # cat
+            ln = _layernorm(w, "patch_merging", rows, 4 * st.dim)
+            _linear(w, "patch_merging", rows, 4 * st.dim, 2 * st.dim, ln)
+
+    for st in sts:
+        w.sh = stage_shapes(top, st, b)
+        w.count = st.depth
+        _block_forward(w, spec, wl)
+        _swin_windows(w, st, sum(st.shifted(j) for j in range(st.depth)))
+        w.count = 1
+        if st.merges:
+            merge(st, False)
+    w.sh = last
+    rows = b * sts[-1].tokens
+    ln = _layernorm(w, "norm", rows, last.d)
+    w.stream("norm", "memory", rows * last.d * ln, b * last.d * ln)  # the mean over tokens
+    _linear(w, "head", b, last.d, spec.classes, ln)
+    if not wl.training:
+        w.sh = top
+        return
+    logits = b * spec.classes
+    w.stream("loss", "memory", logits * last.lo, logits * 4 * 2, launches=2)
+    w.phase = "backward"
+    w.stream("loss", "memory", logits * 8, logits * 4, launches=2)
+    _linear_backward(w, "head", b, last.d, spec.classes, 4 if last.amp else last.lo, ln)
+    w.stream("norm", "memory", b * last.d * last.res, rows * last.d * last.res)  # the mean's gradient expanded
+    _layernorm_backward(w, "norm", rows, last.d, last.res)
+    for st in reversed(sts):
+        w.sh = stage_shapes(top, st, b)
+        if st.merges:
+            merge(st, True)
+        w.count = st.depth
+        _block_backward(w, spec, wl)
+        _swin_windows(w, st, sum(st.shifted(j) for j in range(st.depth)), backward=True)
+        w.count = 1
+    w.sh = first
+    _layernorm_backward(w, "patch_embed", rows0, spec.dim, first.res)
+    _linear_backward(w, "patch_embed", rows0, first.conv_w // spec.dim, spec.dim, first.lo, first.lo,
+                     input_grad=False)
+    w.sh = top
+
+
 # --- the optimizer ----------------------------------------------------------------------------
 
 # Bytes read + written per parameter element of fp32 state, and the passes over the
@@ -497,6 +596,11 @@ def step_kernels(spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple[Kernel, ...]:
     else:
         stepped, stepped_chunks = sizes, chunks
     _weight_casts(w, spec, sizes, matrices)
+    if spec.swin is not None:
+        _swin_step(w, spec, wl)
+        if wl.training:
+            _optimizer(w, wl, stepped, stepped_chunks)
+        return tuple(w.out)
     _prologue_forward(w, spec)
     w.count = spec.depth
     _block_forward(w, spec, wl)

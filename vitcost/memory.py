@@ -33,7 +33,7 @@ from dataclasses import replace
 from functools import lru_cache
 import itertools
 
-from vitcost import mae, sharding, videomae, vit_hf
+from vitcost import mae, sharding, swin, videomae, vit_hf
 from vitcost.formulas import FROZEN, param_tensors, pos_embed_tokens, relative_bias_entries, zero_shares
 from vitcost.ops import (
     Grads,
@@ -41,6 +41,8 @@ from vitcost.ops import (
     kernel_sizes,
     attention_core_backward,
     attention_core_forward,
+    cross_entropy_backward,
+    cross_entropy_forward,
     layer_scale_backward,
     layer_scale_forward,
     layernorm_backward,
@@ -103,7 +105,7 @@ def shapes_of(spec: ViTSpec, wl: Workload) -> Shapes:
     lo = 2 if amp else e
     # VideoMAE's stream is made by a low-precision conv and never meets an fp32 parameter:
     # under autocast it stays low, LayerNorm included (on the CPU: its statistics fp32)
-    stream = lo if (spec.video or (amp and wl.device != Device.cuda and _stream_stays_low(spec))) else e
+    stream = lo if (spec.video or spec.swin or (amp and wl.device != Device.cuda and _stream_stays_low(spec))) else e
     cuda = wl.device == Device.cuda
     round_to = CUDA_BLOCK_BYTES if cuda else 1
     b, n, d = wl.batch, spec.tokens, spec.dim
@@ -566,12 +568,7 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
     if spec.distillation:
         _distillation_loss(r, sh, logits_hi)
     else:
-        if sh.amp:
-            r.alloc("logits.32", logits_hi, F)  # cross-entropy runs in fp32 under autocast
-        r.alloc("logp", logits_hi, S)  # log_softmax saves its output
-        r.alloc("loss", sh.par, F)
-        r.alloc("total_weight", sh.par, S)
-        r.free("logits.32", "head")
+        cross_entropy_forward(r, sh, "head")
     r.free_matching(".bc")  # autocast exits: bias copies go; weight copies stay saved
     r.free("mid.bc", "first.bc")
     if checkpointed:  # ... except in checkpointed blocks, which saved none
@@ -689,10 +686,7 @@ def _epilogue_backward(r: Replay, spec: ViTSpec, sh: Shapes, gr: Grads, fsdp: sh
         layernorm_backward(r, gr, sh, "", "norm", "g.norm", "norm.in")
         gr.accumulate("norm.w", "norm.b")
         return "g.normin"
-    r.alloc("g.nll", logits_hi, B)
-    r.free("seed")
-    r.alloc("g.logits", logits_hi, B)
-    r.free("g.nll", "logp")
+    cross_entropy_backward(r, sh)
     if spec.dist_token:
         # (a + b) / 2: DivBackward makes a new tensor, AddBackward hands it to both heads
         r.alloc("g.logits_avg", sh.b * sh.classes * sh.lo, B)
@@ -880,6 +874,8 @@ def position_buffer_bytes(spec: ViTSpec, sh: Shapes) -> int:
         return 2 * sh.n * (sh.d // sh.h) * sh.par
     if spec.pos_embed == PosEmbed.relative_bias:
         return sh.n * sh.n * INDEX_BYTES
+    if spec.swin is not None:  # every Swin block's (M^2 M^2) index into its table
+        return spec.depth * spec.swin.window ** 4 * INDEX_BYTES
     return 0
 
 
@@ -1007,6 +1003,8 @@ def replay_step(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes) -> tuple:
     inputs = r.cat[I]
     if spec.mae is not None:
         return _replay_mae(r, spec, wl, sh, image_elems, weights, inputs)
+    if spec.swin is not None:
+        return _replay_swin(r, spec, wl, sh, image_elems, weights, inputs)
     depth = spec.depth
     fs = fsdp_buffers(spec, wl, r.round_to) if wl.fsdp else None
     if fs:
@@ -1102,6 +1100,18 @@ def _replay_mae(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, image_elems:
 
     mae.backward(r, spec, wl, sh, gr, backward)
     optimizer_step(r, sh)
+    return figures, {}
+
+
+def _replay_swin(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, image_elems: int, weights: int,
+                 inputs: int) -> tuple:
+    """``vitcost.swin``'s step."""
+    train = wl.training
+    swin.forward(r, spec, wl, sh, train, image_elems)
+    figures = (weights, sh.grads if train else 0, sh.states, inputs, r.cat[S], r.cat[WC])
+    if train:
+        swin.backward(r, spec, wl, sh, Grads(r, sh, wl.accumulates))
+        optimizer_step(r, sh)
     return figures, {}
 
 

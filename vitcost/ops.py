@@ -129,7 +129,8 @@ def linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_ele
 
 
 def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool,
-                           explicit32: bool = False, bias_bytes: int = 0) -> None:
+                           explicit32: bool = False, bias_bytes: int = 0, bias_given: bool = False,
+                           math: bool = False) -> None:
     """q, k, v to the attention output ``attn`` (B, N, D), by kernel.
 
     The softmax runs in fp32 and its output is cast back to the matmul's precision under
@@ -140,12 +141,15 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     relative position bias of so many bytes, (1, H, N, N) in the table's dtype, gathered from
     its table and added to the scores (eager only): in a wider dtype (fp32 under autocast) the
     sum, and so the softmax, are in it, and the matmul then takes a low-precision copy.
+    ``bias_given``: such a bias made by the caller (Swin's, gathered before q and k exist), which
+    the caller frees. ``math``: SDPA's math fallback (the CPU's, for a mask that needs a
+    gradient): eager attention with q and k each scaled by the scale's square root first.
     """
     t = sh.tok_lo
-    widened = bool(bias_bytes) and sh.par > sh.lo
+    widened = bool(bias_bytes or bias_given) and sh.par > sh.lo
     softmax32 = explicit32 or sh.softmax_fp32 or widened
     keep = S if grad else F
-    if kernel == AttentionKernel.sdpa:
+    if kernel == AttentionKernel.sdpa and not math:
         # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
         # the output is laid out (B, N, H, hd), so transpose + reshape is a view
         r.alloc(p + "attn", t, keep)
@@ -158,11 +162,15 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     if not post:
         # q * scale keeps q's strides; it lives until attention returns, or is saved itself
         r.alloc(p + "qs", t, keep if views else F)
+        if math:
+            r.alloc(p + "ks", t, keep if views else F)
     if not views:
         # matmul copies its 4-D operands (q * scale, or q itself) to contiguous 3-D ones
         r.alloc(p + "qs.c", t, keep)
         r.alloc(p + "kT.c", t, keep)
     r.alloc(p + "scores", sh.amap, F)
+    if math and not views:
+        r.free(p + "ks")
     if not grad:
         r.free(p + "qs.c", p + "kT.c")
     if post:
@@ -174,8 +182,9 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         r.alloc(p + "bias.g", bias_bytes, F)  # table[index]: (N N, H)
         r.alloc(p + "bias", bias_bytes, F)  # permuted to (H, N, N), made contiguous
         r.free(p + "bias.g")
+    if bias_bytes or bias_given:
         r.alloc(p + "scores.b", sh.amap * sh.par // sh.lo if widened else sh.amap, F)
-        r.free(p + "bias", p + "scores")
+        r.free(p + "scores", *(() if bias_given else (p + "bias",)))
         # widened, the sum is the softmax's fp32 input (no cast of the scores is made)
         r.rename(p + "scores.b", p + ("scores.32" if widened else "scores"))
     if softmax32 and sh.lo == 2:
@@ -184,11 +193,12 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         if not widened:
             r.alloc(p + "scores.32", sh.amap * 2, F)
         r.alloc(p + "probs.32", sh.amap * 2, keep)
-        r.free(p + "scores.32")
+        if not (widened and explicit32):  # (widened, the fp32 sum is the caller's, held like the scores)
+            r.free(p + "scores.32")
         if not explicit32:
             r.free(p + "scores")
         r.alloc(p + "probs", sh.amap, keep)  # the matmul's low-precision copy
-        r.free(p + "scores")  # (an explicit cast back is in softmax's expression: they die now)
+        r.free(p + "scores", p + "scores.32")  # (an explicit cast back is in softmax's expression: they die now)
         if explicit32 and not grad:
             r.free(p + "probs.32")  # a temporary of that expression
     else:
@@ -197,12 +207,35 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     if not views:
         r.alloc(p + "v.c", t, keep)
     r.alloc(p + "av", t, F)
+    if math and not views:
+        r.free(p + "qs")
     if not grad:
         r.free(p + "v.c")
         if softmax32 and not explicit32:
             r.free(p + "probs")  # the cast copy dies with the matmul; the fp32 maps live on
     r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
     r.free(p + "av")
+
+
+def cross_entropy_forward(r: Replay, sh: Shapes, logits: str) -> None:
+    """``F.cross_entropy`` of the (B, classes) ``logits``, which go once the loss exists: under
+    autocast an fp32 copy first; log_softmax saves its output, the NLL its total weight."""
+    logits_hi = sh.b * sh.classes * sh.par  # the loss runs in fp32 under autocast
+    if sh.amp:
+        r.alloc("logits.32", logits_hi, F)
+    r.alloc("logp", logits_hi, S)
+    r.alloc("loss", sh.par, F)
+    r.alloc("total_weight", sh.par, S)
+    r.free("logits.32", logits)
+
+
+def cross_entropy_backward(r: Replay, sh: Shapes) -> None:
+    """From the seed (``ones_like(loss)``) to ``g.logits`` (in the loss's dtype)."""
+    logits_hi = sh.b * sh.classes * sh.par
+    r.alloc("g.nll", logits_hi, B)
+    r.free("seed")
+    r.alloc("g.logits", logits_hi, B)
+    r.free("g.nll", "logp")
 
 
 def layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool,
@@ -343,17 +376,22 @@ def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in
 
 def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel,
                             explicit32: bool = False, qkv: tuple[str, ...] = ("qkv",),
-                            bias_grad: Optional[Callable[[], None]] = None) -> None:
+                            bias_grad: Optional[Callable[[], None]] = None, bias_later: bool = False,
+                            math: bool = False) -> None:
     """The gradients ``g.q``, ``g.k`` (sdpa) or ``g.kT`` (eager), ``g.v`` from the output's;
     ``qkv``: the tensors q, k and v are views of (freed once the kernel's backward is done
     with them). ``bias_grad``: with a relative position bias, the sum's backward also sums
     the scores' gradient over the batch, ``g.bias``, which ``bias_grad()`` takes to its table
-    (its nodes were made after the scores': backward reaches them first)."""
+    (its nodes were made after the scores': backward reaches them first). ``bias_later``: the
+    bias reached the scores through a sum made before q and k (Swin's bias plus its mask, of
+    the scores' size): that node, made earlier, runs after q's and k's gradients, and holds the
+    scores' gradient until then. ``math``: SDPA's math fallback (see the forward), which leaves
+    ``g.k`` (k's scale undone), not ``g.kT``."""
     t = sh.tok_lo
     widened = bias_grad is not None and sh.par > sh.lo
     softmax32 = explicit32 or sh.softmax_fp32 or widened
     qkv = tuple(p + name for name in qkv)
-    if kernel == AttentionKernel.sdpa:
+    if kernel == AttentionKernel.sdpa and not math:
         r.alloc(p + "g.q", t, B)
         r.alloc(p + "g.k", t, B)
         r.alloc(p + "g.v", t, B)
@@ -376,32 +414,51 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
         r.alloc(p + "g.scores.32", 2 * sh.amap, B)
         r.free(p + "g.probs.32", p + "probs.32")
         r.alloc(p + "g.scores", sh.amap, B)
-        if widened:  # the bias's share, summed over the batch in fp32
-            r.alloc(p + "g.bias", sh.h * sh.n * sh.n * 4, B)
-        r.free(p + "g.scores.32")
+        if not widened:
+            r.free(p + "g.scores.32")
+        if bias_grad is not None and not bias_later:  # the bias's share, summed over the batch (fp32 if widened)
+            r.alloc(p + "g.bias", sh.h * sh.n * sh.n * (4 if widened else sh.lo), B)
+        if widened and not bias_later:
+            r.free(p + "g.scores.32")
     else:
         r.alloc(p + "g.scores", sh.amap, B)  # softmax backward reads its saved output
         r.free(p + "g.probs", p + "probs")
-        if bias_grad is not None:  # the same gradient for the bias, summed over the batch
+        if bias_grad is not None and not bias_later:  # the same gradient for the bias, summed over the batch
             r.alloc(p + "g.bias", sh.h * sh.n * sh.n * sh.lo, B)
-    if bias_grad is not None:
+    # the gradient the bias's node holds until it runs
+    held = p + ("g.scores.32" if widened else "g.scores") if bias_later else ""
+    if bias_grad is not None and not bias_later:
         bias_grad()
     if kernel == AttentionKernel.eager_postscale:
         r.alloc(p + "g.raw", sh.amap, B)  # the scale's backward: a new map
-        r.free(p + "g.scores")
+        if held != p + "g.scores":
+            r.free(p + "g.scores")
         r.alloc(p + "g.q", t, B)
         r.alloc(p + "g.kT", t, B)
         r.free(p + "g.raw", p + "qs.c", p + "kT.c")
         if sh.eager_views:
             r.free(*qkv)
+        if held:
+            r.alloc(p + "g.bias", sh.h * sh.n * sh.n * (4 if widened else sh.lo), B)
+            r.free(held)
+            bias_grad()
     else:
         r.alloc(p + "g.qs", t, B)
         r.alloc(p + "g.kT", t, B)
-        r.free(p + "g.scores", p + "qs.c", p + "kT.c")
+        if held != p + "g.scores":
+            r.free(p + "g.scores")
+        r.free(p + "qs.c", p + "kT.c")
         if sh.eager_views:
-            r.free(*qkv, p + "qs")
+            r.free(*qkv, p + "qs", p + "ks")
         r.alloc(p + "g.q", t, B)  # times the scale
         r.free(p + "g.qs")
+        if math:
+            r.alloc(p + "g.k", t, B)
+            r.free(p + "g.kT")
+        if held:
+            r.alloc(p + "g.bias", sh.h * sh.n * sh.n * (4 if widened else sh.lo), B)
+            r.free(held)
+            bias_grad()
 
 
 def cuda_sdpa_backward_workspace(r: Replay, p: str, sh: Shapes) -> None:

@@ -97,6 +97,11 @@ _TIMM_EXAMPLES: tuple[str, ...] = (
     "deit3_small_patch16_224",
     "deit3_base_patch16_224",
     "deit3_large_patch16_384",
+    "swin_tiny_patch4_window7_224",
+    "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224",
+    "swin_base_patch4_window12_384",
+    "swin_large_patch4_window12_384",
 )
 
 _PRESET_RE = re.compile(r"(?i:vit)[-_]([A-Za-z]+)(?:/([1-9][0-9]*))?")
@@ -141,6 +146,10 @@ class ModelDefaults:
     classes: Optional[int] = None
     layer_scale: Optional[bool] = None
     mlp: Optional[str] = None
+    impl: Optional[str] = None
+    pooling: Optional[str] = None
+    pos_embed: Optional[str] = None
+    swin: Optional[dict] = None
 
     def spec_fields(self) -> dict[str, Any]:
         """The non-None fields, keyed by :class:`~vitcost.specs.ViTSpec` field names."""
@@ -156,15 +165,41 @@ class ModelDefaults:
         return out
 
 
+# Swin (Liu et al. 2021, Table 1; timm's and Hugging Face's configs): embed dim, blocks and
+# heads per stage. Patch 4, window 7 at 224 (12 for timm's *_window12_384), MLP ratio 4.
+_SWIN: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
+    "swin-t": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "swin-s": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "swin-b": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+}
+_SWIN_WORDS = {"tiny": "swin-t", "small": "swin-s", "base": "swin-b", "large": "swin-l"}
+# timm's names and Hugging Face's hub names (microsoft/swin-tiny-patch4-window7-224) alike
+_SWIN_RE = re.compile(r"(?:microsoft/)?swin_(?P<size>tiny|small|base|large)_patch4_window(?P<window>[1-9][0-9]*)"
+                      r"(?:_(?P<image>[1-9][0-9]*))?")
+
+
+def _swin(name: str, key: str, window: int = 7, image: int = 224) -> ModelDefaults:
+    dim, depths, heads = _SWIN[key]
+    return ModelDefaults(name, dim, sum(depths), heads[0], 4 * dim, patch=4, image=image, class_token=False,
+                         dist_token=False, registers=0, impl="hf", pooling="avg", pos_embed="none",
+                         swin={"depths": depths, "heads": heads, "window": window})
+
+
 def preset_names() -> list[str]:
-    """The preset keys, smallest to largest."""
-    return list(_PRESETS)
+    """The preset keys, smallest to largest (the ViTs, then the Swins)."""
+    return list(_PRESETS) + list(_SWIN)
 
 
 @lru_cache(maxsize=512)
 def resolve_model(name: str) -> ModelDefaults:
     """Resolve a preset or timm-style name; raises :class:`UnknownNameError` with suggestions."""
     text = name.strip()
+    if text.lower().replace("_", "-") in _SWIN:
+        return _swin(text.lower().replace("_", "-"), text.lower().replace("_", "-"))
+    swin = _SWIN_RE.fullmatch(text.split(".", 1)[0].lower().replace("-", "_"))
+    if swin is not None:
+        return _swin(text, _SWIN_WORDS[swin["size"]], int(swin["window"]), int(swin["image"] or 224))
     preset = _resolve_preset(text)
     if preset is not None:
         return preset
@@ -192,6 +227,7 @@ def build_spec(model: Optional[str] = "vit-b", *, overrides: Optional[dict[str, 
     MLP hidden defaults to 4 * dim. Raises :class:`ConfigError` for impossible combinations.
     """
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    window = given.pop("window", None)
     mlp_ratio = given.pop("mlp_ratio", None)
     image = given.pop("image", None)
     if image is not None:
@@ -217,6 +253,23 @@ def build_spec(model: Optional[str] = "vit-b", *, overrides: Optional[dict[str, 
             mlp_hidden = given["dim"] * defaults.mlp_hidden // defaults.dim
 
     spec = {**base, **given}
+    if window is not None:
+        if not isinstance(spec.get("swin"), dict):
+            raise ConfigError(f"--window {window}: only a Swin model (swin-t, swin_base_patch4_window12_384, ...) "
+                              "has attention windows")
+        spec["swin"] = {**spec["swin"], "window": window}
+    sw = spec.get("swin")
+    if isinstance(sw, dict) and "swin" in given:  # stages given: the depth, first heads and MLP follow them
+        try:
+            spec.setdefault("depth", 0)
+            if "depth" not in given:
+                spec["depth"] = sum(int(x) for x in sw["depths"])
+            if "heads" not in given:
+                spec["heads"] = int(sw["heads"][0])
+            if "mlp_hidden" not in given and mlp_ratio is None and isinstance(spec.get("dim"), int):
+                spec["mlp_hidden"] = int(float(sw.get("mlp_ratio", 4.0)) * spec["dim"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            pass  # (the spec's validation says what is wrong)
     if mlp_ratio is not None and isinstance(spec.get("dim"), int) and 0 < spec["dim"] <= MAX_DIM:
         spec["mlp_hidden"] = max(1, int(spec["dim"] * mlp_ratio))
     elif "mlp_hidden" not in given and mlp_hidden is not None:
@@ -286,7 +339,7 @@ def _suggestion(text: str) -> str:
     """'; did you mean ...?' for up to three near names, or '' when none is near."""
     as_preset = text.replace("_", "-")
     as_timm = text.lower().replace("-", "_")
-    scored = [(SequenceMatcher(None, as_preset, k).ratio(), k) for k in _PRESETS]
+    scored = [(SequenceMatcher(None, as_preset, k).ratio(), k) for k in (*_PRESETS, *_SWIN)]
     scored += [(SequenceMatcher(None, as_timm, k).ratio(), k) for k in _TIMM_EXAMPLES]
     close = [k for score, k in sorted(scored, key=lambda s: -s[0]) if score >= 0.6][:3]
     return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -402,7 +402,7 @@ def config_key(spec: ViTSpec, wl: Workload) -> tuple:
 def _prepared(spec: ViTSpec, wl: Workload, one: bool) -> Optional[tuple[Program, tuple[int, ...]]]:
     """The structure's program and the sizes but the batch, per configuration without its
     batch; None while the structure is still replayed (see ``COMPILE_AFTER``)."""
-    if spec.mae is not None or spec.drop_path or spec.pos_grid or wl.fsdp:
+    if spec.mae is not None or spec.swin is not None or spec.drop_path or spec.pos_grid or wl.fsdp:
         # blocks that differ (MAE's two stacks; drop path but on the first; FSDP's buffers at
         # the first and last block): replayed in full
         return None

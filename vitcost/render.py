@@ -70,7 +70,12 @@ def header(report: Report) -> Text:
              + (f" -> {escape_control(gpu.name)}" if gpu.requested != gpu.name else "") if gpu else "")
     text = Text()
     text.append(f"vitcost: {escape_control(s.name)}", style="bold")
-    text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
+    if s.swin is not None:
+        sw = s.swin
+        text.append(f" (Swin: D={s.dim} doubling per stage, blocks {'/'.join(map(str, sw.depths))}, heads "
+                    f"{'/'.join(map(str, sw.heads))}, window {sw.window}, MLP ratio {sw.mlp_ratio:g})")
+    else:
+        text.append(f" (D={s.dim}, depth {s.depth}, {s.heads} heads, MLP {s.mlp_hidden})")
     stride = f" at stride {s.stride} (overlapping, padded {s.patch_pad})" if s.patch_stride else ""
     text.append(f"  image {s.image_h}x{s.image_w}, patch {s.patch}{stride}, batch {report.batch}"
                 + (f" ({w.batch} per GPU x {w.ranks})" if w.ranks > 1 else "") + ", "
@@ -91,7 +96,25 @@ def header(report: Report) -> Text:
     return text
 
 
+def stages_table(report: Report) -> Table:
+    """A Swin's stages: where its tokens, windows and attention maps are."""
+    b = report.workload.batch
+    table = Table(title=f"Stages (windowed attention: N = M x M tokens per window; maps for a batch of {b})",
+                  title_justify="left")
+    for col in ("stage", "blocks", "width", "heads", "grid", "tokens", "window M", "shift", "windows",
+                "maps per block", "map bytes per block"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for st in report.to_stages():
+        table.add_row(str(st["stage"]), str(st["blocks"]), f"{st['dim']:,}", str(st["heads"]),
+                      f"{st['grid_h']} x {st['grid_w']}", f"{st['tokens']:,}", str(st["window"]), str(st["shift"]),
+                      f"{st['windows']:,}", f"{st['attention_elements_per_block']:,}",
+                      fmt_bytes(st["attention_bytes_per_block"]))
+    return table
+
+
 def tokens_table(report: Report) -> Table:
+    if report.spec.swin is not None:
+        return stages_table(report)
     t = report.tokens
     a = report.attention_maps
     table = Table(title="Tokens and attention maps", show_header=False, title_justify="left")
@@ -142,6 +165,7 @@ _POSITION_WHAT = {
     "rope-2d": "q and k rotated in every block by fixed (N, head width) cos and sin tables",
     "relative-bias": "a learned bias per head and relative offset (BEiT) added to every block's scores",
     "none": "no position information",
+    "swin-relative-bias": "a learned bias per head and offset within the window, added to every block's scores",
 }
 
 

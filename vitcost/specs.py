@@ -145,6 +145,36 @@ class MAE(BaseModel):
         return self
 
 
+MAX_STAGES = 8
+
+
+class Swin(BaseModel):
+    """A hierarchical Swin Transformer (Hugging Face's ``SwinForImageClassification``): stages
+    of blocks on a grid that halves between stages while the width doubles (patch merging),
+    each block's attention within M x M windows, every second block's windows shifted by M / 2
+    (a roll of the grid and an attention mask), a relative position bias table per block."""
+
+    model_config = _FROZEN
+
+    depths: tuple[int, ...] = Field(min_length=1, max_length=MAX_STAGES)  # blocks per stage
+    heads: tuple[int, ...] = Field(min_length=1, max_length=MAX_STAGES)  # attention heads per stage
+    window: int = Field(gt=0, le=MAX_PIXELS)  # M: windows of M x M tokens
+    mlp_ratio: float = Field(default=4.0, gt=0, le=64, allow_inf_nan=False)
+
+    @field_validator("depths", "heads")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v < 1 or v > MAX_DEPTH for v in value):
+            raise ValueError(f"each stage needs 1 to {MAX_DEPTH} blocks and heads, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Swin":
+        if len(self.depths) != len(self.heads):
+            raise ValueError(f"Swin: {len(self.depths)} stage depths but {len(self.heads)} head counts")
+        return self
+
+
 class ViTSpec(BaseModel):
     """A timm-style Vision Transformer and the image it is fed."""
 
@@ -184,6 +214,9 @@ class ViTSpec(BaseModel):
     # an overlapping patch embedding: the conv's stride, below the patch (0: the patch, no
     # overlap), with the padding (patch - stride) / 2 on every side
     patch_stride: int = Field(default=0, ge=0, le=MAX_PIXELS)
+    # a hierarchical Swin Transformer: ``dim``, ``heads`` and ``mlp_hidden`` are then its first
+    # stage's, ``depth`` the blocks of every stage (``vitcost.swin``)
+    swin: Optional[Swin] = None
 
     @field_validator("pos_embed", mode="before")
     @classmethod
@@ -246,6 +279,8 @@ class ViTSpec(BaseModel):
                                  f"square): {self.image_h}x{self.image_w} with patch {self.patch}")
             if self.kept_patches < 1:
                 raise ValueError(f"mask ratio {self.mae.mask_ratio} leaves no patch visible")
+        if self.swin is not None:
+            _check_swin(self)
         if self.patch_stride:
             if self.patch_stride >= self.patch:
                 raise ValueError(f"--patch-stride {self.patch_stride}: an overlapping patch embedding strides less "
@@ -318,6 +353,43 @@ class ViTSpec(BaseModel):
         """Every pixel in some patch: the strides cover the padded image exactly."""
         over = self.patch - self.stride  # (2 pad)
         return (self.image_h - over) % self.stride == 0 and (self.image_w - over) % self.stride == 0
+
+
+def _check_swin(spec: "ViTSpec") -> None:
+    """What a Swin spec must be: Hugging Face's layout, and a grid its windows and merges cut
+    exactly (Hugging Face pads a grid that is not; vitcost does not model the padding)."""
+    sw = spec.swin
+    if (spec.impl != Impl.hf or spec.class_token or spec.dist_token or spec.registers or spec.mae or spec.video
+            or spec.layer_scale or spec.mask_token or spec.drop_path or spec.distillation or spec.patch_stride
+            or spec.pos_grid or spec.mlp != Mlp.gelu or spec.pooling != Pooling.avg
+            or spec.pos_embed != PosEmbed.none):
+        raise ValueError("Swin is modelled as Hugging Face's SwinForImageClassification: no class token, "
+                         "registers or absolute position table, the tokens' mean (--pool avg), a GELU MLP")
+    if spec.depth != sum(sw.depths) or spec.heads != sw.heads[0] or spec.mlp_hidden != int(sw.mlp_ratio * spec.dim):
+        raise ValueError("Swin: --depth is the stages' blocks together, --heads and --mlp-hidden the first stage's")
+    if spec.image_h % spec.patch or spec.image_w % spec.patch:
+        raise ValueError(f"Swin: image {spec.image_h}x{spec.image_w} is not a whole number of {spec.patch}-pixel "
+                         "patches (Hugging Face pads it; the padding is not modelled)")
+    gh, gw = spec.grid_h, spec.grid_w
+    if sw.window > min(gh, gw):
+        raise ValueError(f"Swin: window {sw.window} is larger than the {gh}x{gw} patch grid: use a window of at most "
+                         f"{min(gh, gw)} or a larger image")
+    for s, heads in enumerate(sw.heads):
+        width = spec.dim << s
+        if width % heads:
+            raise ValueError(f"Swin: stage {s + 1}'s {heads} heads do not divide its width {width}")
+        if s and (gh % 2 or gw % 2):
+            raise ValueError(f"Swin: stage {s}'s {gh}x{gw} grid is odd, so patch merging pads it (not modelled): "
+                             "use an image that halves evenly")
+        if s:
+            gh, gw = gh // 2, gw // 2
+        if min(gh, gw) < sw.window:
+            raise ValueError(f"Swin: stage {s + 1}'s {gh}x{gw} grid is smaller than the window {sw.window} (Hugging "
+                             f"Face's {sw.window ** 2}x{sw.window ** 2} relative bias cannot be added to its scores): "
+                             "use a smaller window, fewer stages or a larger image")
+        if gh % sw.window or gw % sw.window:
+            raise ValueError(f"Swin: stage {s + 1}'s {gh}x{gw} grid is not a whole number of {sw.window}x{sw.window} "
+                             "windows (Hugging Face pads it; the padding is not modelled)")
 
 
 class Workload(BaseModel):
