@@ -43,7 +43,7 @@ FLAGS = {
     "--pos-embed": st.sampled_from(["learned", "sincos", "sincos-1d", "sincos-2d", "rope-2d", "relative-bias",
                                     "none", "rope"]),
     "--pool": st.sampled_from(["token", "avg", "max", "token+avg"]),
-    "--frames": NUMBERS, "--tubelet": NUMBERS, "--patch-stride": NUMBERS,
+    "--frames": NUMBERS, "--tubelet": NUMBERS, "--patch-stride": NUMBERS, "--window": NUMBERS,
     "--to": st.one_of(NUMBERS, st.sampled_from(["384", "224,320,384", "384x256", "", ",", "x"])), "--to-patch": NUMBERS,
     "--mlp": st.sampled_from(["gelu", "swiglu", "relu"]),
     "--impl": st.sampled_from(["timm", "hf", "jax"]),

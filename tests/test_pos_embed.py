@@ -70,68 +70,22 @@ def test_rope_backward_allocates_as_torch_does(precision):
     """The total over RoPE's backward in one block, allocation by allocation, against torch's:
     from SDPA's backward to the stack of q's, k's and v's gradients (the peak of these tiny
     models lies elsewhere, so the peak alone would not see it)."""
-    torch = pytest.importorskip("torch")
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
+    pytest.importorskip("torch")
+    from tests.tracing import Log, storages_mode
 
     from vitcost import measure, memory
-    from vitcost.replay import Replay
-
-    class Storages(TorchDispatchMode):
-        """Every new storage an operator returns, and when it dies: (operator, live total)."""
-
-        def __init__(self):
-            super().__init__()
-            self.live, self.total, self.events, self.op, self.keep = {}, 0, [], "", []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            import weakref
-
-            self.op = func.__name__
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    st = t.untyped_storage()
-                    key = (st.data_ptr(), st.nbytes())
-                    if key not in self.live and st.nbytes():
-                        self.live[key] = st.nbytes()
-                        self.total += st.nbytes()
-                        self.events.append((self.op, self.total))
-
-                        def gone(_, key=key):
-                            self.total -= self.live.pop(key)
-                            self.events.append(("free", self.total))
-                        self.keep.append(weakref.ref(st, gone))
-            return out
 
     report = vitcost.plan("vit-ti", pos_embed="rope-2d", precision=precision, **{**TINY, "depth": 1, "batch": 2})
     model = measure.build_model(report.spec).to(measure.param_dtype(report.workload))
     runner = measure.Runner(model, report.spec, report.workload, "cpu")
     runner.step()
-    tracer = Storages()
+    tracer = storages_mode()
     with tracer:
         runner.step()
     ev = tracer.events
     start = next(i for i, (op, _) in enumerate(ev) if op.startswith("_scaled_dot_product_flash_attention_for_cpu_b"))
     stop = next(i for i, (op, _) in enumerate(ev) if op.startswith("stack"))
     torch_rise = [total - ev[start - 1][1] for _, total in ev[start:stop + 1]]
-
-    class Log(Replay):
-        def __init__(self):
-            super().__init__(1)
-            self.log = []
-
-        def alloc(self, name, nbytes, cat):
-            super().alloc(name, nbytes, cat)
-            if nbytes > 0:
-                self.log.append((name, self.total))
-
-        def free(self, *names):
-            for name in names:
-                known = name in self.live
-                super().free(name)
-                if known:
-                    self.log.append(("free", self.total))
 
     replay = Log()
     memory.replay_step(replay, report.spec, report.workload, memory.shapes_of(report.spec, report.workload))

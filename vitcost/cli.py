@@ -155,6 +155,7 @@ SHARED: list[tuple[str, Any, Any]] = [
     ("frames", Annotated[Optional[int], typer.Option(help="Video frames (Hugging Face's VideoMAE, --impl hf; with --tubelet).", rich_help_panel="Model", show_default="1")], None),
     ("tubelet", Annotated[Optional[int], typer.Option(help="Frames per patch (VideoMAE's tubelet size).", rich_help_panel="Model", show_default="1")], None),
     ("patch_stride", Annotated[Optional[int], typer.Option(help="An overlapping patch embedding: the conv's stride (below --patch), padded by (patch - stride) / 2; tokens per side floor((H - P + 2 pad) / S) + 1.", rich_help_panel="Model", show_default="the patch")], None),
+    ("window", Annotated[Optional[int], typer.Option(help="A Swin's attention windows: M x M tokens (swin-* models; 7 at 224, 12 at 384).", rich_help_panel="Model", show_default="the model's")], None),
     ("mlp", Annotated[Optional[Mlp], typer.Option(help="gelu: fc1, GELU, fc2; swiglu: down(silu(gate(x)) * up(x)) (Hugging Face's DINOv2-giant; --impl hf).", rich_help_panel="Model", show_default="gelu")], None),
     ("impl", Annotated[Optional[Impl], typer.Option(help="Whose code runs the model: timm (vitcost's reference mirrors it) or hf (Hugging Face transformers).", rich_help_panel="Model", show_default="timm")], None),
 ]

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from vitcost.errors import ConfigError, shorten
 from vitcost.files import load_json, read_text
-from vitcost.specs import MAX_CLASSES, MAX_DEPTH, MAX_DIM, MAX_MLP_HIDDEN, MAX_PIXELS, MAX_TOKENS_EXTRA
+from vitcost.specs import MAX_CLASSES, MAX_DEPTH, MAX_DIM, MAX_MLP_HIDDEN, MAX_PIXELS, MAX_STAGES, MAX_TOKENS_EXTRA
 
 # architecture -> (family, has a classification head)
 ARCHITECTURES = {
@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "Dinov2WithRegistersModel": ("dinov2_with_registers", False),
     "ViTMAEForPreTraining": ("vit_mae", False),
     "VideoMAEForVideoClassification": ("videomae", True),
+    "SwinForImageClassification": ("swin", True),
 }
 # classes that exist but whose code vitcost does not model, and why
 NOT_MODELLED = {
@@ -39,6 +40,11 @@ NOT_MODELLED = {
     "ViTMAEModel": "its random masking without the decoder is not modelled; use ViTMAEForPreTraining",
     "VideoMAEForPreTraining": "VideoMAE pretraining is not modelled yet; use VideoMAEForVideoClassification",
     "VideoMAEModel": "VideoMAE's backbone is not modelled yet; use VideoMAEForVideoClassification",
+    "SwinModel": "Swin's backbone alone is not modelled yet; use SwinForImageClassification",
+    "SwinForMaskedImageModeling": "SimMIM pretraining is not modelled; use SwinForImageClassification",
+    "SwinBackbone": "Swin's feature maps for detection are not modelled; use SwinForImageClassification",
+    "Swinv2ForImageClassification": "Swin V2 (scaled cosine attention, a continuous bias MLP) is not modelled yet; "
+                                    "use SwinForImageClassification",
 }
 _DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate")
 _HF_DEFAULT_LABELS = 2  # PretrainedConfig's num_labels when a config names none
@@ -73,6 +79,8 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         known = ", ".join(ARCHITECTURES)
         raise ConfigError(f"{where}: architectures {shorten(name, quote=True)} is not one vitcost models ({known})")
     family, head = ARCHITECTURES[name]
+    if family == "swin":
+        return _swin(get, name, where)
     dim = get.int("hidden_size", MAX_DIM)
     heads = get.int("num_attention_heads", MAX_DIM)
     arch: dict[str, Any] = {
@@ -133,6 +141,34 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         notes.append(f"{', '.join(dropout)} above 0 in {where.split(' ', 1)[1]}: the dropout masks a training step "
                      "keeps are not modelled (memory is planned as at 0)")
     return HFModel(architecture=name, arch=arch, notes=tuple(notes))
+
+
+def _swin(get: "_Reader", name: str, where: str) -> HFModel:
+    """``SwinConfig``: embed_dim, depths and num_heads per stage, window_size, mlp_ratio."""
+    depths, heads = get.value("depths", list), get.value("num_heads", list)
+    for key, value in (("depths", depths), ("num_heads", heads)):
+        if not value or len(value) > MAX_STAGES or not all(type(v) is int and 0 < v <= MAX_DEPTH for v in value):
+            raise ConfigError(f"{where}: {key}: expected 1 to {MAX_STAGES} whole numbers from 1 to {MAX_DEPTH}, "
+                              f"got {shorten(json_repr(value))}")
+    ratio = get.value("mlp_ratio", (int, float))
+    if isinstance(ratio, bool) or not 0 < ratio <= 64:
+        raise ConfigError(f"{where}: mlp_ratio {ratio!r}: expected a number above 0 and at most 64")
+    act = get.value("hidden_act", str)
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"{where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
+    if get.bool("use_absolute_embeddings", default=False):
+        raise ConfigError(f"{where}: use_absolute_embeddings true: Swin's absolute position table is not modelled")
+    dim = get.int("embed_dim", MAX_DIM)
+    arch = {"dim": dim, "depth": sum(depths), "heads": heads[0], "mlp_hidden": int(ratio * dim),
+            "channels": get.int("num_channels", 1024), "qkv_bias": get.bool("qkv_bias"), "impl": "hf",
+            "image": _pair(get, "image_size"), "patch": _patch(get), "classes": _classes(get),
+            "pos_embed": "none", "class_token": False, "pooling": "avg",
+            "swin": {"depths": tuple(depths), "heads": tuple(heads), "window": get.int("window_size", MAX_PIXELS),
+                     "mlp_ratio": float(ratio)}}
+    dropout = [k for k in _DROPOUT_KEYS if k in get.data and _positive(get.data[k])]
+    notes = (f"{', '.join(dropout)} above 0 in {where.split(' ', 1)[1]}: the dropout masks a training step keeps "
+             "are not modelled (memory is planned as at 0)",) if dropout else ()
+    return HFModel(architecture=name, arch=arch, notes=notes)
 
 
 def swiglu_hidden(dim: int, ratio: float) -> int:

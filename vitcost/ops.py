@@ -130,7 +130,7 @@ def linear_forward(r: Replay, sh: Shapes, p: str, name: str, w_elems: int, b_ele
 
 def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKernel, grad: bool,
                            explicit32: bool = False, bias_bytes: int = 0, bias_given: bool = False,
-                           math: bool = False) -> None:
+                           math: bool = False, call_temps: tuple[str, ...] = ()) -> None:
     """q, k, v to the attention output ``attn`` (B, N, D), by kernel.
 
     The softmax runs in fp32 and its output is cast back to the matmul's precision under
@@ -142,14 +142,18 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     its table and added to the scores (eager only): in a wider dtype (fp32 under autocast) the
     sum, and so the softmax, are in it, and the matmul then takes a low-precision copy.
     ``bias_given``: such a bias made by the caller (Swin's, gathered before q and k exist), which
-    the caller frees. ``math``: SDPA's math fallback (the CPU's, for a mask that needs a
-    gradient): eager attention with q and k each scaled by the scale's square root first.
+    the caller frees. ``math``: SDPA's math fallback (``_sdpa_math_forward``), the CPU's for a
+    mask that needs a gradient. ``call_temps``: what the call's arguments made (autocast's
+    casts), freed when the kernel returns.
     """
     t = sh.tok_lo
     widened = bool(bias_bytes or bias_given) and sh.par > sh.lo
     softmax32 = explicit32 or sh.softmax_fp32 or widened
     keep = S if grad else F
-    if kernel == AttentionKernel.sdpa and not math:
+    if math:
+        _sdpa_math_forward(r, sh, p, grad, call_temps)
+        return
+    if kernel == AttentionKernel.sdpa:
         # q, k, v are views of the qkv output, saved by SDPA with its output and statistics;
         # the output is laid out (B, N, H, hd), so transpose + reshape is a view
         r.alloc(p + "attn", t, keep)
@@ -162,15 +166,11 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     if not post:
         # q * scale keeps q's strides; it lives until attention returns, or is saved itself
         r.alloc(p + "qs", t, keep if views else F)
-        if math:
-            r.alloc(p + "ks", t, keep if views else F)
     if not views:
         # matmul copies its 4-D operands (q * scale, or q itself) to contiguous 3-D ones
         r.alloc(p + "qs.c", t, keep)
         r.alloc(p + "kT.c", t, keep)
     r.alloc(p + "scores", sh.amap, F)
-    if math and not views:
-        r.free(p + "ks")
     if not grad:
         r.free(p + "qs.c", p + "kT.c")
     if post:
@@ -207,8 +207,6 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
     if not views:
         r.alloc(p + "v.c", t, keep)
     r.alloc(p + "av", t, F)
-    if math and not views:
-        r.free(p + "qs")
     if not grad:
         r.free(p + "v.c")
         if softmax32 and not explicit32:
@@ -236,6 +234,53 @@ def cross_entropy_backward(r: Replay, sh: Shapes) -> None:
     r.free("seed")
     r.alloc("g.logits", logits_hi, B)
     r.free("g.nll", "logp")
+
+
+def _sdpa_math_forward(r: Replay, sh: Shapes, p: str, grad: bool, call_temps: tuple[str, ...]) -> None:
+    """SDPA's math fallback (``_scaled_dot_product_attention_math``), which the CPU runs for a
+    mask that needs a gradient: low-precision q, k and v are copied to fp32 and everything is
+    computed there; q and k are each scaled by the scale's square root; the sum with the mask
+    (``bias``, the caller's) and a softmax that saves its output; the weights (cast back, in
+    low precision: the function returns them, SDPA drops them) and the output cast back; then
+    the (B, N, D) copy the projection reads, ``attn``."""
+    keep = S if grad else F
+    up = sh.lo == 2
+    t = sh.tok_lo
+    t32 = t * 2 if up else t
+    maps = sh.amap * 2 if up else sh.amap
+    views = sh.eager_views
+    if up:
+        for x in ("q", "k", "v"):
+            r.alloc(f"{p}{x}.32", t32, keep if (views and x == "v") else F)
+    r.alloc(p + "qs", t32, keep if views else F)  # q * sqrt(scale)
+    r.alloc(p + "ks", t32, keep if views else F)
+    if not views:
+        r.alloc(p + "qs.c", t32, keep)  # matmul's contiguous 3-D copies
+        r.alloc(p + "kT.c", t32, keep)
+    r.alloc(p + "scores", maps, F)
+    if not views:
+        r.free(p + "ks")
+    r.alloc(p + "scores.b", maps, F)  # + the mask
+    r.free(p + "scores")
+    r.alloc(p + "probs", maps, keep)
+    r.free(p + "scores.b")
+    if up:
+        r.alloc(p + "probs.lo", sh.amap, F)  # the weights the function returns, cast back
+    if not views:
+        r.alloc(p + "v.c", t32, keep)
+    r.alloc(p + "av", t32, F)
+    out = p + "av"
+    if up:
+        r.alloc(p + "av.lo", t, F)
+        r.free(p + "q.32", p + "k.32", p + "v.32", p + "probs.lo", p + "av")
+        out = p + "av.lo"
+    if not views:
+        r.free(p + "qs")
+    if not grad:
+        r.free(p + "qs.c", p + "kT.c", p + "v.c", p + "probs", p + "v.32", p + "qs", p + "ks")
+    r.free(*call_temps)  # SDPA returns
+    r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; the projection saves the copy
+    r.free(out)
 
 
 def layernorm_forward(r: Replay, sh: Shapes, name: str, out_cat: int, stats_cat: int, grad: bool,
@@ -377,7 +422,7 @@ def layernorm_backward(r: Replay, gr: Grads, sh: Shapes, p: str, name: str, g_in
 def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: AttentionKernel,
                             explicit32: bool = False, qkv: tuple[str, ...] = ("qkv",),
                             bias_grad: Optional[Callable[[], None]] = None, bias_later: bool = False,
-                            math: bool = False) -> None:
+                            math: bool = False, mask_cast: bool = False) -> None:
     """The gradients ``g.q``, ``g.k`` (sdpa) or ``g.kT`` (eager), ``g.v`` from the output's;
     ``qkv``: the tensors q, k and v are views of (freed once the kernel's backward is done
     with them). ``bias_grad``: with a relative position bias, the sum's backward also sums
@@ -385,13 +430,17 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
     (its nodes were made after the scores': backward reaches them first). ``bias_later``: the
     bias reached the scores through a sum made before q and k (Swin's bias plus its mask, of
     the scores' size): that node, made earlier, runs after q's and k's gradients, and holds the
-    scores' gradient until then. ``math``: SDPA's math fallback (see the forward), which leaves
-    ``g.k`` (k's scale undone), not ``g.kT``."""
+    scores' gradient until then. ``math``: SDPA's math fallback (``_sdpa_math_backward``; the bias
+    is its mask, ``mask_cast``: cast for it by autocast), which leaves ``g.k``, not ``g.kT``."""
     t = sh.tok_lo
     widened = bias_grad is not None and sh.par > sh.lo
     softmax32 = explicit32 or sh.softmax_fp32 or widened
     qkv = tuple(p + name for name in qkv)
-    if kernel == AttentionKernel.sdpa and not math:
+    if math:
+        _sdpa_math_backward(r, sh, p, gproj, qkv, bias_later, mask_cast)
+        bias_grad()
+        return
+    if kernel == AttentionKernel.sdpa:
         r.alloc(p + "g.q", t, B)
         r.alloc(p + "g.k", t, B)
         r.alloc(p + "g.v", t, B)
@@ -449,16 +498,88 @@ def attention_core_backward(r: Replay, sh: Shapes, p: str, gproj: str, kernel: A
             r.free(p + "g.scores")
         r.free(p + "qs.c", p + "kT.c")
         if sh.eager_views:
-            r.free(*qkv, p + "qs", p + "ks")
+            r.free(*qkv, p + "qs")
         r.alloc(p + "g.q", t, B)  # times the scale
         r.free(p + "g.qs")
-        if math:
-            r.alloc(p + "g.k", t, B)
-            r.free(p + "g.kT")
         if held:
             r.alloc(p + "g.bias", sh.h * sh.n * sh.n * (4 if widened else sh.lo), B)
             r.free(held)
             bias_grad()
+
+
+def _sdpa_math_backward(r: Replay, sh: Shapes, p: str, gproj: str, qkv: tuple[str, ...], bias_later: bool,
+                        mask_cast: bool) -> None:
+    """The math fallback's backward (``_sdpa_math_forward``), to ``g.q``, ``g.k``, ``g.v`` and
+    the mask's gradient summed over the batch, ``g.bias``. Low precision: the output's
+    gradient cast up, everything in fp32, q's, k's and v's gradients cast back; the mask's
+    share cast to its dtype, after a sum over the batch for a broadcast mask; under autocast
+    (``mask_cast``) cast back up to the fp32 bias's. ``bias_later``: the mask was the sum of
+    the bias and another mask (Swin's), whose node, made earlier, sums it after q's and k's
+    gradients exist."""
+    up = sh.lo == 2
+    t = sh.tok_lo
+    t32 = 2 * t if up else t
+    maps32 = 2 * sh.amap if up else sh.amap
+    table = sh.h * sh.n * sh.n  # (1, H, N, N)
+    views = sh.eager_views
+    g = gproj
+    if up:
+        r.alloc(p + "g.av.32", t32, B)
+        r.free(g)
+        g = p + "g.av.32"
+    if not views:
+        r.alloc(p + "g.av", t32, B)  # made contiguous for bmm
+        r.free(g)
+        g = p + "g.av"
+    r.alloc(p + "g.v.32", t32, B)
+    r.alloc(p + "g.probs", maps32, B)
+    r.free(g, p + "v.c")
+    r.alloc(p + "g.scores", maps32, B)  # softmax backward reads its saved output
+    r.free(p + "g.probs", p + "probs")
+    if up:  # the mask's share in its (low) dtype: summed first when it was broadcast
+        if bias_later:
+            r.alloc(p + "g.mask", sh.amap, B)
+        else:
+            r.alloc(p + "g.mask.32", table * 4, B)
+            r.alloc(p + "g.mask", table * sh.lo, B)
+            r.free(p + "g.mask.32")
+    elif not bias_later:
+        r.alloc(p + "g.bias", table * sh.lo, B)
+    r.alloc(p + "g.qs", t32, B)
+    r.alloc(p + "g.kT", t32, B)
+    if up or not bias_later:
+        r.free(p + "g.scores")
+    r.free(p + "qs.c", p + "kT.c")
+    if views:
+        r.free(*qkv, p + "qs", p + "ks", p + "q.32", p + "k.32", p + "v.32")
+    r.alloc(p + "g.q.32", t32, B)  # times the scale's root
+    r.free(p + "g.qs")
+    r.alloc(p + "g.k.32", t32, B)
+    r.free(p + "g.kT")
+    for x in ("q", "k", "v"):
+        if up:
+            r.alloc(f"{p}g.{x}", t, B)
+            r.free(f"{p}g.{x}.32")
+        else:
+            r.rename(f"{p}g.{x}.32", f"{p}g.{x}")
+    if up:
+        if mask_cast:  # autocast's cast of the fp32 mask, undone
+            if bias_later:
+                r.alloc(p + "g.comb", maps32, B)
+                r.free(p + "g.mask")
+                r.alloc(p + "g.bias", table * 4, B)
+                r.free(p + "g.comb")
+            else:
+                r.alloc(p + "g.bias", table * 4, B)
+                r.free(p + "g.mask")
+        elif bias_later:
+            r.alloc(p + "g.bias", table * sh.lo, B)
+            r.free(p + "g.mask")
+        else:
+            r.rename(p + "g.mask", p + "g.bias")
+    elif bias_later:
+        r.alloc(p + "g.bias", table * sh.lo, B)
+        r.free(p + "g.scores")
 
 
 def cuda_sdpa_backward_workspace(r: Replay, p: str, sh: Shapes) -> None:

@@ -189,8 +189,11 @@ def _block_forward(r: Replay, i: int, j: int, st: Stage, sh: Shapes, spec: ViTSp
     n, h = sh.n, sh.h
     bias = h * n * n * sh.par
     r.alloc(p + "bias.g", bias, F)
-    r.alloc(p + "bias", bias, F)
-    r.free(p + "bias.g")
+    if h > 1:  # (with one head the permuted table is contiguous already)
+        r.alloc(p + "bias", bias, F)
+        r.free(p + "bias.g")
+    else:
+        r.rename(p + "bias.g", p + "bias")
     comb, comb_elems = p + "bias", h * n * n
     if shifted:  # the mask expanded over the batch (reshape copies, but at batch 1), added to the bias
         if sh.b > st.windows:
@@ -198,10 +201,12 @@ def _block_forward(r: Replay, i: int, j: int, st: Stage, sh: Shapes, spec: ViTSp
         comb, comb_elems = p + "comb", sh.b * h * n * n
         r.alloc(comb, comb_elems * max(sh.par, e_ln), S if (grad and sdpa and not math) else F)
     if sdpa:  # on the CPU a mask that needs a gradient sends SDPA to its math fallback
-        if sh.amp:  # autocast casts the (fp32) mask for SDPA
-            r.alloc(p + "comb.lo", comb_elems * sh.lo, F)
-        attention_core_forward(r, sh, p, AttentionKernel.sdpa, grad, bias_given=True, math=math)
-        r.free(p + "comb.lo")
+        if sh.amp:  # autocast casts the (fp32) mask for SDPA (a fused kernel saves the cast)
+            r.alloc(p + "comb.lo", comb_elems * sh.lo, S if (grad and not math) else F)
+        attention_core_forward(r, sh, p, AttentionKernel.sdpa, grad, bias_given=True, math=math,
+                               call_temps=(p + "comb.lo",))
+        if not (grad and not math):
+            r.free(p + "comb.lo")
     else:
         attention_core_forward(r, sh, p, AttentionKernel.eager_postscale, grad, explicit32=True, bias_given=True)
     linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
@@ -255,17 +260,18 @@ def _merge_forward(r: Replay, st: Stage, sh: Shapes, grad: bool, x: str, nxt: st
     up = sh.ln_upcast
     cast = sh.casts or up
     rows = sh.b * sh.n // 4
+    p = f"s{st.index}."
     r.where = f"forward: stages.{st.index}.merging"
-    r.alloc("m.cat", sh.tok, S if (grad and not up) else F)
+    r.alloc(p + "m.cat", sh.tok, S if (grad and not up) else F)
     msh = replace(sh, b=rows, n=1, d=4 * sh.d)
-    layernorm_forward(r, msh, "m.ln", F if (cast or not grad) else S, keep, grad, upcast=up)
+    layernorm_forward(r, msh, p + "m.ln", F if (cast or not grad) else S, keep, grad, upcast=up)
     if up or not grad:
-        r.free("m.cat")
-    linear_forward(r, msh, "", "m.red", 8 * sh.d * sh.d, 0, rows * 4 * sh.d if cast else 0, rows * 2 * sh.d,
+        r.free(p + "m.cat")
+    linear_forward(r, msh, p, "m.red", 8 * sh.d * sh.d, 0, rows * 4 * sh.d if cast else 0, rows * 2 * sh.d,
                    keep, grad)
-    r.rename("m.red", nxt)
+    r.rename(p + "m.red", nxt)
     if cast or not grad:
-        r.free("m.ln")
+        r.free(p + "m.ln")
 
 
 def forward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, grad: bool, image_elems: int) -> None:
@@ -369,7 +375,14 @@ def _block_backward(r: Replay, gr: Grads, i: int, j: int, st: Stage, sh: Shapes,
     n, h = sh.n, sh.h
     kernel = AttentionKernel.sdpa if sdpa else AttentionKernel.eager_postscale
     attention_core_backward(r, sh, p, gproj, kernel, explicit32=not sdpa, qkv=QKV, bias_grad=lambda: None,
-                            bias_later=shifted, math=math)
+                            bias_later=shifted, math=math, mask_cast=sh.amp)
+    if sdpa and not math:
+        # CUDA's memory-efficient kernel (derived from its source, not measured): the mask's
+        # gradient at the scores' size, which the broadcast (or the mask's sum) reduces
+        r.alloc(p + "g.comb", sh.b * h * n * n * sh.lo, B)
+        r.free(p + "comb.lo", p + "comb")
+        r.alloc(p + "g.bias", h * n * n * sh.par, B)
+        r.free(p + "g.comb")
     # the bias's gradient, summed over the window batch, into its table (a zero table, index_put)
     entries = bias_entries(spec) * h
     r.alloc(p + "g.bias.zeros", entries * sh.par, B)
@@ -410,24 +423,25 @@ def _merge_backward(r: Replay, gr: Grads, st: Stage, sh: Shapes, g: str, out: st
     up = sh.ln_upcast
     cast = sh.casts or up
     rows = sh.b * sh.n // 4
+    p = f"s{st.index}."
     msh = replace(sh, b=rows, n=1, d=4 * sh.d)
     r.where = f"backward: stages.{st.index}.merging"
-    gin = linear_backward(r, gr, msh, "", "m.red", rows * 2 * sh.d, rows * 4 * sh.d, 8 * sh.d * sh.d, 0, False,
-                          cast, (g, "m.ln"))
-    layernorm_backward(r, gr, msh, "", "m.ln", gin, "m.cat", upcast=up)
-    gr.accumulate("m.ln.w", "m.ln.b")
+    gin = linear_backward(r, gr, msh, p, "m.red", rows * 2 * sh.d, rows * 4 * sh.d, 8 * sh.d * sh.d, 0, False,
+                          cast, (g, p + "m.ln"))
+    layernorm_backward(r, gr, msh, p, "m.ln", gin, p + "m.cat", upcast=up)
+    gr.accumulate(p + "m.ln.w", p + "m.ln.b")
     # each quarter's gradient (a view of the concatenation's) through its two strided slices,
     # a half-grid then a whole-grid tensor of zeros with it put in, summed as they come
     for k in range(4):
-        r.alloc(f"g.m.half{k}", sh.tok // 2, B)
+        r.alloc(f"{p}g.m.half{k}", sh.tok // 2, B)
         if k == 3:
-            r.free("g.m.lnin")  # the last view of it is done
-        r.alloc(f"g.m.full{k}", sh.tok, B)
-        r.free(f"g.m.half{k}")
+            r.free(p + "g.m.lnin")  # the last view of it is done
+        r.alloc(f"{p}g.m.full{k}", sh.tok, B)
+        r.free(f"{p}g.m.half{k}")
         if k:
-            r.alloc(f"g.m.acc{k}", sh.tok, B)
-            r.free(f"g.m.acc{k - 1}" if k > 1 else "g.m.full0", f"g.m.full{k}")
-    r.rename("g.m.acc3", out)
+            r.alloc(f"{p}g.m.acc{k}", sh.tok, B)
+            r.free(f"{p}g.m.acc{k - 1}" if k > 1 else p + "g.m.full0", f"{p}g.m.full{k}")
+    r.rename(p + "g.m.acc3", out)
 
 
 def backward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, gr: Grads) -> None:
