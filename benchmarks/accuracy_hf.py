@@ -4,7 +4,8 @@ docs/accuracy-hf.md.
 A grid over Hugging Face transformers' ViT (ViTForImageClassification), DeiT distilled
 (DeiTForImageClassificationWithTeacher), DINOv2 (Dinov2ForImageClassification) and DINOv2
 with registers (Dinov2WithRegistersForImageClassification / Model), the SwiGLU DINOv2, VideoMAE
-(VideoMAEForVideoClassification) and MAE pretraining (ViTMAEForPreTraining): training and inference,
+(VideoMAEForVideoClassification), MAE pretraining (ViTMAEForPreTraining) and Swin
+(SwinForImageClassification): training and inference,
 eager and sdpa attention, fp32, bf16 and amp-bf16, activation checkpointing, a non-square
 image, batch 1 to 16. Each model is built from a config with random weights (no download)
 and run for real through ``vitcost calibrate``: a warm-up step, then one steady-state step
@@ -83,6 +84,17 @@ GRID = [
     (*MAE, 224, 8, "train", "bf16", "sdpa", "full"),
     (*MAE, 224, 1, "train", "amp-bf16", "eager", "full"),
     (*MAE, 224, 8, "infer", "amp-bf16", "eager", "none"),
+    # SwinForImageClassification: Swin-T/S/B (7 x 7 windows, the last stage one window), and
+    # Swin-B at 384 (12 x 12 windows); SDPA trains through the CPU's math fallback
+    ("swin-t", {}, 224, 8, "train", "amp-bf16", "sdpa", "none"),
+    ("swin-t", {}, 224, 4, "train", "fp32", "eager", "none"),
+    ("swin-t", {}, 224, 16, "infer", "fp32", "eager", "none"),
+    ("swin-t", {}, 224, 1, "infer", "bf16", "sdpa", "none"),
+    ("swin-s", {}, 224, 4, "train", "bf16", "sdpa", "none"),
+    ("swin-s", {}, 224, 2, "train", "amp-bf16", "eager", "none"),
+    ("swin-b", {}, 224, 2, "train", "fp32", "sdpa", "none"),
+    ("swin-b", {}, 224, 16, "infer", "amp-bf16", "sdpa", "none"),
+    ("swin_base_patch4_window12_384", {}, 384, 1, "train", "amp-bf16", "eager", "none"),
 ]
 
 AXES = {
@@ -100,7 +112,8 @@ INTRO = [
     "Dinov2ForImageClassification; Dinov2WithRegistersForImageClassification, or",
     "Dinov2WithRegistersModel where `classes` is 0; the SwiGLU DINOv2; VideoMAEForVideoClassification",
     "at videomae-small's width, 16 frames in tubelets of 2; ViTMAEForPreTraining at vit-mae-base's",
-    "sizes, mask ratio 0.75, its own loss), built from a config with random weights",
+    "sizes, mask ratio 0.75, its own loss; SwinForImageClassification at Swin-T/S/B's sizes, and",
+    "Swin-B with 12 x 12 windows at 384), built from a config with random weights",
     "(`vitcost.hf_models`) and run for real by `vitcost calibrate --impl hf` on the CPU: one",
     "warm-up step, then one steady-state step measured by PyTorch's MemTracker; parameters and",
     "MACs of the same class on the meta device. The prediction is `vitcost plan --impl hf",

@@ -169,7 +169,7 @@ def test_bad_strategies_are_one_line_errors(args, needle):
 
 def test_mae_is_refused_under_fsdp():
     mae = dict(mask_ratio=0.75, decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_mlp_hidden=128)
-    with pytest.raises(ConfigError, match="not for MAE pretraining, video models or distillation"):
+    with pytest.raises(ConfigError, match="not for MAE pretraining, video models, distillation or Swin"):
         vitcost.plan(dim=64, depth=2, heads=2, mlp_hidden=256, image=64, patch=16, impl="hf", classes=0, mae=mae,
                      gpus=2, strategy="fsdp", batch=4)
 

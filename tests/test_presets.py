@@ -217,11 +217,12 @@ def test_unknown_name_without_near_match_still_hints():
         resolve_model("resnet50")
     msg = str(err.value)
     assert "did you mean" not in msg
-    assert msg.startswith("unknown model 'resnet50' (use a preset (vit-ti, vit-s, vit-m, vit-b, vit-l, vit-h, vit-g, vit-G)")
+    assert msg.startswith("unknown model 'resnet50' (use a preset (vit-ti, vit-s, vit-m, vit-b, vit-l, vit-h, vit-g, vit-G; "
+                          "swin-t, swin-s, swin-b, swin-l)")
 
 
 @pytest.mark.parametrize(
-    "name", ["", "vit-22b", "vit_base_patch16_gap_256", "vit_base_patch16_siglip_224", "vit_base_224", "swin_tiny_patch4_window7_224", "vit_base_patch0_224"]
+    "name", ["", "vit-22b", "vit_base_patch16_gap_256", "vit_base_patch16_siglip_224", "vit_base_224", "swin_tiny_patch4_window3_224x", "vit_base_patch0_224"]
 )
 def test_names_outside_the_grammar_are_unknown(name):
     with pytest.raises(UnknownNameError):

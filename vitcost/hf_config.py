@@ -97,9 +97,7 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         "pos_embed_prefix": True,
         "class_token": True,
     }  # (VideoMAE's are set below)
-    act = get.value("hidden_act", str)
-    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(f"{where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
+    _gelu(get)
     if family == "videomae":
         if not get.bool("use_mean_pooling", default=True):
             raise ConfigError(f"{where}: use_mean_pooling false: VideoMAE's head on the first token is not modelled")
@@ -135,12 +133,21 @@ def parse_hf_config(data: dict, where: str) -> HFModel:
         else:
             arch["mask_token"] = True
             arch["registers"] = get.int("num_register_tokens", MAX_TOKENS_EXTRA, minimum=0)
-    notes = []
-    dropout = [k for k in _DROPOUT_KEYS if k in data and _positive(data[k])]
-    if dropout:
-        notes.append(f"{', '.join(dropout)} above 0 in {where.split(' ', 1)[1]}: the dropout masks a training step "
-                     "keeps are not modelled (memory is planned as at 0)")
-    return HFModel(architecture=name, arch=arch, notes=tuple(notes))
+    return HFModel(architecture=name, arch=arch, notes=_dropout_notes(get))
+
+
+def _gelu(get: "_Reader") -> None:
+    act = get.value("hidden_act", str)
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConfigError(f"{get.where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
+
+
+def _dropout_notes(get: "_Reader") -> tuple[str, ...]:
+    dropout = [k for k in _DROPOUT_KEYS if k in get.data and _positive(get.data[k])]
+    if not dropout:
+        return ()
+    return (f"{', '.join(dropout)} above 0 in {get.where.split(' ', 1)[1]}: the dropout masks a training step keeps "
+            "are not modelled (memory is planned as at 0)",)
 
 
 def _swin(get: "_Reader", name: str, where: str) -> HFModel:
@@ -153,9 +160,7 @@ def _swin(get: "_Reader", name: str, where: str) -> HFModel:
     ratio = get.value("mlp_ratio", (int, float))
     if isinstance(ratio, bool) or not 0 < ratio <= 64:
         raise ConfigError(f"{where}: mlp_ratio {ratio!r}: expected a number above 0 and at most 64")
-    act = get.value("hidden_act", str)
-    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-        raise ConfigError(f"{where}: hidden_act {shorten(act, quote=True)}: vitcost models a GELU MLP")
+    _gelu(get)
     if get.bool("use_absolute_embeddings", default=False):
         raise ConfigError(f"{where}: use_absolute_embeddings true: Swin's absolute position table is not modelled")
     dim = get.int("embed_dim", MAX_DIM)
@@ -165,10 +170,7 @@ def _swin(get: "_Reader", name: str, where: str) -> HFModel:
             "pos_embed": "none", "class_token": False, "pooling": "avg",
             "swin": {"depths": tuple(depths), "heads": tuple(heads), "window": get.int("window_size", MAX_PIXELS),
                      "mlp_ratio": float(ratio)}}
-    dropout = [k for k in _DROPOUT_KEYS if k in get.data and _positive(get.data[k])]
-    notes = (f"{', '.join(dropout)} above 0 in {where.split(' ', 1)[1]}: the dropout masks a training step keeps "
-             "are not modelled (memory is planned as at 0)",) if dropout else ()
-    return HFModel(architecture=name, arch=arch, notes=notes)
+    return HFModel(architecture=name, arch=arch, notes=_dropout_notes(get))
 
 
 def swiglu_hidden(dim: int, ratio: float) -> int:

@@ -124,7 +124,8 @@ _DEFAULT_PATCH = 16
 _DEFAULT_IMAGE = 224
 _DEFAULT_MLP_RATIO = 4  # timm's default: MLP hidden = 4 * dim
 _HINT = (
-    "use a preset (" + ", ".join(_PRESETS) + ") or a timm name such as vit_base_patch16_224"
+    "use a preset (" + ", ".join(_PRESETS) + "; swin-t, swin-s, swin-b, swin-l) or a timm name such as "
+    "vit_base_patch16_224"
 )
 
 
@@ -187,8 +188,13 @@ def _swin(name: str, key: str, window: int = 7, image: int = 224) -> ModelDefaul
 
 
 def preset_names() -> list[str]:
-    """The preset keys, smallest to largest (the ViTs, then the Swins)."""
-    return list(_PRESETS) + list(_SWIN)
+    """The ViT preset keys, smallest to largest (the Swins are ``swin_names()``)."""
+    return list(_PRESETS)
+
+
+def swin_names() -> list[str]:
+    """The Swin preset keys, smallest to largest."""
+    return list(_SWIN)
 
 
 @lru_cache(maxsize=512)

@@ -35,6 +35,7 @@ from vitcost.ops import (
 )
 from vitcost.replay import B, F, S, Replay
 from vitcost.specs import AttentionKernel, ViTSpec, Workload
+from vitcost.vit_hf import qkv_backward
 
 QKV = ("q", "k", "v")
 INDEX = 8  # int64
@@ -389,17 +390,9 @@ def _block_backward(r: Replay, gr: Grads, i: int, j: int, st: Stage, sh: Shapes,
     gr.make_param(p + "rel", entries)
     r.free(p + "g.bias.zeros", p + "g.bias")
     gr.accumulate(p + "rel")
-    grads = (p + "g.v", p + ("g.k" if sdpa else "g.kT"), p + "g.q")
-    total = ""
     win = p + ("win" if copies else "roll" if shifted else "pad")
-    for k, (name, gq) in enumerate(zip(("v", "k", "q"), grads)):
-        if (math or not sdpa) and not sh.one_head and not (name == "k" and sh.one and not math):
-            r.alloc(p + "g." + name + ".c", sh.tok_lo, B)
-            r.free(gq)
-            gq = p + "g." + name + ".c"
-        last = k == 2
-        total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if spec.qkv_bias else 0, False,
-                                casts or up, (gq, win) if last else (gq,), into=total)
+    # (the math fallback's k gradient comes from its scale's product: (B, H, N, hd) like q's)
+    total = qkv_backward(r, gr, sh, p, spec.qkv_bias, win, eager=math or not sdpa, cast=casts or up, kT=not math)
     # window_partition's and the roll's backward, the pad's (a slice copy), then the norm's
     if copies:
         r.alloc(p + "g.win", bn * d * (4 if up else sh.res), B)

@@ -74,17 +74,25 @@ def attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViTSpec, 
     gproj = linear_backward(r, gr, sh, p, "proj", bn * d, bn * d, d * d, d, sh.casts, False,
                             () if sdpa else (p + "attn",))
     attention_core_backward(r, sh, p, gproj, kernel, explicit32=_explicit32(spec), qkv=QKV)
-    grads = (p + "g.v", p + "g.kT", p + "g.q") if not sdpa else (p + "g.v", p + "g.k", p + "g.q")
+    return qkv_backward(r, gr, sh, p, spec.qkv_bias, p + "ln1", eager=not sdpa, cast=sh.casts, early=ck)
+
+
+def qkv_backward(r: Replay, gr: Grads, sh: Shapes, p: str, qkv_bias: bool, saved_input: str, eager: bool,
+                 cast: bool, early: bool = False, kT: bool = True) -> str:
+    """The v, k and q projections' backward (the reverse of the forward), the three gradients
+    of their input added as they come; returns the sum's name. ``eager``: the kernel left each
+    gradient (B, H, N, hd), transposed back, so it is copied to (B, N, D) for the linear;
+    ``kT``: k's is (B H, hd, N), from q @ kᵀ, which at batch 1 is a transposed matrix the
+    linear reads as is. ``saved_input``: what the projections saved, freed with the last."""
+    d, bn = sh.d, sh.b * sh.n
     total = ""
-    for k, (name, g) in enumerate(zip(("v", "k", "q"), grads)):
-        if not sdpa and not sh.one_head and not (name == "k" and sh.one):
-            # the (B, H, N, hd) gradient, transposed back, is copied to (B, N, D) for the linear
-            # (k's, from q @ kᵀ, is (B H, hd, N): at batch 1 a transposed matrix the linear reads)
+    for k, name in enumerate(("v", "k", "q")):
+        g = p + ("g.kT" if name == "k" and eager and kT else "g." + name)
+        if eager and not sh.one_head and not (name == "k" and kT and sh.one):
             r.alloc(p + "g." + name + ".c", sh.tok_lo, B)
             r.free(g)
             g = p + "g." + name + ".c"
         last = k == 2
-        # the three gradients of the normed input are added as they come
-        total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if spec.qkv_bias else 0,
-                                False, sh.casts, (g, p + "ln1") if last else (g,), early=ck and last, into=total)
+        total = linear_backward(r, gr, sh, p, name, bn * d, bn * d, d * d, d if qkv_bias else 0, False, cast,
+                                (g, saved_input) if last else (g,), early=early and last, into=total)
     return total
