@@ -63,7 +63,7 @@ VALID_PROFILE = TEST_PROFILE
 def test_documented_plan_example():
     """vitcost plan --image 384 --patch 16 --gpu a100"""
     out = ok("plan", "--image", "384", "--patch", "16", "--gpu", "a100").stdout
-    header, rest = out.split("defaults:", 1)
+    header, rest = out.split("left at their defaults:", 1)
     header = words(header)
     assert header.startswith("vitcost: vit-b (D=768, depth 12, 12 heads, MLP 3072)")
     assert "image 384x384, patch 16, batch 8, train, amp-bf16, sdpa, adamw" in header

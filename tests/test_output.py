@@ -84,12 +84,15 @@ def test_plan_at_80_columns_keeps_every_figure_whole():
     got = cells(out)
     t, a, m = data["tokens"], data["attention_maps"], data["memory_bytes"]
     expected = [f"{t['grid_h']} x {t['grid_w']}", f"{t['patches']:,}", f"{t['total']:,}",
-                f"{a['elements_per_head']:,} elements", f"{a['elements_per_layer']:,} elements",
-                fmt_bytes(a["bytes_per_layer"])]
+                f"{a['elements_per_head']:,} elements", f"{a['elements_per_layer']:,} elements"]
     expected += [f"{v:,}" for v in data["params"].values()]
-    for key in ("weights", "gradients", "optimizer_states", "inputs", "activations", "autocast_weight_copies",
-                "transient", "peak", "peak_reserved"):
-        expected += [f"{m[key]:,}", fmt_bytes(m[key]), f"{100 * m[key] / data['gpu']['usable_memory_bytes']:.1f}%"]
+    usable = data['gpu']['usable_memory_bytes']
+    at = data["memory_bytes_at_peak"]
+    for key, size in (("weights", "weights"), ("gradients", "gradients"), ("optimizer_states", "optimizer_states"),
+                      ("inputs", "inputs"), ("saved", "activations"), ("autocast_copies", "autocast_weight_copies")):
+        expected += [f"{m[size]:,}", f"{at[key]:,}", fmt_bytes(at[key]), f"{100 * at[key] / usable:.1f}%"]
+    for key in ("peak", "peak_reserved"):
+        expected += [f"{m[key]:,}", fmt_bytes(m[key]), f"{100 * m[key] / usable:.1f}%"]
     missing = [e for e in expected if e not in got]
     assert missing == []
     assert f"largest batch that fits: {data['max_batch_size']:,}" in out
@@ -400,3 +403,63 @@ def test_ci_docs_install_from_a_checkout_or_a_wheel():
 
 def test_jsonschema_is_in_the_test_extra():
     assert any(re.match(r"jsonschema\b", req) for req in pyproject()["optional-dependencies"]["test"])
+
+
+# --- output that reads right ------------------------------------------------------------------
+
+
+def test_header_names_only_the_defaults_left_in_effect():
+    """The header's defaults line names the settings a report was left at, not plan's fixed
+    list: a user who chose batch 32 and fp32 is not told batch 8 and amp-bf16."""
+    chosen = ok("plan", "--model", "vit-s", "--batch", "32", "--precision", "fp32", "--mode", "infer").stdout
+    line = next(line for line in chosen.splitlines() if "device rules" in line)
+    assert "batch" not in line and "precision" not in line and "model" not in line and "mode" not in line
+    assert "attention sdpa" in line and "optimizer" not in line  # (no optimizer without training)
+    default = words(ok("plan").stdout)
+    assert ("left at their defaults: model vit-b, batch 8, mode train, precision amp-bf16, attention sdpa, "
+            "optimizer adamw; device rules: cuda") in default
+
+
+def test_attention_map_bytes_are_what_the_replay_keeps():
+    """Per layer, the bytes of the maps the replay allocates: eager attention under CUDA
+    autocast keeps fp32 probabilities beside their bf16 copy (6 bytes an element), plain fp32
+    4; SDPA keeps none and the table says so; under no_grad the most maps alive at once."""
+    eager = vitcost.plan("vit-b", attention="eager")
+    b, h, n = 8, 12, 197
+    assert eager.attention_maps["bytes_per_layer"] == b * h * n * n * 6
+    assert eager.attention_maps["bytes_all_layers"] == 12 * b * h * n * n * 6
+    assert eager.memory.saved_by_component["blocks/attn/core"] >= eager.attention_maps["bytes_all_layers"]
+    assert vitcost.plan("vit-b", attention="eager", precision="fp32").attention_maps["bytes_per_layer"] == \
+        b * h * n * n * 4
+    assert vitcost.plan("vit-b").attention_maps["bytes_per_layer"] == 0
+    assert "none: the fused kernel (sdpa) keeps no maps" in words(ok("plan", "--model", "vit-b").stdout)
+    # no_grad, CUDA autocast: the bf16 scores, their fp32 copy and the fp32 softmax at once
+    infer = vitcost.plan("vit-b", attention="eager", mode="infer")
+    assert infer.attention_maps["bytes_per_layer"] == b * h * n * n * (2 + 4 + 4)
+    assert "alive at once per layer" in ok("plan", "--attention", "eager", "--mode", "infer").stdout
+
+
+def test_checkpointing_recompute_is_documented_as_computed():
+    """A checkpointed block reruns its forward up to GELU's output: fc1 costs 4 forwards in a
+    step, fc2 3; the JSON schema says so."""
+    r = vitcost.plan("vit-b", checkpointing="full")
+    fwd, train = r.macs_forward, r.macs_training
+    assert train["blocks/mlp/fc1"] == 4 * fwd["blocks/mlp/fc1"] and train["blocks/mlp/fc2"] == 3 * fwd["blocks/mlp/fc2"]
+    schema = (Path(__file__).resolve().parent.parent / "docs" / "json-schema.md").read_text()
+    row = next(line for line in schema.splitlines() if line.startswith("| `macs.training_by_component"))
+    assert "but `blocks/mlp/fc2`" in row
+
+
+@pytest.mark.parametrize("options", [dict(), dict(attention="eager", mode="infer"), dict(gpus=2, gpu="8xa100"),
+                                     dict(gpus=4, strategy="fsdp", gpu="8xa100", batch=32),
+                                     dict(model="swin-t", precision="fp32")])
+def test_memory_table_at_the_peak_adds_up_to_the_peak(options):
+    """The memory table's 'at the peak' column is what is live at the peak: it adds up to the
+    peak (DDP's buckets included); its rows are the JSON's ``memory_bytes_at_peak``."""
+    model = options.pop("model", "vit-b")
+    r = vitcost.plan(model, **options)
+    at = r.to_dict()["memory_bytes_at_peak"]
+    assert sum(at.values()) == r.peak_bytes
+    args = ["plan", "--model", model, *[x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
+    got = cells(ok(*args).stdout)
+    assert all(f"{v:,}" in got for v in at.values() if v)

@@ -93,13 +93,15 @@ def test_stages_worked_example():
     """Swin-T at 224: the grid halves from 56 (4-pixel patches) and the width doubles from 96;
     7 x 7 windows, shifted by 3 but in the last stage, whose 7 x 7 grid is one window; each
     block's maps are heads x windows x 49^2 elements (stage 1: 3 x 64 x 2,401)."""
-    report = vitcost.plan("swin-t", batch=32, precision="fp32")
+    report = vitcost.plan("swin-t", batch=32, precision="fp32", attention="eager")
     got = [(s["dim"], s["heads"], s["grid_h"], s["tokens"], s["windows"], s["shift"], s["attention_elements_per_block"])
            for s in report.to_stages()]
     assert got == [(96, 3, 56, 3136, 64, 3, 460_992), (192, 6, 28, 784, 16, 3, 230_496),
                    (384, 12, 14, 196, 4, 3, 115_248), (768, 24, 7, 49, 1, 0, 57_624)]
     data = report.to_dict()
+    # eager attention in fp32 keeps each block's probabilities for backward; SDPA none
     assert data["stages"][0]["attention_bytes_per_block"] == 32 * 460_992 * 4
+    assert vitcost.plan("swin-t", batch=32, precision="fp32").to_dict()["attention_maps"]["bytes_all_layers"] == 0
     assert data["attention_maps"]["bytes_all_layers"] == 32 * 4 * (2 * 460_992 + 2 * 230_496 + 6 * 115_248
                                                                     + 2 * 57_624)
     # every block's table: (2 x 7 - 1)^2 = 169 rows per head

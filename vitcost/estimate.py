@@ -288,6 +288,12 @@ class Report:
         return self.memory.peak + self.ddp_bucket_bytes
 
     @property
+    def memory_at_peak(self) -> dict[str, int]:
+        """What is live at the peak, by the replay's categories (``replay.DETAIL``) and DDP's
+        buckets (held all step): the values add up to ``peak_bytes``."""
+        return {**self.memory.at_peak_detail, "ddp_buckets": self.ddp_bucket_bytes}
+
+    @property
     def position_encoding(self) -> dict[str, Any]:
         """What the position encoding adds: parameters, fixed tables (buffers) and, for RoPE,
         the rotated q and k each block saves for backward."""
@@ -411,6 +417,7 @@ class Report:
                 "peak": self.peak_bytes,
                 "peak_reserved": gpu.peak_reserved_bytes if gpu else None,
             },
+            "memory_bytes_at_peak": self.memory_at_peak,
             "activations_bytes_by_component": dict(m.saved_by_component),
             "peak": {"phase": m.peak_phase, "at_peak_bytes": dict(m.at_peak)},
             "per_rank_peak_bytes": list(self.rank_peaks_bytes) if self.per_rank_peak_bytes else None,
@@ -446,20 +453,21 @@ class Report:
 def stages_of(spec: ViTSpec, workload: Workload) -> Optional[list[dict[str, int]]]:
     """A Swin's stages: blocks, width, heads, grid and tokens, the window (M x M, clamped to the
     grid as Hugging Face does) and the shift, windows per image, attention-map elements of one
-    block per image (heads x windows x N^2, N = M^2) and their bytes for the batch. None for
-    the isotropic families."""
+    block per image (heads x windows x N^2, N = M^2), and the bytes the replay gives one
+    block's maps for the batch (``attention_maps_of``'s rule). None for the isotropic families."""
     if spec.swin is None:
         return None
     from vitcost.swin import stages
 
-    element = 4 if workload.precision == Precision.fp32 else 2
+    training = workload.training and workload.checkpointing.value == "none"
+    maps = [kept if training else most for _, kept, most in memory.attention_map_bytes(spec, workload)]
     return [{"stage": st.index + 1, "blocks": st.depth, "dim": st.dim, "heads": st.heads, "grid_h": st.grid_h,
              "grid_w": st.grid_w, "tokens": st.tokens, "window": st.window, "shift": st.shift,
              "windows": st.windows, "window_tokens": st.window_tokens,
              "attention_elements_per_block": st.attention_elements,
-             "attention_bytes_per_block": workload.batch * st.attention_elements * element,
+             "attention_bytes_per_block": block_maps,
              "merges_to_dim": 2 * st.dim if st.merges else 0}
-            for st in stages(spec)]
+            for st, block_maps in zip(stages(spec), maps)]
 
 
 def tokens_of(spec: ViTSpec) -> dict[str, int]:
@@ -473,24 +481,28 @@ def tokens_of(spec: ViTSpec) -> dict[str, int]:
 
 
 def attention_maps_of(spec: ViTSpec, workload: Workload) -> dict[str, int]:
-    """One head's and one layer's attention maps; a Swin's are windows' (N = M^2 keys per
-    query): per head all of a block's windows, per layer the largest stage's block, and all
-    layers every block's."""
-    element = 4 if workload.precision == Precision.fp32 else 2
+    """One head's and one layer's attention maps (a Swin's over its windows: per head all of
+    a block's windows, per layer the largest stage's block), and the bytes the step gives
+    them as the replay allocates them (``memory.attention_map_bytes``): per layer what is kept
+    for backward when training (alive at once under no_grad or in a checkpointed block), in
+    every layer together; 0 where a fused kernel keeps none."""
+    blocks = memory.attention_map_bytes(spec, workload)
+    training = workload.training and workload.checkpointing.value == "none"
+    per_layer = [kept if training else most for _, kept, most in blocks]
     if spec.swin is not None:
         stages = stages_of(spec, workload)
         top = max(stages, key=lambda st: st["attention_elements_per_block"])
-        return {"elements_per_head": top["attention_elements_per_block"] // top["heads"],
-                "elements_per_layer": top["attention_elements_per_block"],
-                "bytes_per_layer": top["attention_bytes_per_block"],
-                "bytes_all_layers": sum(st["blocks"] * st["attention_bytes_per_block"] for st in stages)}
-    per_head = formulas.attention_map_elements(spec.tokens)
-    per_layer_batch = workload.batch * spec.heads * per_head * element
+        per_head, per_layer_elements = top["attention_elements_per_block"] // top["heads"], \
+            top["attention_elements_per_block"]
+    else:
+        per_head = formulas.attention_map_elements(spec.tokens)
+        per_layer_elements = spec.heads * per_head
     return {
         "elements_per_head": per_head,
-        "elements_per_layer": spec.heads * per_head,
-        "bytes_per_layer": per_layer_batch,
-        "bytes_all_layers": spec.depth * per_layer_batch,
+        "elements_per_layer": per_layer_elements,
+        "bytes_per_layer": max(per_layer),
+        "bytes_all_layers": sum(depth * b for (depth, _, _), b in zip(blocks, per_layer)) if training
+        else max(per_layer),
     }
 
 

@@ -864,6 +864,68 @@ def _param_bytes(spec: ViTSpec, pb: int, round_to: int, used: bool = False, worl
                  if not (used and (name in UNUSED or name.endswith(FROZEN))))
 
 
+_MAPS = frozenset(("scores", "scaled", "scores.b", "scores.32", "probs", "probs.32"))  # a layer's (.., N, N) maps
+
+
+class _MapWatch(Replay):
+    """A replay of one block that follows its attention maps: the most alive at once, and
+    what is left saved for backward when the block is done."""
+
+    __slots__ = ("maps", "most")
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.maps = 0
+        self.most = 0
+
+    def alloc(self, name: str, nbytes: int, cat: int) -> None:
+        super().alloc(name, nbytes, cat)
+        if nbytes > 0 and name.partition(".")[2] in _MAPS:
+            self.maps += nbytes
+            self.most = max(self.most, self.maps)
+
+    def free(self, *names: str) -> None:
+        for name in names:
+            if name in self.live and name.partition(".")[2] in _MAPS:
+                self.maps -= self.live[name][0]
+            super().free(name)
+
+    def rename(self, old: str, new: str) -> None:
+        was, now = old.partition(".")[2] in _MAPS, new.partition(".")[2] in _MAPS
+        if was != now:
+            self.maps += self.live[old][0] * (1 if now else -1)
+            self.most = max(self.most, self.maps)
+        super().rename(old, new)
+
+    def kept(self) -> int:
+        return sum(n for name, (n, cat) in self.live.items() if cat == S and name.partition(".")[2] in _MAPS)
+
+
+def attention_map_bytes(spec: ViTSpec, wl: Workload) -> list[tuple[int, int, int]]:
+    """What one layer's attention maps take, as the replay allocates them: per kind of block
+    (a Swin's stages; one for the other families), (blocks, bytes kept for backward, bytes
+    alive at once). A fused kernel (SDPA) keeps none; eager attention keeps its probabilities
+    (in fp32 beside a low-precision copy where the softmax runs in fp32)."""
+    sh = shapes_of(spec, wl)
+    grad = wl.training and wl.checkpointing == Checkpointing.none
+    out = []
+    if spec.swin is not None:
+        for st in swin.stages(spec):
+            r = _MapWatch()
+            ssh = swin.stage_shapes(sh, st, wl.batch)
+            r.alloc("b0.in", ssh.tok, S if grad else F)
+            swin.block_forward(r, 0, min(1, st.depth - 1), st, ssh, spec, wl, grad, "b1.in")
+            out.append((st.depth, r.kept(), r.most))
+        return out
+    stacks = [(spec.depth, sh)] + ([(spec.mae.decoder_depth, mae.decoder_shapes(spec, sh))] if spec.mae else [])
+    for depth, ssh in stacks:
+        r = _MapWatch()
+        r.alloc("b0.in", ssh.tok, S if grad else F)
+        _block_forward(r, 0, "b1.in", ssh, spec, wl, grad)
+        out.append((depth, r.kept(), r.most))
+    return out
+
+
 def position_buffer_bytes(spec: ViTSpec, sh: Shapes) -> int:
     """The position encoding's fixed tables, buffers moved with the model (in the parameters'
     dtype; an index stays int64): a sin-cos table of the patches, RoPE's (N, head width) cos

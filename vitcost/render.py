@@ -16,7 +16,18 @@ from rich.text import Text
 from vitcost.estimate import SEARCH_GPUS, SEARCH_STRATEGIES, Report
 from vitcost.formulas import COMPONENT_ORDER
 
-DEFAULTS = "model vit-b, batch 8, mode train, precision amp-bf16, attention sdpa, optimizer adamw"
+# plan's defaults, as (setting, value): the header names those a report was left at
+DEFAULTS = (("model", "vit-b"), ("batch", 8), ("mode", "train"), ("precision", "amp-bf16"), ("attention", "sdpa"),
+            ("optimizer", "adamw"))
+
+
+def defaults_in_effect(report: Report) -> list[str]:
+    """The settings of ``report`` that are plan's defaults (the optimizer only when training)."""
+    w = report.workload
+    values = {"model": report.spec.name, "batch": report.batch, "mode": w.mode.value,
+              "precision": w.precision.value, "attention": w.attention.value,
+              "optimizer": w.optimizer.value if w.training else None}
+    return [f"{key} {value}" for key, value in DEFAULTS if values[key] == value]
 
 # C0 (ESC among them), DEL and C1 control characters, and what no terminal, UTF-8 stream or XML
 # document can take (lone surrogates, the non-characters U+FFFE and U+FFFF)
@@ -92,7 +103,9 @@ def header(report: Report) -> Text:
         if w.grad_accum > 1:
             text.append(f", {w.grad_accum} micro-steps of {w.batch} per GPU")
     text.append(f"{where}\n", style="bold")
-    text.append(f"defaults: {DEFAULTS}; device rules: {w.device.value}", style="dim")
+    at_default = defaults_in_effect(report)
+    text.append((f"left at their defaults: {', '.join(at_default)}; " if at_default else "")
+                + f"device rules: {w.device.value}", style="dim")
     return text
 
 
@@ -126,8 +139,19 @@ def tokens_table(report: Report) -> Table:
     table.add_row("tokens N", f"{t['total']:,}")
     table.add_row("attention map per head (N^2)", f"{a['elements_per_head']:,} elements")
     table.add_row("attention maps per layer", f"{a['elements_per_layer']:,} elements")
-    table.add_row("  bytes per layer (batch)", fmt_bytes(a["bytes_per_layer"]))
+    table.add_row(*_map_bytes_row(report))
     return table
+
+
+def _map_bytes_row(report: Report) -> tuple[str, str]:
+    """What the step gives one layer's maps, as the replay allocates them."""
+    w = report.workload
+    kept = w.training and w.checkpointing.value == "none"
+    label = "  kept for backward per layer (batch)" if kept else "  alive at once per layer (batch)"
+    value = report.attention_maps["bytes_per_layer"]
+    if not value:
+        return label, "none: the fused kernel (sdpa) keeps no maps"
+    return label, fmt_bytes(value)
 
 
 def compute_table(report: Report) -> Table:
@@ -181,6 +205,9 @@ def _position_text(pos: dict[str, Any]) -> str:
 
 
 def memory_table(report: Report) -> Table:
+    """Each category as held, and what of it is live at the peak: the second column adds up
+    to the peak (the first does not: not every category is whole at that moment; under FSDP
+    the gathered parameters count as weights)."""
     m = report.memory
     gpu = report.gpu
     usable = gpu.usable_memory_bytes if gpu else None
@@ -188,41 +215,49 @@ def memory_table(report: Report) -> Table:
     table = Table(title=f"{title} ({'peak of a steady-state training step' if report.workload.training else 'peak of a no_grad forward'})",
                   title_justify="left")
     table.add_column("category", overflow="fold")
-    table.add_column("bytes", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("at the peak", justify="right", no_wrap=True)
     table.add_column("", justify="right", no_wrap=True)
     if usable:
         table.add_column("of usable", justify="right", no_wrap=True)
+    at = report.memory_at_peak
     rows = [
-        ("weights", m.weights),
-        ("gradients", m.gradients),
-        ("optimizer states", m.optimizer_states),
-        ("input batch + labels", m.inputs),
-        ("activations saved for backward", m.activations),
-        ("autocast weight copies", m.autocast_copies),
-        ("transient working set at peak", m.transient),
+        ("weights", m.weights, at["weights"]),
+        ("gradients", m.gradients, at["gradients"]),
+        ("optimizer states", m.optimizer_states, at["optimizer_states"]),
+        ("input batch + labels", m.inputs, at["inputs"]),
+        ("activations saved for backward", m.activations, at["saved"]),
+        ("autocast weight copies", m.autocast_copies, at["autocast_copies"]),
+        ("forward temporaries", None, at["forward_temporaries"]),
+        ("backward temporaries", None, at["backward_temporaries"]),
+        ("optimizer step temporaries", None, at["optimizer_temporaries"]),
     ]
     if report.ddp_bucket_bytes:
-        rows.append(("DDP gradient buckets", report.ddp_bucket_bytes))
-    fsdp = report.sharding
-    if fsdp:  # each one group's: what a rank holds of them depends on the moment
-        rows += [("FSDP root, unsharded (whole step)", fsdp["root_unsharded_bytes"]),
-                 ("FSDP all-gather output, a block", fsdp["block_allgather_bytes"]),
-                 ("FSDP unsharded params, a block", fsdp["block_unsharded_bytes"]),
-                 ("FSDP reduce-scatter input, a block", fsdp["block_reduce_scatter_bytes"])]
-    for name, value in rows:
-        cells = [name, f"{value:,}", fmt_bytes(value)]
+        rows.append(("DDP gradient buckets", report.ddp_bucket_bytes, at["ddp_buckets"]))
+
+    def cells(name: str, full, peak: int) -> list[str]:
+        out = [name, "-" if full is None else f"{full:,}", f"{peak:,}", fmt_bytes(peak)]
         if usable:
-            cells.append(f"{100 * value / usable:.1f}%")
-        table.add_row(*cells)
-    peaks = [("peak (tensors: max_memory_allocated)", report.peak_bytes)]
+            out.append(f"{100 * peak / usable:.1f}%")
+        return out
+
+    for name, full, peak in rows:
+        if full or peak:
+            table.add_row(*cells(name, full, peak))
+    table.add_row(*cells("peak (tensors: max_memory_allocated)", report.peak_bytes, report.peak_bytes), style="bold")
     if gpu:
-        peaks.append((f"peak reserved ({gpu.allocator} allocator: max_memory_reserved)", gpu.peak_reserved_bytes))
-    for name, value in peaks:
-        cells = [name, f"{value:,}", fmt_bytes(value)]
-        if usable:
-            cells.append(f"{100 * value / usable:.1f}%")
-        table.add_row(*cells, style="bold")
-    table.caption = f"peak reached in {m.peak_phase}; not every category is at its full size at that moment"
+        table.add_row(*cells(f"peak reserved ({gpu.allocator} allocator: max_memory_reserved)",
+                             gpu.peak_reserved_bytes, gpu.peak_reserved_bytes), style="bold")
+    fsdp = report.sharding
+    if fsdp:  # each one group's: what a rank holds of them depends on the moment (within the rows above)
+        for name, value in (("FSDP root, unsharded (whole step)", fsdp["root_unsharded_bytes"]),
+                            ("FSDP all-gather output, a block", fsdp["block_allgather_bytes"]),
+                            ("FSDP unsharded params, a block", fsdp["block_unsharded_bytes"]),
+                            ("FSDP reduce-scatter input, a block", fsdp["block_reduce_scatter_bytes"])):
+            table.add_row(f"  of which {name}", f"{value:,}", "", fmt_bytes(value), *([""] if usable else []),
+                          style="dim")
+    table.caption = (f"peak reached in {m.peak_phase}. 'at the peak': what is live then, adding up to the peak; "
+                     "'size': each category as held (gradients once all exist, activations at the end of forward)")
     if report.per_rank_peak_bytes:
         peaks = report.rank_peaks_bytes
         table.caption += (f"\n{report.workload.strategy.value}: the figures are rank {report.workload.rank}'s, "

@@ -22,6 +22,10 @@ CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
 _REPORTED = ("weights", "gradients", "optimizer", "optimizer", "activations",
              "activations", "activations", "temporaries", "activations")
 
+# The replay's categories by name, in the order the memory table lists them at the peak.
+DETAIL = ("weights", "gradients", "optimizer_states", "optimizer_temporaries", "inputs", "saved",
+          "forward_temporaries", "backward_temporaries", "autocast_copies")
+
 CUDA_BLOCK_BYTES = 512  # the caching allocator rounds every tensor up to this
 
 
@@ -40,6 +44,7 @@ class MemoryResult:
     peak_phase: str
     at_peak: dict[str, int]  # MemTracker's categories live at the peak
     saved_by_component: dict[str, int]  # activations saved for backward, by component
+    at_peak_detail: dict[str, int] | None = None  # the replay's own categories (``DETAIL``) live at the peak
 
 
 class Replay:
@@ -168,6 +173,7 @@ def memory_result(figures, peak: int, peak_cat, peak_where: str, components: dic
         peak_phase=peak_where,
         at_peak=at_peak,
         saved_by_component=components,
+        at_peak_detail=dict(zip(DETAIL, peak_cat)),
     )
 
 

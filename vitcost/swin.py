@@ -148,7 +148,7 @@ def _attention_mask(r: Replay, p: str, st: Stage, e: int) -> None:
            p + "m.img", p + "m.win")
 
 
-def _block_forward(r: Replay, i: int, j: int, st: Stage, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
+def block_forward(r: Replay, i: int, j: int, st: Stage, sh: Shapes, spec: ViTSpec, wl: Workload, grad: bool,
                    nxt: str) -> None:
     """``SwinLayer.forward`` (block ``j`` of stage ``st``, block ``i`` of the model) on ``b{i}.in``,
     leaving ``nxt``."""
@@ -298,7 +298,7 @@ def forward(r: Replay, spec: ViTSpec, wl: Workload, sh: Shapes, grad: bool, imag
         stage_in = f"b{i}.in"
         probs = ""  # the last layer's attention weights, held by the stage's loop (no_grad, eager)
         for j in range(st.depth):
-            _block_forward(r, i, j, st, ssh, spec, wl, grad, f"b{i + 1}.in")
+            block_forward(r, i, j, st, ssh, spec, wl, grad, f"b{i + 1}.in")
             r.free(probs)
             probs = "" if grad else f"b{i}.probs"
             i += 1
