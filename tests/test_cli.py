@@ -278,7 +278,7 @@ def test_no_arguments_shows_help_without_an_empty_error():
 COMMANDS = typer.main.get_command(app).commands
 PURPOSE = {
     "plan": "memory of one configuration",
-    "compare": "a row per (image, patch) combination",
+    "compare": "a row per combination of the lists given",
     "gpus": "GPU profiles",
 }
 

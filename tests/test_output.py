@@ -463,3 +463,23 @@ def test_memory_table_at_the_peak_adds_up_to_the_peak(options):
     args = ["plan", "--model", model, *[x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
     got = cells(ok(*args).stdout)
     assert all(f"{v:,}" in got for v in at.values() if v)
+
+
+def test_compare_across_models_batches_precisions_and_gpus():
+    """``compare --model vit-s,vit-b --batch 8,32 --gpu rtx4090,a100``: a row per combination
+    (models outermost, batches innermost), each the plan of that combination; the output says
+    what varies and keeps every name and figure whole at 80 columns."""
+    args = ["compare", "--model", "vit-s,swin-t", "--batch", "8,32", "--gpu", "rtx4090,a100",
+            "--precision", "amp-bf16"]
+    reports = json.loads(ok(*args, "--json").stdout)
+    combos = [(r["inputs"]["model"], r["inputs"]["gpu"], r["inputs"]["batch"]) for r in reports]
+    assert combos == [(m, g, b) for m in ("vit-s", "swin-t") for g in ("rtx4090", "a100") for b in (8, 32)]
+    assert reports[5] == vitcost.plan("swin-t", gpu="rtx4090", batch=32).to_dict()
+    out = ok(*args, columns="80").stdout
+    assert_fits(out, 80)
+    assert "8 rows, varying model, gpu, batch, patch" in words(out)  # (Swin's patch is 4)
+    got = cells(out)
+    assert {"vit-s", "swin-t", "rtx4090 8", "a100 32"} <= got
+    assert all(f"{r['max_batch_size']:,}" in got for r in reports)
+    bad = CliRunner().invoke(app, ["compare", "--precision", "fp32,fp64"])
+    assert bad.exit_code == 2 and "'fp64' is not one of" in bad.output and "Traceback" not in bad.output

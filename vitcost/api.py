@@ -477,19 +477,40 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
+COMPARE_AXES = ("model", "gpu", "precision", "batch", "image", "patch")  # outermost first
+
+
 def compare(
-    model: Optional[str] = "vit-b",
+    model: Union[Optional[str], Iterable[Optional[str]]] = "vit-b",
     *,
     image: Union[ImageSize, Iterable[ImageSize]] = None,
     patch: Union[int, Iterable[int], None] = None,
+    batch: Union[int, Iterable[int]] = 8,
+    precision: Union[str, Iterable[str]] = "amp-bf16",
+    gpu: Union[Optional[str], Iterable[Optional[str]]] = None,
     **options: Any,
 ) -> list[Report]:
-    """One report per (image, patch) combination, images outer, patches inner."""
+    """One report per combination of the lists given: models outermost, then GPUs,
+    precisions, batches, images, and patches innermost (``COMPARE_AXES``)."""
     reports = []
-    for img in _as_list(image):
-        for p in _as_list(patch):
-            reports.append(plan(model, image=img, patch=int(p) if p is not None else None, **options))
+    for m in _as_list(model):
+        for g in _as_list(gpu):
+            for prec in _as_list(precision):
+                for b in _as_list(batch):
+                    for img in _as_list(image):
+                        for p in _as_list(patch):
+                            reports.append(plan(m, image=img, patch=int(p) if p is not None else None, batch=b,
+                                                precision=prec, gpu=g, **options))
     return reports
+
+
+def varying(reports: list[Report]) -> list[str]:
+    """The ``COMPARE_AXES`` whose values differ between ``reports``."""
+    def value(r: Report, axis: str) -> Any:
+        return {"model": r.spec.name, "gpu": r.gpu.requested if r.gpu else None, "precision": r.workload.precision,
+                "batch": r.batch, "image": (r.spec.image_h, r.spec.image_w), "patch": r.spec.patch}[axis]
+
+    return [axis for axis in COMPARE_AXES if len({value(r, axis) for r in reports}) > 1]
 
 
 def transfer(

@@ -250,6 +250,26 @@ def _int_list(text: Optional[str], flag: str) -> list[Optional[int]]:
     return values
 
 
+def _name_list(text: Optional[str], flag: str) -> list[Optional[str]]:
+    """``--model vit-s,vit-b``: names between commas (an empty one is an error)."""
+    if text is None:
+        return [None]
+    parts = [s.strip() for s in text.split(",")]
+    if not all(parts):
+        raise typer.BadParameter(f"{shorten(text, quote=True)}: a name between every comma", param_hint=flag)
+    return parts
+
+
+def _precision_list(text: str) -> list[str]:
+    parts = [s.strip() for s in text.split(",")]
+    known = [p.value for p in Precision]
+    bad = [p for p in parts if p not in known]
+    if bad:
+        raise typer.BadParameter(f"{shorten(bad[0], quote=True)} is not one of {', '.join(known)}",
+                                 param_hint="--precision")
+    return parts
+
+
 def _image_list(text: Optional[str], flag: str = "--image") -> Optional[list[str]]:
     """``--image 224,384``: every part a size (an empty one is an error, not the default)."""
     if text is None:
@@ -265,14 +285,20 @@ def _image_list(text: Optional[str], flag: str = "--image") -> Optional[list[str
 def compare(
     image: Annotated[Optional[str], typer.Option(help="Image sizes, comma-separated: 224,384,512 (each may be HxW).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
     patch: Annotated[Optional[str], typer.Option(help="Patch sizes, comma-separated: 8,14,16,32.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
+    model: Annotated[Optional[str], typer.Option(help="Models, comma-separated: vit-s,vit-b,swin-t (presets or timm-style names).", rich_help_panel="Model", show_default="vit-b")] = None,
+    batch: Annotated[str, typer.Option(help="Global batch sizes, comma-separated: 8,32.", rich_help_panel="Workload")] = "8",
+    precision: Annotated[str, typer.Option(help="Precisions, comma-separated: fp32,amp-bf16 (fp32, bf16, fp16, amp-bf16, amp-fp16).", rich_help_panel="Workload")] = "amp-bf16",
+    gpu: Annotated[Optional[str], typer.Option(help="GPU profiles, comma-separated: rtx4090,a100 (see 'vitcost gpus').", rich_help_panel="Workload")] = None,
     opts: Any = None,
 ) -> None:
-    """One table, a row per (image, patch) combination, with ratios to the first row."""
+    """One table, a row per combination of the lists given (models, GPUs, precisions, batches, images, patches), with ratios to the first row."""
     from vitcost.api import compare as run_compare
     from vitcost.render import render_compare
 
     images = _image_list(image)
-    reports = run_compare(image=images, patch=_int_list(patch, "--patch"), **plan_kwargs(opts))
+    lists = dict(model=_name_list(model, "--model"), gpu=_name_list(gpu, "--gpu"),
+                 precision=_precision_list(precision), batch=_int_list(batch, "--batch"))
+    reports = run_compare(image=images, patch=_int_list(patch, "--patch"), **lists, **plan_kwargs(opts))
     if opts["json_out"]:
         print_json([r.to_dict() for r in reports])
     else:

@@ -395,7 +395,12 @@ def _with_ratio(text: str, value: float, ref: float, first: bool) -> Text:
 
 
 def render_compare(reports: list[Report], console: Console) -> None:
-    console.print(Group(header(reports[0]), *compare_parts(reports)))
+    from vitcost.api import varying
+
+    axes = varying(reports)
+    what = Text(f"{len(reports)} rows" + (f", varying {', '.join(axes)}" if axes else "")
+                + "; the header is the first row's", style="dim")
+    console.print(Group(header(reports[0]), what, *compare_parts(reports)))
     for r in reports:
         for w in r.warnings:
             console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
@@ -403,13 +408,21 @@ def render_compare(reports: list[Report], console: Console) -> None:
 
 def compare_parts(reports: list[Report]) -> list[Any]:
     """The compare table (and, with a GPU, the time table), ratios to the first report."""
+    from vitcost.api import varying
+
     base = reports[0]
     has_gpu = base.gpu is not None
+    axes = varying(reports)
+    labels = [axis for axis in axes if axis not in ("image", "patch")]
+    # image and patch are shown when they vary, or when nothing else does (compare's first use)
+    sizes = [axis for axis in ("image", "patch") if axis in axes or not labels]
     # numbers are never wrapped or cut; the table is dense (no outer edge, collapsed padding)
-    # so that even a GPU's two columns fit 80 columns
+    # so that even a GPU's two columns fit 80 columns; names fold onto a second line
     table = Table(title="vitcost compare (second lines: ratio to the first row)", title_justify="left",
                   box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
-    for col in ("image", "patch", "tokens", "attn map\nper head", "GMACs\n/image", "saved for\nbackward", "peak"):
+    if labels:
+        table.add_column(_axis_header(labels), justify="left", no_wrap=True)
+    for col in (*sizes, "tokens", "attn map\nper head", "GMACs\n/image", "saved for\nbackward", "peak"):
         table.add_column(col, justify="right", no_wrap=True)
     if has_gpu:  # whether the batch fits is told by the largest batch: marked where it is smaller
         table.add_column("max\nbatch", justify="right", no_wrap=True)
@@ -418,9 +431,7 @@ def compare_parts(reports: list[Report]) -> list[Any]:
             table.caption_justify = "left"
     for r in reports:
         first = r is base
-        row = [
-            Text(f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h)),
-            Text(str(r.spec.patch)),
+        row = [*_axis_cells(r, labels), *_size_cells(r, sizes),
             _with_ratio(f"{r.spec.tokens:,}", r.spec.tokens, base.spec.tokens, first),
             _with_ratio(f"{r.attention_maps['elements_per_head']:,}", r.attention_maps["elements_per_head"],
                         base.attention_maps["elements_per_head"], first),
@@ -435,8 +446,32 @@ def compare_parts(reports: list[Report]) -> list[Any]:
         table.add_row(*row)
     parts: list[Any] = [table]
     if any(r.time is not None for r in reports):
-        parts.append(_compare_time_table(reports))
+        parts.append(_compare_time_table(reports, labels, sizes))
     return parts
+
+
+def _size_cells(r: Report, sizes: list[str]) -> list[Text]:
+    """A compare row's image and patch, those of them shown."""
+    s = r.spec
+    values = {"image": f"{s.image_h}x{s.image_w}" if s.image_h != s.image_w else str(s.image_h), "patch": str(s.patch)}
+    return [Text(values[axis]) for axis in sizes]
+
+
+def _axis_header(axes: list[str]) -> str:
+    """The varying axes' column: the first on one line, the others on the next (each row is
+    two lines already: figures, then ratios)."""
+    return axes[0] + ("\n" + " ".join(axes[1:]) if len(axes) > 1 else "")
+
+
+def _axis_cells(r: Report, axes: list[str]) -> list[Text]:
+    """A compare row's model, GPU, precision and batch, for the axes that vary: one cell, laid
+    out as ``_axis_header``."""
+    if not axes:
+        return []
+    values = {"model": r.spec.name, "gpu": r.gpu.requested if r.gpu else "-", "precision": r.workload.precision.value,
+              "batch": f"{r.batch:,}"}
+    shown = [escape_control(values[axis]) for axis in axes]
+    return [Text(shown[0] + ("\n" + " ".join(shown[1:]) if len(shown) > 1 else ""))]
 
 
 def render_transfer(tr: Any, console: Console) -> None:
@@ -488,18 +523,20 @@ def render_transfer(tr: Any, console: Console) -> None:
             console.print(Text(f"warning: {escape_control(w)}", style="yellow"))
 
 
-def _compare_time_table(reports: list[Report]) -> Table:
+def _compare_time_table(reports: list[Report], labels: list[str], sizes: list[str]) -> Table:
     """The rows' speed: time per step, samples/s and MFU on the GPU, with ratios to the first."""
     base = reports[0]
-    table = Table(title=f"time per step on {escape_control(base.gpu.display_name)} (second lines: ratio to the first row)",
+    where = "each row's GPU" if "gpu" in labels else escape_control(base.gpu.display_name)
+    table = Table(title=f"time per step on {where} (second lines: ratio to the first row)",
                   title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
-    for col in ("image", "patch", "ms/step", "samples/s", "MFU", "matmul", "attention", "memory-bound"):
+    if labels:
+        table.add_column(_axis_header(labels), justify="left", no_wrap=True)
+    for col in (*sizes, "ms/step", "samples/s", "MFU", "matmul", "attention", "memory-bound"):
         table.add_column(col, justify="right", no_wrap=True)
     t0 = base.time
     for r in reports:
         t = r.time
-        cells = [Text(f"{r.spec.image_h}x{r.spec.image_w}" if r.spec.image_h != r.spec.image_w else str(r.spec.image_h)),
-                 Text(str(r.spec.patch))]
+        cells = [*_axis_cells(r, labels), *_size_cells(r, sizes)]
         if t is None:
             cells += [Text("-")] * 6
         else:
