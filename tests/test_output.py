@@ -483,3 +483,26 @@ def test_compare_across_models_batches_precisions_and_gpus():
     assert all(f"{r['max_batch_size']:,}" in got for r in reports)
     bad = CliRunner().invoke(app, ["compare", "--precision", "fp32,fp64"])
     assert bad.exit_code == 2 and "'fp64' is not one of" in bad.output and "Traceback" not in bad.output
+
+
+def test_models_table():
+    """``vitcost models``: a row per preset and known name, each figure the plan's own (Swin-T's
+    28,288,354 parameters and 4.49 GMACs); fp16 weights are 2 bytes a parameter; a filter; the
+    table whole at 80 columns and every name whole at 120."""
+    rows = json.loads(ok("models", "--json").stdout)
+    from vitcost.presets import known_names
+
+    assert [r["name"] for r in rows] == known_names()
+    swin = next(r for r in rows if r["name"] == "swin-t")
+    assert (swin["params"], round(swin["gmacs_forward_per_image"], 2), swin["stages"]) == (28_288_354, 4.49, [2, 2, 6, 2])
+    for r in rows[::7]:
+        assert r["fp16_weight_bytes"] == 2 * r["params"]
+        assert r["train_peak_bytes_batch1"] == vitcost.plan(r["name"], batch=1).peak_bytes
+        assert r["infer_peak_bytes_batch1"] == vitcost.plan(r["name"], batch=1, mode="infer").peak_bytes
+    assert [r["name"] for r in json.loads(ok("models", "dinov2", "--json").stdout)] == \
+        [n for n in known_names() if "dinov2" in n]
+    assert_fits(ok("models", columns="80").stdout, 80)
+    wide = cells(ok("models", columns="120").stdout)
+    assert all(r["name"] in wide for r in rows)
+    bad = CliRunner().invoke(app, ["models", "resnet"])
+    assert bad.exit_code == 1 and "no known model name contains 'resnet'" in bad.output

@@ -477,6 +477,30 @@ def _as_list(value: Any) -> list:
     return [value]
 
 
+def models(match: Optional[str] = None) -> list[dict[str, Any]]:
+    """A row per known model (``presets.known_names``; ``match``: those whose name contains
+    it): its family, image and patch, width, depth, heads, parameters, forward GMACs per image
+    at its image, fp16 weights, and the peak of one training step and one no_grad forward at
+    batch 1 (amp-bf16, SDPA, AdamW, CUDA rules; a backbone trained with a 1000-class head)."""
+    from vitcost.presets import known_names
+
+    names = [n for n in known_names() if match is None or match.lower() in n.lower()]
+    if not names:
+        raise ConfigError(f"no known model name contains {shorten(str(match), quote=True)} (vitcost models lists them)")
+    rows = []
+    for name in names:
+        train, infer = plan(name, batch=1), plan(name, batch=1, mode="infer")
+        s = train.spec
+        family = ("swin" if s.swin else "dinov2" if "dinov2" in name else "deit3" if name.startswith("deit3")
+                  else "deit" if name.startswith("deit") else "vit")
+        rows.append({"name": name, "family": family, "image": s.image_h, "patch": s.patch, "dim": s.dim,
+                     "depth": s.depth, "heads": s.heads, "stages": list(s.swin.depths) if s.swin else None,
+                     "params": infer.params_total, "gmacs_forward_per_image": infer.macs_forward_per_image / 1e9,
+                     "fp16_weight_bytes": 2 * infer.params_total, "train_peak_bytes_batch1": train.peak_bytes,
+                     "infer_peak_bytes_batch1": infer.peak_bytes})
+    return rows
+
+
 COMPARE_AXES = ("model", "gpu", "precision", "batch", "image", "patch")  # outermost first
 
 

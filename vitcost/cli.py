@@ -327,6 +327,22 @@ def transfer(
 
 
 @app.command()
+def models(
+    match: Annotated[Optional[str], typer.Argument(help="List only the names containing this (e.g. swin, dinov2).", show_default="every name")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Every preset and known timm or Hugging Face name: sizes, parameters, GMACs, fp16 weights and batch-1 peaks."""
+    from vitcost.api import models as run_models
+    from vitcost.render import render_models
+
+    rows = run_models(match)
+    if json_out:
+        print_json(rows)
+    else:
+        render_models(rows, _console())
+
+
+@app.command()
 def gpus(json_out: Annotated[bool, typer.Option("--json", help="Print the profiles as JSON.")] = False) -> None:
     """List the GPU profiles vitcost ships, with aliases and usable memory."""
     from vitcost.api import usable_memory

@@ -197,6 +197,11 @@ def swin_names() -> list[str]:
     return list(_SWIN)
 
 
+def known_names() -> list[str]:
+    """Every name ``vitcost models`` lists: the presets, then the published timm names."""
+    return preset_names() + swin_names() + list(_TIMM_EXAMPLES)
+
+
 @lru_cache(maxsize=512)
 def resolve_model(name: str) -> ModelDefaults:
     """Resolve a preset or timm-style name; raises :class:`UnknownNameError` with suggestions."""

@@ -550,6 +550,25 @@ def _compare_time_table(reports: list[Report], labels: list[str], sizes: list[st
     return table
 
 
+def render_models(rows: list[dict[str, Any]], console: Console) -> None:
+    """``vitcost models``: a row per name, its sizes under it, figures to the right."""
+    table = Table(title="Models (peaks of one step at batch 1: amp-bf16, sdpa, AdamW, CUDA rules)",
+                  title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("name\nimage/patch, D x depth, heads", overflow="fold")
+    for col in ("params", "GMACs\n/image", "fp16\nweights", "train\npeak", "infer\npeak"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        depth = "+".join(map(str, r["stages"])) if r["stages"] else str(r["depth"])
+        name = Text(escape_control(r["name"]), style="bold")
+        name.append(f"\n{r['image']}/{r['patch']}, {r['dim']} x {depth}, {r['heads']}", style="dim")
+        table.add_row(name, f"{r['params'] / 1e6:,.1f}M", f"{r['gmacs_forward_per_image']:,.2f}",
+                      fmt_bytes(r["fp16_weight_bytes"]), fmt_bytes(r["train_peak_bytes_batch1"]),
+                      fmt_bytes(r["infer_peak_bytes_batch1"]))
+    console.print(table)
+    console.print(Text("a Swin's width doubles each stage (the first stage's is shown, its blocks per stage); "
+                       "vitcost plan --model NAME for the rest", style="dim"))
+
+
 def render_gpus(rows: list[tuple[Any, int, str]], console: Console) -> None:
     """The GPU profiles: ``rows`` of (profile, usable bytes, where the usable figure comes from).
 
