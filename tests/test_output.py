@@ -506,3 +506,18 @@ def test_models_table():
     assert all(r["name"] in wide for r in rows)
     bad = CliRunner().invoke(app, ["models", "resnet"])
     assert bad.exit_code == 1 and "no known model name contains 'resnet'" in bad.output
+
+
+def test_patch_metrics():
+    """ViT-B/16 at 224: a token covers 256 pixels (768 values), a 14 x 14 effective resolution,
+    350,044 forward MACs a pixel, 4.1% of them the attention products; at patch 8 a token
+    covers a quarter of the pixels and the attention's share grows (N^2 against N)."""
+    m16 = vitcost.plan("vit-b").patch_metrics
+    assert (m16["pixels_per_token"], m16["values_per_token"], m16["effective_resolution"]) == (256, 768, [14, 14])
+    assert round(m16["macs_per_pixel"]) == round(17_563_828_224 / (224 * 224))
+    assert round(m16["attention_share_of_macs"], 4) == round((2 * 12 * 197 * 197 * 768) / 17_563_828_224, 4)
+    m8 = vitcost.plan("vit-b", patch=8).patch_metrics
+    assert m8["pixels_per_token"] == 64 and m8["attention_share_of_macs"] > 2.5 * m16["attention_share_of_macs"]
+    out = words(ok("plan").stdout)
+    assert "pixels per token (P^2; x C values) │ 256 (768 values)" in out
+    assert "attention products' share of MACs │ 4.1%" in out

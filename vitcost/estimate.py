@@ -313,6 +313,19 @@ class Report:
                 out["saved_per_block_bytes"] = sh.b * sh.h * sh.n * sh.n * 4
         return out
 
+    @property
+    def patch_metrics(self) -> dict[str, Any]:
+        """What the patch size buys and costs: pixels a token covers (P^2; the stride's square
+        apart under overlap) and the values it reads (P^2 C), the effective resolution (the grid
+        of tokens), forward MACs per pixel of the image, and the attention products' share of
+        the forward MACs."""
+        s = self.spec
+        macs = self.macs_forward_per_image
+        attention = self.macs_forward.get("blocks/attn/q_kT", 0) + self.macs_forward.get("blocks/attn/attn_v", 0)
+        return {"pixels_per_token": s.patch * s.patch, "values_per_token": s.patch * s.patch * s.channels,
+                "stride_pixels_per_token": s.stride * s.stride, "effective_resolution": [s.grid_h, s.grid_w],
+                "macs_per_pixel": macs / (s.image_h * s.image_w * s.frames), "attention_share_of_macs": attention / macs}
+
     def to_stages(self) -> Optional[list[dict[str, int]]]:
         """A Swin's stages (``stages_of``); None for the isotropic families."""
         return stages_of(self.spec, self.workload)
@@ -390,6 +403,7 @@ class Report:
             },
             "tokens": dict(self.tokens),
             "stages": stages_of(s, w),
+            "patch_metrics": self.patch_metrics,
             "params": {**self.params, "total": self.params_total},
             "macs": {
                 "forward_per_image": self.macs_forward_per_image,

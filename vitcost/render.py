@@ -112,16 +112,23 @@ def header(report: Report) -> Text:
 def stages_table(report: Report) -> Table:
     """A Swin's stages: where its tokens, windows and attention maps are."""
     b = report.workload.batch
-    table = Table(title=f"Stages (windowed attention: N = M x M tokens per window; maps for a batch of {b})",
-                  title_justify="left")
-    for col in ("stage", "blocks", "width", "heads", "grid", "tokens", "window M", "shift", "windows",
-                "maps per block", "map bytes per block"):
+    kept = report.workload.training and report.workload.checkpointing.value == "none"
+    table = Table(title=f"Stages (attention within M x M windows; map bytes for a batch of {b}, "
+                        f"{'kept for backward' if kept else 'alive at once'})",
+                  title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    for col in ("stage", "blocks", "width", "heads", "grid", "tokens", "window\nM/shift", "windows",
+                "maps per\nblock", "map\nbytes"):
         table.add_column(col, justify="right", no_wrap=True)
     for st in report.to_stages():
+        maps = st["attention_bytes_per_block"]
         table.add_row(str(st["stage"]), str(st["blocks"]), f"{st['dim']:,}", str(st["heads"]),
-                      f"{st['grid_h']} x {st['grid_w']}", f"{st['tokens']:,}", str(st["window"]), str(st["shift"]),
+                      f"{st['grid_h']}x{st['grid_w']}", f"{st['tokens']:,}", f"{st['window']}/{st['shift']}",
                       f"{st['windows']:,}", f"{st['attention_elements_per_block']:,}",
-                      fmt_bytes(st["attention_bytes_per_block"]))
+                      fmt_bytes(maps) if maps else "none")
+    table.caption = "; ".join(f"{name}: {value}" for name, value in _patch_rows(report))
+    if not any(st["attention_bytes_per_block"] for st in report.to_stages()):
+        table.caption += "; none: the fused kernel (sdpa) keeps no maps"
+    table.caption_justify = "left"
     return table
 
 
@@ -140,7 +147,19 @@ def tokens_table(report: Report) -> Table:
     table.add_row("attention map per head (N^2)", f"{a['elements_per_head']:,} elements")
     table.add_row("attention maps per layer", f"{a['elements_per_layer']:,} elements")
     table.add_row(*_map_bytes_row(report))
+    for row in _patch_rows(report):
+        table.add_row(*row)
     return table
+
+
+def _patch_rows(report: Report) -> list[tuple[str, str]]:
+    """What the patch size buys and costs (``Report.patch_metrics``)."""
+    m = report.patch_metrics
+    gh, gw = m["effective_resolution"]
+    return [("pixels per token (P^2; x C values)", f"{m['pixels_per_token']:,} ({m['values_per_token']:,} values)"),
+            ("effective resolution (tokens per side)", f"{gh} x {gw}"),
+            ("forward MACs per pixel", f"{m['macs_per_pixel']:,.0f}"),
+            ("attention products' share of MACs", f"{m['attention_share_of_macs']:.1%}")]
 
 
 def _map_bytes_row(report: Report) -> tuple[str, str]:
