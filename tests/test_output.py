@@ -521,3 +521,27 @@ def test_patch_metrics():
     out = words(ok("plan").stdout)
     assert "pixels per token (P^2; x C values) │ 256 (768 values)" in out
     assert "attention products' share of MACs │ 4.1%" in out
+
+
+def test_tiers():
+    """``vitcost tiers``: on an RTX 4090 at batch 8, ViT-B/16's largest image is one whose step
+    fits while the next tried does not (the caching allocator's fit, as plan decides it); the
+    smallest patch at 224 likewise; the table marks the ends of the lists tried."""
+    from vitcost.api import TIER_IMAGES, TIER_PATCHES
+
+    rows = json.loads(ok("tiers", "--gpu", "rtx4090", "--model", "vit-b,vit-l", "--json").stdout)
+    assert [(r["gpu"], r["model"]) for r in rows] == [("rtx4090", "vit-b"), ("rtx4090", "vit-l")]
+    for r in rows:
+        img = r["largest_image"]
+        assert vitcost.plan(r["model"], image=img, gpu="rtx4090", batch=8).gpu.fits
+        nxt = TIER_IMAGES[TIER_IMAGES.index(img) + 1]
+        assert not vitcost.plan(r["model"], image=nxt, gpu="rtx4090", batch=8).gpu.fits
+        p = r["smallest_patch"]
+        assert vitcost.plan(r["model"], patch=p, gpu="rtx4090", batch=8).gpu.fits
+        if p != TIER_PATCHES[-1]:
+            assert not vitcost.plan(r["model"], patch=TIER_PATCHES[TIER_PATCHES.index(p) + 1], gpu="rtx4090",
+                                    batch=8).gpu.fits
+        assert r["max_batch"] == vitcost.plan(r["model"], gpu="rtx4090", batch=8).gpu.max_batch_size
+    out = ok("tiers", "--gpu", "a100", "--model", "vit-s", columns="80").stdout
+    assert_fits(out, 80)
+    assert "2048+" in out and "<=4" in out  # ViT-S fits every image and patch tried on an A100

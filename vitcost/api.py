@@ -501,6 +501,51 @@ def models(match: Optional[str] = None) -> list[dict[str, Any]]:
     return rows
 
 
+TIER_IMAGES = (224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
+TIER_PATCHES = (32, 16, 14, 8, 4)
+
+
+def tiers(models: Iterable[str] = ("vit-s", "vit-b", "vit-l"), *, batch: int = 8, patch: int = 16,
+          image: ImageSize = 224, gpus: Optional[Iterable[str]] = None, **options: Any) -> list[dict[str, Any]]:
+    """The tutorials' hardware tiers, worked out: for each GPU profile (every one shipped
+    unless ``gpus`` names some) and model, at the global ``batch``: the largest image of
+    ``TIER_IMAGES`` whose step fits at ``patch``, the smallest patch of ``TIER_PATCHES`` that fits
+    at ``image``, and the largest batch at (``image``, ``patch``). A fit is the caching
+    allocator's (``plan(...).gpu.fits``); both searches are monotone (more tokens never need
+    less memory), so each is a bisection."""
+    from vitcost.profiles import list_profiles
+
+    names = list(gpus) if gpus else [p.name for p in list_profiles()]
+    rows = []
+    for gpu in names:
+        for model in models:
+            def fits(img: ImageSize, p: int) -> bool:
+                return plan(model, image=img, patch=p, batch=batch, gpu=gpu, **options).gpu.fits
+
+            base = plan(model, image=image, patch=patch, batch=batch, gpu=gpu, **options)
+            largest = _last_true(TIER_IMAGES, lambda img: fits(img, patch))
+            smallest = _last_true(TIER_PATCHES, lambda p: fits(image, p))
+            rows.append({"gpu": gpu, "display_name": base.gpu.display_name, "gpus": base.gpu.gpus,
+                         "usable_memory_bytes": base.gpu.usable_memory_bytes, "model": base.spec.name,
+                         "batch": batch, "patch": patch, "image": base.spec.image_h, "largest_image": largest,
+                         "smallest_patch": smallest, "max_batch": base.gpu.max_batch_size,
+                         "peak_reserved_bytes": base.gpu.peak_reserved_bytes})
+    return rows
+
+
+def _last_true(values: tuple, ok: Callable[[Any], bool]) -> Any:
+    """The last of ``values`` for which ``ok`` holds, ``ok`` being true up to some point and
+    false after it (None when it is false from the first)."""
+    lo, hi = 0, len(values)  # ok(values[i]) for every i < lo; not for any i >= hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(values[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return values[lo - 1] if lo else None
+
+
 COMPARE_AXES = ("model", "gpu", "precision", "batch", "image", "patch")  # outermost first
 
 

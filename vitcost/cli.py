@@ -327,6 +327,30 @@ def transfer(
 
 
 @app.command()
+@shared_options
+def tiers(
+    model: Annotated[str, typer.Option(help="Models, comma-separated.", rich_help_panel="Model")] = "vit-s,vit-b,vit-l",
+    gpu: Annotated[Optional[str], typer.Option(help="GPU profiles, comma-separated (every shipped one when left out).", rich_help_panel="Workload", show_default="every profile")] = None,
+    image: Annotated[str, typer.Option(help="The image the smallest patch is searched at.", rich_help_panel="Model")] = "224",
+    patch: Annotated[int, typer.Option(help="The patch the largest image is searched at.", rich_help_panel="Model")] = 16,
+    opts: Any = None,
+) -> None:
+    """The hardware tiers, worked out: per GPU and model, the largest image and the smallest patch whose step fits at the batch."""
+    from vitcost.api import tiers as run_tiers
+    from vitcost.render import render_tiers
+
+    kw = plan_kwargs(opts)
+    for name in ("gpus", "nodes", "hf_config"):
+        kw.pop(name, None)
+    rows = run_tiers([m for m in _name_list(model, "--model")], gpus=_name_list(gpu, "--gpu") if gpu else None,
+                     image=image, patch=patch, **kw)
+    if opts["json_out"]:
+        print_json(rows)
+    else:
+        render_tiers(rows, _console())
+
+
+@app.command()
 def models(
     match: Annotated[Optional[str], typer.Argument(help="List only the names containing this (e.g. swin, dinov2).", show_default="every name")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,

@@ -569,6 +569,47 @@ def _compare_time_table(reports: list[Report], labels: list[str], sizes: list[st
     return table
 
 
+def render_tiers(rows: list[dict[str, Any]], console: Console) -> None:
+    """``vitcost tiers``: per GPU and model, the largest image and smallest patch that fit."""
+    first = rows[0]
+    table = Table(title=f"Hardware tiers at batch {first['batch']:,} (global): the largest image at patch "
+                        f"{first['patch']}, the smallest patch at {first['image']} px",
+                  title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("GPU\nusable", overflow="fold")
+    table.add_column("model", overflow="fold")
+    for col in ("largest\nimage", "smallest\npatch", "max batch\nat both", "reserved\nat both"):
+        table.add_column(col, justify="right", no_wrap=True)
+    last = None
+    for r in rows:
+        gpu = Text("")
+        if r["gpu"] != last:
+            gpu = Text(escape_control(r["gpu"]) + (f" ({r['gpus']} GPUs)" if r["gpus"] > 1 else ""), style="bold")
+            gpu.append("\n" + fmt_bytes(r["usable_memory_bytes"]), style="dim")
+            last = r["gpu"]
+        image = "none" if r["largest_image"] is None else str(r["largest_image"]) + (
+            "+" if r["largest_image"] == _tier_images()[-1] else "")
+        patch = "none" if r["smallest_patch"] is None else ("<=" if r["smallest_patch"] == _tier_patches()[-1]
+                                                            else "") + str(r["smallest_patch"])
+        table.add_row(gpu, escape_control(r["model"]), image, patch, f"{r['max_batch']:,}",
+                      fmt_bytes(r["peak_reserved_bytes"]))
+    console.print(table)
+    console.print(Text(f"images tried: {', '.join(map(str, _tier_images()))}; patches: "
+                       f"{', '.join(map(str, _tier_patches()))}; a fit is the caching allocator's, over a first "
+                       "and the steady steps, within the profile's usable memory", style="dim"))
+
+
+def _tier_images() -> tuple:
+    from vitcost.api import TIER_IMAGES
+
+    return TIER_IMAGES
+
+
+def _tier_patches() -> tuple:
+    from vitcost.api import TIER_PATCHES
+
+    return TIER_PATCHES
+
+
 def render_models(rows: list[dict[str, Any]], console: Console) -> None:
     """``vitcost models``: a row per name, its sizes under it, figures to the right."""
     table = Table(title="Models (peaks of one step at batch 1: amp-bf16, sdpa, AdamW, CUDA rules)",
