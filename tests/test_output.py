@@ -545,3 +545,33 @@ def test_tiers():
     out = ok("tiers", "--gpu", "a100", "--model", "vit-s", columns="80").stdout
     assert_fits(out, 80)
     assert "2048+" in out and "<=4" in out  # ViT-S fits every image and patch tried on an A100
+
+
+@pytest.mark.parametrize("model,options", [
+    ("vit-b", {}), ("vit-b", dict(checkpointing="full", attention="eager")), ("vit-b", dict(patch_stride=8)),
+    ("deit_small_distilled_patch16_224", dict(distillation=True)), ("vit_small_patch14_dinov2", dict(impl="hf")),
+    ("vit-b", dict(mode="infer", device="cpu", precision="bf16")), ("vit-b", dict(optimizer="sgd-momentum", device="cpu")),
+    ("vit-b", dict(pos_embed="relative-bias", attention="eager")), ("swin-t", {}), ("vit-b", dict(gpus=4, strategy="fsdp")),
+])
+def test_explain_derives_every_figure(model, options):
+    """Every derived step that names a report figure equals it: the derivation's arithmetic,
+    done from the formulas, lands on plan's numbers (and the plain ViT's parameters, MACs and
+    weights, gradients, states and inputs each have such a step)."""
+    from vitcost.explain import explain, figure
+
+    report = vitcost.plan(model, **options)
+    data = report.to_dict()
+    steps = [st for _, section in explain(report) for st in section]
+    checked = {st.equals for st in steps if st.equals}
+    assert [(st.what, st.value, figure(data, st.equals)) for st in steps
+            if st.equals and figure(data, st.equals) != st.value] == []
+    if report.spec.swin is None:
+        assert {"params.total", "macs.forward_per_image", "tokens.total", "memory_bytes.peak",
+                "memory_bytes.inputs"} <= checked
+    if not (report.workload.fsdp or report.workload.shards_optimizer):
+        assert {"memory_bytes.weights"} <= checked
+    flags = [x for k, v in options.items()
+             for x in ((f"--{k.replace('_', '-')}",) if v is True else (f"--{k.replace('_', '-')}", str(v)))]
+    out = ok("explain", "--model", model, *flags, columns="80").stdout
+    assert_fits(out, 80)
+    assert f"{report.params_total:,}" in words(out) and f"{report.peak_bytes:,}" in words(out)

@@ -237,6 +237,29 @@ def plan(
         render_plan(report, _console())
 
 
+@app.command()
+@shared_options
+def explain(
+    image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
+    patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
+    hf_config: Annotated[Optional[str], typer.Option("--hf-config", help="A Hugging Face config.json, as for plan.", rich_help_panel="Model")] = None,
+    opts: Any = None,
+) -> None:
+    """plan's figures derived step by step: each formula with the numbers in (grid, tokens, parameters, MACs, memory)."""
+    from vitcost.api import plan as run_plan
+    from vitcost.explain import explain as run_explain
+    from vitcost.render import render_explain
+
+    report = run_plan(image=image, patch=patch, hf_config=hf_config, **plan_kwargs(opts))
+    sections = run_explain(report)
+    if opts["json_out"]:
+        print_json([{"section": title, "steps": [{"what": st.what, "formula": st.formula, "substituted": st.substituted,
+                                                   "value": st.value, "equals": st.equals} for st in steps]}
+                    for title, steps in sections])
+    else:
+        render_explain(report, sections, _console())
+
+
 def _int_list(text: Optional[str], flag: str) -> list[Optional[int]]:
     if text is None:
         return [None]

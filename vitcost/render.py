@@ -569,6 +569,24 @@ def _compare_time_table(reports: list[Report], labels: list[str], sizes: list[st
     return table
 
 
+def render_explain(report: Report, sections: list, console: Console) -> None:
+    """``vitcost explain``: each section a table of what, formula = numbers = value."""
+    parts: list[Any] = [header(report)]
+    for title, steps in sections:
+        table = Table(title=title, title_justify="left", box=None, show_header=False, pad_edge=False)
+        table.add_column("what", overflow="fold", style="bold", max_width=28)
+        table.add_column("derivation", overflow="fold")
+        for st in steps:
+            value = f"{st.value:,.0f}" if float(st.value).is_integer() else f"{st.value:,.4g}"
+            if st.equals and st.equals.startswith("memory_bytes"):
+                value += f" ({fmt_bytes(st.value)})"
+            terms = [t for t in (st.formula if st.formula != "-" else "", st.substituted if st.substituted != "-"
+                                 else "") if t]
+            table.add_row(escape_control(st.what), " = ".join([*terms, value]))
+        parts.append(table)
+    console.print(Group(*parts))
+
+
 def render_tiers(rows: list[dict[str, Any]], console: Console) -> None:
     """``vitcost tiers``: per GPU and model, the largest image and smallest patch that fit."""
     first = rows[0]
