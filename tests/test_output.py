@@ -575,3 +575,52 @@ def test_explain_derives_every_figure(model, options):
     out = ok("explain", "--model", model, *flags, columns="80").stdout
     assert_fits(out, 80)
     assert f"{report.params_total:,}" in words(out) and f"{report.peak_bytes:,}" in words(out)
+
+
+def test_advise_front():
+    """``vitcost advise --task mobile --gpu rtx4090``: each row is the fastest precision and
+    checkpointing whose step fits, its report the plan's own; no row is beaten by another on
+    detail, model size and step time at once; every fitting choice left out is beaten by a
+    row (the front worked out here by brute force over the same space)."""
+    from vitcost.advise import CHECKPOINTING, PRECISIONS, TASKS, capacity
+
+    data = json.loads(ok("advise", "--task", "mobile", "--gpu", "rtx4090", "--json").stdout)
+    rows = [d["advise"] for d in data]
+    task = TASKS["mobile"]
+    best = {}
+    for m in task.models:
+        for img in task.images:
+            for p in task.patches:
+                fits = [r for r in (vitcost.plan(m, image=img, patch=p, gpu="rtx4090", precision=prec,
+                                                 checkpointing=ck) for prec in PRECISIONS for ck in CHECKPOINTING)
+                        if r.gpu.fits]
+                if fits:
+                    r = min(fits, key=lambda r: r.time.step_seconds)
+                    best[(m, img, p)] = (r.tokens["patches"], capacity(r), -r.time.step_seconds)
+    front = {k for k, a in best.items()
+             if not any(all(x >= y for x, y in zip(b, a)) and b != a for b in best.values())}
+    assert {(r["model"], r["image"], r["patch"]) for r in rows} == front
+    for d, r in zip(data, rows):
+        report = vitcost.plan(r["model"], image=r["image"], patch=r["patch"], gpu="rtx4090", precision=r["precision"],
+                              checkpointing=r["checkpointing"])
+        assert {k: v for k, v in d.items() if k != "advise"} == report.to_dict()
+    out = ok("advise", "--task", "mobile", "--gpu", "rtx4090", columns="80").stdout
+    assert_fits(out, 80)
+    # the tutorials' ViT-Ti/32 at 224 fits; off the front, the output names a row that beats it
+    assert not any(r["task_default"] for r in rows)
+    m = re.search(r"it fits, but (\S+) at (\d+)/(\d+) has as much detail", words(out))
+    assert m and (m[1], int(m[2]), int(m[3])) in front
+    mine, theirs = best[("vit-ti", 224, 32)], best[(m[1], int(m[2]), int(m[3]))]
+    assert all(x >= y for x, y in zip(theirs, mine))
+    assert re.search(r"searched 32 configurations in [0-9.]+ s", words(out))
+
+
+def test_advise_constraints_and_errors():
+    rows = [d["advise"] for d in json.loads(ok("advise", "--gpu", "a100", "--min-tokens", "1000", "--max-patch", "16",
+                                                   "--models", "vit-s,vit-b", "--json").stdout)]
+    assert rows and all(r["tokens"] >= 1000 and r["patch"] <= 16 for r in rows)
+    for args, needle in ((["--task", "cooking"], "--task 'cooking': expected one of"),
+                         ([], "advise needs --task, or constraints"),
+                         (["--task", "face", "--batch", "8", "--min-batch", "8"], "not both")):
+        result = CliRunner().invoke(app, ["advise", "--gpu", "a100", *args])
+        assert result.exit_code == 1 and needle in result.output and "Traceback" not in result.output

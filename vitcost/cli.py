@@ -374,6 +374,38 @@ def tiers(
 
 
 @app.command()
+def advise(
+    gpu: Annotated[str, typer.Option(help="GPU profile name, alias or YAML file (see 'vitcost gpus').", rich_help_panel="Workload")],
+    task: Annotated[Optional[str], typer.Option(help="classification, fine-detail, medical, satellite, detection, face or mobile: the tutorials' starting point and a search space around it.", rich_help_panel="Model")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="Every configuration must run this global batch.", rich_help_panel="Workload", show_default="8")] = None,
+    min_batch: Annotated[Optional[int], typer.Option("--min-batch", help="Every configuration must fit at least this batch (its largest is shown).", rich_help_panel="Workload")] = None,
+    min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="At least so many patch tokens (the detail needed).", rich_help_panel="Model")] = None,
+    max_patch: Annotated[Optional[int], typer.Option("--max-patch", help="Patches no larger than this.", rich_help_panel="Model")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Models to search, comma-separated.", rich_help_panel="Model", show_default="the task's")] = None,
+    image: Annotated[Optional[str], typer.Option(help="Image sizes to search, comma-separated.", rich_help_panel="Model", show_default="the task's")] = None,
+    patch: Annotated[Optional[str], typer.Option(help="Patch sizes to search, comma-separated.", rich_help_panel="Model", show_default="the task's")] = None,
+    mode: Annotated[Mode, typer.Option(help="train or infer.", rich_help_panel="Workload")] = Mode.train,
+    max_step_ms: Annotated[Optional[float], typer.Option("--max-step-ms", help="A time budget: steps no slower than this (ms, by the time model).", rich_help_panel="Time")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the front as a list of plan reports, each with an 'advise' key.")] = False,
+) -> None:
+    """What to run for a task on a GPU: the configurations that fit, cut to their Pareto front over detail, model size and speed, with why each is there."""
+    from vitcost.advise import advise as run_advise
+    from vitcost.render import render_advice
+
+    if image is not None and not all(re.fullmatch(r"[0-9]{1,5}", p.strip()) for p in image.split(",")):
+        raise typer.BadParameter(f"{shorten(image, quote=True)}: square sizes like 224,384", param_hint="--image")
+    result = run_advise(task, gpu=gpu, batch=batch, min_batch=min_batch, min_tokens=min_tokens, max_patch=max_patch,
+                        models=_name_list(models, "--models") if models else None,
+                        images=[int(p) for p in image.split(",")] if image else None,
+                        patches=[p for p in _int_list(patch, "--patch")] if patch else None, mode=mode.value,
+                        max_step_seconds=None if max_step_ms is None else max_step_ms / 1e3)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        render_advice(result, _console())
+
+
+@app.command()
 def models(
     match: Annotated[Optional[str], typer.Argument(help="List only the names containing this (e.g. swin, dinov2).", show_default="every name")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,

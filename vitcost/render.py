@@ -587,6 +587,38 @@ def render_explain(report: Report, sections: list, console: Console) -> None:
     console.print(Group(*parts))
 
 
+def render_advice(advice: Any, console: Console) -> None:
+    """``vitcost advise``: the front, most detail first, and what was searched."""
+    c = advice.constraints
+    batch = f"batch {c['batch'] or 8}" if not c["min_batch"] else f"at least batch {c['min_batch']}"
+    title = (f"{advice.task or 'constraints'} on {escape_control(advice.gpu)}, {c['mode']}, {batch}: the Pareto front "
+             "over detail (tokens), model size and step time; each row the fastest precision and checkpointing that fits")
+    table = Table(title=title, title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
+    table.add_column("model\nimage/patch", overflow="fold")
+    for col in ("tokens", "step\nms", "max\nbatch", "reserved"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("precision\ncheckpoint", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for r in advice.rows:
+        name = Text(escape_control(r["model"]), style="bold")
+        name.append(f"\n{r['image']}/{r['patch']}" + (" (task default)" if r["task_default"] else ""), style="dim")
+        table.add_row(name, f"{r['tokens']:,}", "-" if r["step_seconds"] is None else f"{r['step_seconds'] * 1e3:,.1f}",
+                      f"{r['max_batch']:,}", fmt_bytes(r["peak_reserved_bytes"]),
+                      f"{r['precision']}\n{r['checkpointing']}", r["why"])
+    console.print(table)
+    notes = [f"searched {advice.searched:,} configurations in {advice.seconds:.1f} s; {advice.fitting:,} model, image "
+             f"and patch choices fit; {len(advice.rows)} on the front"]
+    if advice.default:
+        d = advice.default
+        on = any(r["task_default"] for r in advice.rows)
+        b = d["beaten_by"]
+        status = ("" if on else ": it does not fit" if not d["fits"] else
+                  f": it fits, but {b['model']} at {b['image']}/{b['patch']} has as much detail and as large a model "
+                  "and is as fast or faster" if b else "")
+        notes.append(f"the tutorials' starting point: {d['model']} at {d['image']}/{d['patch']} ({d['why']})" + status)
+    console.print(Text("\n".join(notes), style="dim"))
+
+
 def render_tiers(rows: list[dict[str, Any]], console: Console) -> None:
     """``vitcost tiers``: per GPU and model, the largest image and smallest patch that fit."""
     first = rows[0]
