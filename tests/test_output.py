@@ -624,3 +624,46 @@ def test_advise_constraints_and_errors():
                          (["--task", "face", "--batch", "8", "--min-batch", "8"], "not both")):
         result = CliRunner().invoke(app, ["advise", "--gpu", "a100", *args])
         assert result.exit_code == 1 and needle in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("model,options", [("vit-b", dict(attention="eager", batch=16)), ("swin-t", dict(batch=4)),
+                                           ("vit-s", dict(gpus=2, strategy="fsdp", batch=8)),
+                                           ("vit-b", dict(mode="infer", device="cpu"))])
+def test_plan_plot_draws_the_replays_step(tmp_path, model, options):
+    """``plan --plot``: the step's memory over time, every block replayed; its highest point is
+    the report's peak, and the file is the format its suffix names."""
+    pytest.importorskip("matplotlib")
+    from vitcost.plot import plot_step, timeline
+
+    report = vitcost.plan(model, **options)
+    samples = timeline(report.spec, report.workload)
+    assert max(sum(cats) for cats, _ in samples) == report.memory.peak
+    assert plot_step(report, str(tmp_path / "step.png")) == report.memory.peak
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    out = ok("plan", "--model", model, *flags, "--plot", str(tmp_path / "step.svg")).stdout
+    assert "plot:" in out and "<svg" in (tmp_path / "step.svg").read_text()
+
+
+def test_compare_plot(tmp_path):
+    """``compare --plot``: a line per model over the image sizes, the GPU's usable memory drawn."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "cmp.svg"
+    ok("compare", "--model", "vit-s,vit-b", "--image", "224,384", "--gpu", "rtx4090", "--plot", str(path))
+    svg = path.read_text()
+    assert "rtx4090 usable" in svg and "vit-s" in svg and "vit-b" in svg and "ms per step" in svg
+    from vitcost.api import compare
+    from vitcost.plot import plot_compare
+
+    drawn = plot_compare(compare(["vit-s", "vit-b"], patch=[8, 16, 32]), str(tmp_path / "p.png"))
+    assert drawn == {"x": "patch", "lines": {"vit-s": [8, 16, 32], "vit-b": [8, 16, 32]}}
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    result = CliRunner().invoke(app, ["plan", "--plot", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--plot needs matplotlib: pip install 'vitcost[plot]'" in result.output
+    assert not (tmp_path / "x.png").exists()
+    bad = CliRunner().invoke(app, ["compare", "--plot", str(tmp_path / "x.gif")])
+    assert bad.exit_code == 2 and "name a .png, .svg or .pdf file" in bad.output

@@ -224,17 +224,35 @@ def plan(
     image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
     patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
     hf_config: Annotated[Optional[str], typer.Option("--hf-config", help="A Hugging Face config.json (ViT, DeiT distilled, DINOv2 with or without registers): the architecture, run by Hugging Face's code (--impl hf); other model options override it.", rich_help_panel="Model")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Draw the step's memory over time (categories stacked, the peak marked) to this .png, .svg or .pdf file (the 'plot' extra: pip install 'vitcost[plot]').")] = None,
     opts: Any = None,
 ) -> None:
     """Tokens, parameters, MACs/FLOPs, attention maps and memory of one configuration; fit and step time on a GPU."""
     from vitcost.api import plan as run_plan
     from vitcost.render import render_plan
 
+    _plot_path(plot)
     report = run_plan(image=image, patch=patch, hf_config=hf_config, **plan_kwargs(opts))
     if opts["json_out"]:
         print_json(report.to_dict())
     else:
         render_plan(report, _console())
+    if plot:
+        from vitcost.plot import plot_step
+
+        plot_step(report, plot)
+        if not opts["json_out"]:
+            _console().print(f"plot: {escape_control(plot)}")
+
+
+def _plot_path(path: Optional[str]) -> None:
+    """A --plot file's suffix is checked before anything is computed."""
+    if path is None:
+        return
+    from vitcost.plot import FORMATS
+
+    if not path.lower().endswith(FORMATS):
+        raise typer.BadParameter(f"{shorten(path, quote=True)}: name a .png, .svg or .pdf file", param_hint="--plot")
 
 
 @app.command()
@@ -312,12 +330,14 @@ def compare(
     batch: Annotated[str, typer.Option(help="Global batch sizes, comma-separated: 8,32.", rich_help_panel="Workload")] = "8",
     precision: Annotated[str, typer.Option(help="Precisions, comma-separated: fp32,amp-bf16 (fp32, bf16, fp16, amp-bf16, amp-fp16).", rich_help_panel="Workload")] = "amp-bf16",
     gpu: Annotated[Optional[str], typer.Option(help="GPU profiles, comma-separated: rtx4090,a100 (see 'vitcost gpus').", rich_help_panel="Workload")] = None,
+    plot: Annotated[Optional[str], typer.Option(help="Draw peak memory and compute (or step time) against the varying size, a line per model, each GPU's usable memory drawn, to this .png, .svg or .pdf file (the 'plot' extra).")] = None,
     opts: Any = None,
 ) -> None:
     """One table, a row per combination of the lists given (models, GPUs, precisions, batches, images, patches), with ratios to the first row."""
     from vitcost.api import compare as run_compare
     from vitcost.render import render_compare
 
+    _plot_path(plot)
     images = _image_list(image)
     lists = dict(model=_name_list(model, "--model"), gpu=_name_list(gpu, "--gpu"),
                  precision=_precision_list(precision), batch=_int_list(batch, "--batch"))
@@ -326,6 +346,12 @@ def compare(
         print_json([r.to_dict() for r in reports])
     else:
         render_compare(reports, _console())
+    if plot:
+        from vitcost.plot import plot_compare
+
+        plot_compare(reports, plot)
+        if not opts["json_out"]:
+            _console().print(f"plot: {escape_control(plot)}")
 
 
 @app.command()

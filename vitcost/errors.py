@@ -32,3 +32,7 @@ class MeasurementError(VitcostError):
 
 class BudgetFileError(VitcostError):
     """A budget file that is malformed: names the file, the entry and the field."""
+
+
+class ExtraMissingError(VitcostError):
+    """An optional extra a command needs is not installed (the message says how to install it)."""
