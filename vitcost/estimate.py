@@ -225,7 +225,6 @@ class Report:
     params: dict[str, int]
     macs_forward: dict[str, int]
     macs_training: dict[str, int]
-    attention_maps: dict[str, int]
     memory: MemoryResult
     ddp_bucket_bytes: int = 0
     gpu: Optional[GPUFit] = None
@@ -241,6 +240,12 @@ class Report:
         default=None, repr=False, compare=False)
 
     searcher: Optional[Callable[[], list[dict[str, Any]]]] = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def attention_maps(self) -> dict[str, int]:
+        """``attention_maps_of``: worked out when first read (a block's replay), so that a
+        sweep that reads memory only does not pay for it."""
+        return attention_maps_of(self.spec, self.workload)
 
     @cached_property
     def alternatives(self) -> Optional[list[dict[str, Any]]]:
@@ -550,7 +555,6 @@ def build_report(spec: ViTSpec, workload: Workload, gpus: int = 1, warnings: tup
         params=_params(spec),
         macs_forward=fwd,
         macs_training=train,
-        attention_maps=attention_maps_of(spec, workload),
         memory=memory,
         ddp_bucket_bytes=ddp,
         gpu=gpu,
