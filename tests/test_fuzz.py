@@ -252,3 +252,54 @@ def test_fuzzed_time_sections(tmp_path, text):
             assert math.isfinite(data["time"]["step_seconds"]) and data["time"]["step_seconds"] > 0
         else:
             assert "\n" not in data["time_reason"]
+
+
+# --- the design commands ----------------------------------------------------------------------
+
+SMALL = st.sampled_from(["64", "96", "64,96", "0", "-1", "x", "", "1e9", "9" * 400, "３８４"])
+DESIGN_FLAGS = {
+    "advise": {"--task": st.sampled_from(["classification", "mobile", "face", "cooking", ""]), "--batch": NUMBERS,
+               "--min-batch": NUMBERS, "--min-tokens": NUMBERS, "--max-patch": NUMBERS, "--max-step-ms": NUMBERS,
+               "--models": st.sampled_from(["vit-ti", "vit-ti,vit-s", "nope", "", ",", "swin-t"]), "--image": SMALL,
+               "--patch": st.sampled_from(["16", "8,16", "0", "x", "", "-4"]),
+               "--mode": st.sampled_from(["train", "infer", "eval"])},
+    "tiers": {"--model": st.sampled_from(["vit-ti", "swin-t", "nope", "", "vit-ti,,"]), "--batch": NUMBERS,
+              "--image": SMALL, "--patch": NUMBERS, "--precision": st.sampled_from(["fp32", "fp8"])},
+    "explain": {"--model": st.sampled_from(["vit-ti", "swin-t", "deit_tiny_distilled_patch16_224", "nope"]),
+                "--image": SMALL, "--patch": NUMBERS, "--batch": NUMBERS, "--window": NUMBERS,
+                "--mode": st.sampled_from(["train", "infer", ""])},
+    "compare": {"--model": st.sampled_from(["vit-ti,vit-s", "vit-ti,", "swin-t,vit-ti", "x"]),
+                "--batch": st.sampled_from(["8,16", "0,8", "x", "", "8,,8"]), "--precision": st.sampled_from(
+                    ["fp32,amp-bf16", "fp64", ",", ""]), "--gpu": st.sampled_from(["a100,rtx4090", "a100,nope", ""]),
+                "--image": SMALL},
+}
+
+
+@st.composite
+def design_lines(draw):
+    command = draw(st.sampled_from(sorted(DESIGN_FLAGS)))
+    args = [command]
+    for flag in draw(st.lists(st.sampled_from(sorted(DESIGN_FLAGS[command])), max_size=4, unique=True)):
+        args += [flag, str(draw(DESIGN_FLAGS[command][flag]))]
+    if command in ("advise", "tiers"):
+        args += ["--gpu", draw(st.sampled_from(["a100", "rtx3090", "nope", ""]))]
+    if command == "advise" and "--models" not in args:
+        args += ["--models", "vit-ti"]  # (a small search keeps each example fast)
+    if command == "tiers" and "--model" not in args:
+        args += ["--model", "vit-ti"]
+    if draw(st.booleans()):
+        args.append(draw(st.sampled_from(["--json", "--plot", "x.gif", "--plot=/nonexistent/dir/x.png"])))
+    return args
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(args=design_lines())
+def test_fuzzed_design_commands(args):
+    assert_clean(runner.invoke(app, args), args)
+
+
+@given(match=st.text(max_size=20))
+@settings(max_examples=30, deadline=None)
+def test_fuzzed_models_filter(match):
+    args = ["models", match, "--json"] if not match.startswith("-") else ["models", "--json"]
+    assert_clean(runner.invoke(app, args), args)

@@ -108,6 +108,12 @@ def advise(task: Optional[str] = None, *, gpu: str, batch: Optional[int] = None,
         raise ConfigError("advise needs --task, or constraints: --min-tokens, --max-patch, --models")
     if batch is not None and min_batch is not None:
         raise ConfigError("give --batch (every row runs it) or --min-batch (every row fits at least it), not both")
+    for flag, value in (("--batch", batch), ("--min-batch", min_batch), ("--min-tokens", min_tokens),
+                        ("--max-patch", max_patch)):
+        if value is not None and not (isinstance(value, int) and 1 <= value <= 1 << 24):
+            raise ConfigError(f"{flag} {value}: expected a whole number from 1 to {1 << 24:,}")
+    if max_step_seconds is not None and not max_step_seconds > 0:
+        raise ConfigError(f"--max-step-ms {max_step_seconds * 1e3:g}: a time budget must be above 0")
     t = TASKS.get(task) if task else None
     models = models or list(t.models if t else ("vit-ti", "vit-s", "vit-b", "vit-l"))
     images = images or list(t.images if t else (224, 384, 512))
@@ -146,6 +152,10 @@ def advise(task: Optional[str] = None, *, gpu: str, batch: Optional[int] = None,
                         v["axes"] = _axes(rep, use_time)
                         chosen[(v["model"], image, v["patch"])] = v
                         break
+    if not chosen:
+        raise ConfigError(f"nothing searched fits {gpu} at {'at least ' if min_batch else ''}batch {run_batch}"
+                          + (f" with at least {min_tokens} tokens" if min_tokens else "")
+                          + ": try a smaller --batch, other --models or another --gpu")
     front = _front(list(chosen.values()))
     front.sort(key=lambda c: (-c["axes"][0], -c["axes"][1], -c["axes"][2]))
     _why(front)

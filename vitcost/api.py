@@ -19,7 +19,7 @@ from vitcost import timing
 from vitcost.kernels import NotModelled
 from vitcost.program import estimate_memory
 from vitcost.fit import ALLOCATORS, Solver
-from vitcost.presets import build_spec
+from vitcost.presets import build_spec, resolve_model
 from vitcost.specs import FSDP_STRATEGIES, ViTSpec, Workload, make_workload
 
 if TYPE_CHECKING:
@@ -519,16 +519,29 @@ def tiers(models: Iterable[str] = ("vit-s", "vit-b", "vit-l"), *, batch: int = 8
     rows = []
     for gpu in names:
         for model in models:
-            def fits(img: ImageSize, p: int) -> bool:
-                return plan(model, image=img, patch=p, batch=batch, gpu=gpu, **options).gpu.fits
+            swin = resolve_model(model).swin is not None
+            base = plan(model, image=image, patch=None if swin else patch, batch=batch, gpu=gpu, **options)
+            if swin:
+                # a Swin's patch is its own, and only images its windows cut exactly are valid:
+                # every one is tried (the valid ones are not contiguous)
+                def fits_swin(img: int) -> bool:
+                    try:
+                        return plan(model, image=img, batch=batch, gpu=gpu, **options).gpu.fits
+                    except ConfigError:
+                        return False
 
-            base = plan(model, image=image, patch=patch, batch=batch, gpu=gpu, **options)
-            largest = _last_true(TIER_IMAGES, lambda img: fits(img, patch))
-            smallest = _last_true(TIER_PATCHES, lambda p: fits(image, p))
+                largest = max((img for img in TIER_IMAGES if fits_swin(img)), default=None)
+                smallest = base.spec.patch if base.gpu.fits else None
+            else:
+                def fits(img: ImageSize, p: int) -> bool:
+                    return plan(model, image=img, patch=p, batch=batch, gpu=gpu, **options).gpu.fits
+
+                largest = _last_true(TIER_IMAGES, lambda img: fits(img, patch))
+                smallest = _last_true(TIER_PATCHES, lambda p: fits(image, p))
             rows.append({"gpu": gpu, "display_name": base.gpu.display_name, "gpus": base.gpu.gpus,
                          "usable_memory_bytes": base.gpu.usable_memory_bytes, "model": base.spec.name,
                          "batch": batch, "patch": patch, "image": base.spec.image_h, "largest_image": largest,
-                         "smallest_patch": smallest, "max_batch": base.gpu.max_batch_size,
+                         "smallest_patch": smallest, "patch_fixed": swin, "max_batch": base.gpu.max_batch_size,
                          "peak_reserved_bytes": base.gpu.peak_reserved_bytes})
     return rows
 

@@ -233,15 +233,15 @@ def plan(
 
     _plot_path(plot)
     report = run_plan(image=image, patch=patch, hf_config=hf_config, **plan_kwargs(opts))
+    if plot:  # drawn first: a plot that cannot be written leaves no half of the output
+        from vitcost.plot import plot_step
+
+        plot_step(report, plot)
     if opts["json_out"]:
         print_json(report.to_dict())
     else:
         render_plan(report, _console())
-    if plot:
-        from vitcost.plot import plot_step
-
-        plot_step(report, plot)
-        if not opts["json_out"]:
+        if plot:
             _console().print(f"plot: {escape_control(plot)}")
 
 
@@ -342,15 +342,15 @@ def compare(
     lists = dict(model=_name_list(model, "--model"), gpu=_name_list(gpu, "--gpu"),
                  precision=_precision_list(precision), batch=_int_list(batch, "--batch"))
     reports = run_compare(image=images, patch=_int_list(patch, "--patch"), **lists, **plan_kwargs(opts))
+    if plot:  # drawn first: a plot that cannot be written leaves no half of the output
+        from vitcost.plot import plot_compare
+
+        plot_compare(reports, plot)
     if opts["json_out"]:
         print_json([r.to_dict() for r in reports])
     else:
         render_compare(reports, _console())
-    if plot:
-        from vitcost.plot import plot_compare
-
-        plot_compare(reports, plot)
-        if not opts["json_out"]:
+        if plot:
             _console().print(f"plot: {escape_control(plot)}")
 
 

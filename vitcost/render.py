@@ -638,8 +638,8 @@ def render_tiers(rows: list[dict[str, Any]], console: Console) -> None:
             last = r["gpu"]
         image = "none" if r["largest_image"] is None else str(r["largest_image"]) + (
             "+" if r["largest_image"] == _tier_images()[-1] else "")
-        patch = "none" if r["smallest_patch"] is None else ("<=" if r["smallest_patch"] == _tier_patches()[-1]
-                                                            else "") + str(r["smallest_patch"])
+        patch = "none" if r["smallest_patch"] is None else f"{r['smallest_patch']} (own)" if r["patch_fixed"] else (
+            "<=" if r["smallest_patch"] == _tier_patches()[-1] else "") + str(r["smallest_patch"])
         table.add_row(gpu, escape_control(r["model"]), image, patch, f"{r['max_batch']:,}",
                       fmt_bytes(r["peak_reserved_bytes"]))
     console.print(table)
