@@ -217,13 +217,23 @@ def _console() -> Console:
 
 # --- commands ---------------------------------------------------------------------------------
 
+# plan's and explain's one configuration
+ImageOption = Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model",
+                                                    show_default=IMAGE_DEFAULT)]
+PatchOption = Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model",
+                                                    show_default=PATCH_DEFAULT)]
+HfConfigOption = Annotated[Optional[str], typer.Option(
+    "--hf-config", help="A Hugging Face config.json (ViT, DeiT distilled, DINOv2 with or without registers, VideoMAE, "
+    "ViTMAE pretraining, Swin): the architecture, run by Hugging Face's code (--impl hf); other model options override "
+    "it.", rich_help_panel="Model")]
+
 
 @app.command()
 @shared_options
 def plan(
-    image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
-    patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
-    hf_config: Annotated[Optional[str], typer.Option("--hf-config", help="A Hugging Face config.json (ViT, DeiT distilled, DINOv2 with or without registers): the architecture, run by Hugging Face's code (--impl hf); other model options override it.", rich_help_panel="Model")] = None,
+    image: ImageOption = None,
+    patch: PatchOption = None,
+    hf_config: HfConfigOption = None,
     plot: Annotated[Optional[str], typer.Option(help="Draw the step's memory over time (categories stacked, the peak marked) to this .png, .svg or .pdf file (the 'plot' extra: pip install 'vitcost[plot]').")] = None,
     opts: Any = None,
 ) -> None:
@@ -258,9 +268,9 @@ def _plot_path(path: Optional[str]) -> None:
 @app.command()
 @shared_options
 def explain(
-    image: Annotated[Optional[str], typer.Option(help="Image size: 384 or HxW (384x256).", rich_help_panel="Model", show_default=IMAGE_DEFAULT)] = None,
-    patch: Annotated[Optional[int], typer.Option(help="Patch size in pixels.", rich_help_panel="Model", show_default=PATCH_DEFAULT)] = None,
-    hf_config: Annotated[Optional[str], typer.Option("--hf-config", help="A Hugging Face config.json, as for plan.", rich_help_panel="Model")] = None,
+    image: ImageOption = None,
+    patch: PatchOption = None,
+    hf_config: HfConfigOption = None,
     opts: Any = None,
 ) -> None:
     """plan's figures derived step by step: each formula with the numbers in (grid, tokens, parameters, MACs, memory)."""
