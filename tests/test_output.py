@@ -667,3 +667,15 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     assert not (tmp_path / "x.png").exists()
     bad = CliRunner().invoke(app, ["compare", "--plot", str(tmp_path / "x.gif")])
     assert bad.exit_code == 2 and "name a .png, .svg or .pdf file" in bad.output
+
+
+def test_every_task_searches_its_own_starting_point():
+    """Each task's starting point (the tutorials' choice) lies in the space it searches, and is
+    a configuration vitcost can plan."""
+    from vitcost.advise import TASKS
+
+    for name, task in TASKS.items():
+        model, image, patch = task.default
+        assert model in task.models and image in task.images, name
+        spec = vitcost.plan(model, image=image, patch=None if model.startswith("swin") else patch).spec
+        assert spec.patch == patch and (model.startswith("swin") or patch in task.patches), name

@@ -41,7 +41,7 @@ TASKS = {
                     (224, 384, 512), (16, 8, 4)),
     "satellite": Task(("vit-b", 1024, 32), "satellite and aerial: patch 32 on large tiles", ("vit-s", "vit-b", "vit-l"),
                       (512, 768, 1024), (32, 16)),
-    "detection": Task(("swin-b", 384, 4), "detection: variable or hierarchical patches (Swin)",
+    "detection": Task(("swin-b", 448, 4), "detection: variable or hierarchical patches (Swin)",
                       ("swin-t", "swin-s", "swin-b", "vit-b"), (224, 448, 896), (16, 4)),
     "face": Task(("vit-b", 224, 16), "face recognition: patch 16 or 8", ("vit-s", "vit-b"), (112, 224), (16, 8)),
     "mobile": Task(("vit-ti", 224, 32), "mobile and edge: patch 32 or more, small models", ("vit-ti", "vit-s"),
