@@ -78,12 +78,15 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 BATCH_BY_MODEL = {"vit-s": 32, "vit-b": 32, "vit-l": 16}  # largest predicted peak: ViT-L/16 384 eager, ~24 GiB
 # Hugging Face's models (--impl hf), each at 224 px in three rows (sdpa and eager training, sdpa
 # inference, amp-bf16): the CUDA rules of their code, derived and never measured, among them
-# VideoMAE's fp32 LayerNorm on a bf16 stream.
+# VideoMAE's fp32 LayerNorm on a bf16 stream and Swin's windowed SDPA with a bias.
 HF_MODELS = {
     "hf-vit-b": ("vit-b", {"impl": "hf"}, 32, 16),
     "hf-dinov2-b-reg4": ("vit_base_patch14_reg4_dinov2", {"impl": "hf", "classes": 1000}, 32, 14),
     "hf-videomae-s": ("vit-s", {"impl": "hf", "classes": 400, "frames": 16, "tubelet": 2, "class_token": False,
                                 "pos_embed": "sincos", "pooling": "avg"}, 8, 16),
+    # Swin-T: the memory-efficient SDPA kernel with a bias, and CUDA autocast's fp32 norms on
+    # its bf16 stream (both derived from the sources)
+    "hf-swin-t": ("swin-t", {}, 32, 4),
 }  # name -> (vitcost model, its options, batch, patch)
 HF_ROWS = (("sdpa", "train"), ("eager", "train"), ("sdpa", "infer"))
 IMAGES = (224, 384)

@@ -64,7 +64,7 @@ def test_dry_run_lists_every_configuration(dry_run):
     assert [r["label"] for r in data["rows"]][:48] == [label(*c) for c in GRID]
     # then three rows of each Hugging Face model (their CUDA rules, derived, wait for a GPU)
     hf = [r["label"] for r in data["rows"]][48:]
-    assert len(hf) == 9 and {h.split()[0] for h in hf} == {"hf-vit-b", "hf-dinov2-b-reg4", "hf-videomae-s"}
+    assert len(hf) == 12 and {h.split()[0] for h in hf} == {"hf-vit-b", "hf-dinov2-b-reg4", "hf-videomae-s", "hf-swin-t"}
     assert data["meta"]["dry_run"] is True
     assert all(r["measured"] is None and r["status"] == "dry run" for r in data["rows"])
 
