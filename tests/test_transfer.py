@@ -98,3 +98,46 @@ def test_bad_transfers_are_one_line_errors(args, needle):
 def test_transfer_needs_a_size():
     with pytest.raises(ConfigError, match="--to"):
         vitcost.transfer("vit-s")
+
+
+@pytest.mark.parametrize("options", [
+    dict(precision="fp32"), dict(precision="amp-bf16"), dict(precision="bf16"), dict(mode="infer"),
+    dict(precision="amp-bf16", batch=1), dict(registers=2, pos_embed_prefix=False),
+    dict(dist_token=True, attention="eager"),
+])
+def test_timm_dynamic_img_size_is_exact(options):
+    """timm's dynamic_img_size (the reference model's ``resample_abs_pos_embed``, every
+    forward): a ViT built for a 4 x 4 grid run at 6 x 6, every calibrate figure exact."""
+    pytest.importorskip("torch")
+    from vitcost.calibrate import calibrate
+
+    (cal,) = calibrate("vit-ti", image=48, patch=8, pos_grid=4, **{**TINY, "batch": 2, **options}).results
+    assert all(f.within(0) for f in cal.figures), [(f.name, f.predicted, f.measured) for f in cal.figures]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp-bf16"])
+def test_timm_dynamic_img_size_allocates_as_torch_does(precision):
+    """Every allocation of the step, from the input batch to the optimizer step, against torch's:
+    the table's fp32 resampling before the class token is put in, its backward after the patch
+    gradient's cast (that node was made later), the slices into zero tables."""
+    pytest.importorskip("torch")
+    from tests.tracing import allocation_rises, replayed_step, traced_step
+
+    report = vitcost.plan("vit-ti", image=48, patch=8, pos_grid=4, precision=precision, **{**TINY, "batch": 2})
+    traced = allocation_rises(traced_step(report.spec, report.workload), "randn", "sqrt")
+    replayed = allocation_rises(replayed_step(report.spec, report.workload), "x", "opt.temporaries")
+    assert replayed == traced
+
+
+def test_transfer_prices_timms_every_forward_too():
+    """On timm's code the old table resampled every step (dynamic_img_size) against the model
+    built at the new size: fewer parameters (the old table), the resampling's buffers."""
+    t = vitcost.transfer("vit_base_patch16_224", to=384)
+    target = t.targets[0]
+    timm = target.per_forward_timm
+    assert timm.spec.pos_grid == 14 and timm.spec.impl.value == "timm"
+    assert target.report.params_total - timm.params_total == (577 - 197) * 768
+    every = t.to_dict()["targets"][0]["every_forward_timm"]
+    assert every["extra_peak_bytes"] == timm.peak_bytes - target.report.peak_bytes
+    assert "timm: +14.16 M MACs/step" in " ".join(ok("transfer", "--model", "vit_base_patch16_224", "--to", "384")
+                                                   .stdout.split())

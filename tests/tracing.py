@@ -50,7 +50,10 @@ def storages_mode():
 
 
 class Log(Replay):
-    """A replay that writes down (name or "free", live total) at every allocation and free."""
+    """A replay of every block (none lumped) that writes down (name or "free", live total) at
+    every allocation and free."""
+
+    FULL = True
 
     def __init__(self):
         super().__init__(1)

@@ -638,6 +638,14 @@ def transfer(
             except ConfigError as err:
                 per_forward = resized = None
                 reason = f"not on Hugging Face's code: {err}"
+        timm = None
+        if reason is None or (interpolation is not None and new_patch == source.spec.patch
+                              and source.spec.grid_h == source.spec.grid_w):
+            if report.spec.impl.value == "timm":
+                try:  # timm's dynamic_img_size: the old table resampled every forward
+                    timm = plan(model, image=size, patch=new_patch, pos_grid=source.spec.grid_h, **options)
+                except ConfigError:
+                    timm = None
         targets.append(tr.Target(report=report, interpolation=interpolation, per_forward=per_forward,
-                                 resized_hf=resized, per_forward_reason=reason))
+                                 resized_hf=resized, per_forward_reason=reason, per_forward_timm=timm))
     return tr.TransferReport(source=source, targets=tuple(targets))

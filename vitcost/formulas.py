@@ -64,7 +64,8 @@ def pos_embed_tokens(spec: ViTSpec) -> int:
     if spec.impl == Impl.hf:  # Hugging Face: the class (and distillation) tokens, never registers
         grid = spec.pos_grid ** 2 if spec.pos_grid else spec.patch_tokens
         return grid + int(spec.class_token) + int(spec.dist_token)
-    return spec.patch_tokens + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
+    grid = spec.pos_grid ** 2 if spec.pos_grid else spec.patch_tokens  # (timm's dynamic_img_size)
+    return grid + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
 
 
 def block_param_tensors(spec: ViTSpec) -> list[tuple[str, int]]:

@@ -152,6 +152,8 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
         return
     has_pos = spec.pos_table
     pos_after_cat = spec.pos_embed == PosEmbed.learned and spec.pos_embed_prefix
+    if spec.impl == Impl.timm:  # (timm resamples before the prefix tokens are put in)
+        _interpolated_pos(r, spec, sh)
     if has_pos and not pos_after_cat:
         r.alloc("pos_add", patch_elems * sh.res, F)  # promotes to the fp32 position embedding
         r.free(cur)
@@ -164,13 +166,15 @@ def _prologue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, image_el
         r.free(cur, "patches.32")
         cur = "b0.in" if last else "cat"
     if has_pos and pos_after_cat:
-        _interpolated_pos(r, spec, sh)
+        if spec.impl == Impl.hf:
+            _interpolated_pos(r, spec, sh)
         r.alloc("b0.in", sh.tok, saved)
         r.free(cur, "pos.i")
         cur = "b0.in"
     if cur != "b0.in":  # no prefix and no position added after: the conv output itself
         r.rename(cur, "b0.in")
         r.retag("b0.in", saved)
+    r.free("pos.i")  # (timm's resampled table: a local of _pos_embed until it returns)
 
 
 def _interpolated_in_fp32(r: Replay, name: str, in_elems: int, out_elems: int, par: int, cat: int,
@@ -188,27 +192,57 @@ def _interpolated_in_fp32(r: Replay, name: str, in_elems: int, out_elems: int, p
     r.free(f"{name}.32")
 
 
+def _pos_rows_kept(spec: ViTSpec) -> int:
+    """Rows of a table interpolated every forward that are kept as they are: Hugging Face's
+    class row, timm's prefix rows (none with no_embed_class)."""
+    if spec.impl == Impl.hf:
+        return 1
+    return spec.prefix_tokens if spec.pos_embed_prefix else 0
+
+
+def _interpolates_in_fp32(spec: ViTSpec) -> bool:
+    """timm and DINOv2 interpolate the table in fp32; Hugging Face's ViT in its own dtype."""
+    return spec.impl == Impl.timm or spec.layer_scale
+
+
 def _interpolated_pos(r: Replay, spec: ViTSpec, sh: Shapes) -> None:
-    """Hugging Face's DINOv2 (or its ViT, with ``interpolate_pos_encoding=True``) run at an
-    image other than the one it was built for: its patch positions are interpolated (bicubic;
-    DINOv2 in fp32, ViT in the table's dtype) to the image's grid every forward, and the
-    class row put back in front (``pos.i``, which the add reads)."""
+    """A model built for another image (``pos_grid``) interpolates its patch positions to the
+    image's grid every forward (bicubic; timm's ``dynamic_img_size`` antialiased, before the
+    prefix tokens are put in; Hugging Face's after), and puts the kept rows back in front:
+    ``pos.i``, which the add reads. (timm's antialiased output is channels-last like its
+    input, so laying it out as rows again makes no copy.)"""
     if not spec.pos_grid:
         return
     _interpolated_in_fp32(r, "pos.up", spec.pos_grid ** 2 * sh.d, sh.patches * sh.d, sh.par, F,
-                          fp32=spec.layer_scale)
-    r.alloc("pos.i", (sh.patches + 1) * sh.d * sh.par, F)
+                          fp32=_interpolates_in_fp32(spec))
+    kept = _pos_rows_kept(spec)
+    if not kept:
+        r.rename("pos.up", "pos.i")
+        return
+    r.alloc("pos.i", (sh.patches + kept) * sh.d * sh.par, F)
     r.free("pos.up")
 
 
-def _interpolated_pos_backward(r: Replay, gr: Grads, spec: ViTSpec, sh: Shapes) -> None:
+def _interpolated_pos_backward(r: Replay, gr: Grads, spec: ViTSpec, sh: Shapes, cast: str = "") -> None:
     """The interpolated table's gradient: summed over the batch, through the interpolation
-    (in fp32) back to the grid's, each of the two slices put into a zero table, added."""
+    back to the grid's, each of the two slices put into a zero table, added. ``cast``: under
+    autocast timm's patch gradient is cast back to the conv's dtype between the sum and the
+    interpolation (that node was made after the table's)."""
     table = sh.pos * sh.d * sh.par
-    r.alloc("g.pos.i", (sh.patches + 1) * sh.d * sh.par, B)
+    kept = _pos_rows_kept(spec)
+    if not sh.one:  # (at batch 1 the sum over the batch is the gradient itself, a view)
+        r.alloc("g.pos.i", (sh.patches + kept) * sh.d * sh.par, B)
+    if cast:
+        r.alloc(cast, sh.b * sh.patches * sh.d * sh.lo, B)
     _interpolated_in_fp32(r, "g.pos.grid", sh.patches * sh.d, spec.pos_grid ** 2 * sh.d, sh.par, B,
-                          fp32=spec.layer_scale)
-    r.alloc("g.pos.rows", table, B)
+                          fp32=_interpolates_in_fp32(spec))
+    if not kept:  # the whole table was resampled: reshape's backward copies the grid's gradient to rows
+        r.free("g.pos.i")
+        gr.make_param("pos_embed", sh.pos * sh.d)
+        r.free("g.pos.grid")
+        gr.accumulate("pos_embed")
+        return
+    r.alloc("g.pos.rows", table, B)  # each slice's gradient put into a zero table, then added
     r.free("g.pos.grid")
     r.alloc("g.pos.first", table, B)
     r.free("g.pos.i")
@@ -520,6 +554,10 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
         if not grad or up:
             r.free("mean")
     else:
+        if not grad and spec.impl == Impl.timm and not spec.video:
+            # timm's blocks are a Sequential whose input (the embedding) goes when it returns;
+            # Hugging Face's model holds its embedding output through the final norm
+            r.free("b0.in", "emb")
         r.alloc("norm.out", sh.tok, S if head_saves_norm else F)
         r.alloc("norm.mean", sh.stats, keep)
         r.alloc("norm.rstd", sh.stats, keep)
@@ -544,8 +582,8 @@ def _epilogue_forward(r: Replay, spec: ViTSpec, sh: Shapes, grad: bool, checkpoi
             # Hugging Face's output holds both heads' logits until the forward returns
             held = spec.impl == Impl.hf
             r.alloc("logits_sum", logits, F)
-            if not held:
-                r.free("head", "head_dist")
+            if not held:  # timm's ``out = (out + head_dist(...)) / 2``: the second head's output is the sum's temporary
+                r.free("head_dist")
             r.alloc("logits_avg", logits, F)
             r.free("logits_sum", "head", "head_dist")
             r.rename("logits_avg", "head")
@@ -756,7 +794,8 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     if spec.impl == Impl.hf and spec.registers:
         g = _hf_register_prologue_backward(r, spec, sh, g, gr, views)
     if spec.pos_grid:
-        _interpolated_pos_backward(r, gr, spec, sh)
+        cast = "g.patches.c" if sh.casts and spec.impl == Impl.timm else ""
+        _interpolated_pos_backward(r, gr, spec, sh, cast)
     elif spec.pos_embed == PosEmbed.learned:
         if views and sh.amp and not spec.pos_embed_prefix:
             # added to the patches only, its gradient is a slice of ``g`` too; under autocast
@@ -766,11 +805,12 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
             gr.make_param("pos_embed", sh.pos * d)  # summed over the batch
             gr.accumulate("pos_embed")
     patch_elems = sh.b * sh.patches * d
-    if sh.casts:
+    if sh.casts and "g.patches.c" not in r.live:
         r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
     hf_registers = spec.impl == Impl.hf and spec.registers  # done above
-    for token, n in (("cls_token", int(spec.class_token)), ("dist_token", int(spec.dist_token)),
-                     ("reg_token", 0 if hf_registers else sh.registers)):
+    # (the prefix tokens were expanded in this order: backward reaches the last first)
+    for token, n in (("reg_token", 0 if hf_registers else sh.registers), ("dist_token", int(spec.dist_token)),
+                     ("cls_token", int(spec.class_token))):
         if n:
             if views:
                 r.retag(g, G)

@@ -222,6 +222,27 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> torch.Tensor:
     return emb.float().unsqueeze(0)
 
 
+def resample_abs_pos_embed(posemb: torch.Tensor, new_size: tuple[int, int], old_size: tuple[int, int],
+                           num_prefix_tokens: int) -> torch.Tensor:
+    """timm's ``resample_abs_pos_embed`` (timm/layers/pos_embed.py), as ``dynamic_img_size`` calls
+    it every forward: the prefix rows kept, the grid's rows bicubic-resampled (antialiased) in
+    fp32 and cast back, the two put together again."""
+    if num_prefix_tokens:
+        posemb_prefix, posemb = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    else:
+        posemb_prefix = None
+    embed_dim = posemb.shape[-1]
+    orig_dtype = posemb.dtype
+    posemb = posemb.float()
+    posemb = posemb.reshape(1, old_size[0], old_size[1], -1).permute(0, 3, 1, 2)
+    posemb = F.interpolate(posemb, size=new_size, mode="bicubic", antialias=True)
+    posemb = posemb.permute(0, 2, 3, 1).reshape(1, -1, embed_dim)
+    posemb = posemb.to(orig_dtype)
+    if posemb_prefix is not None:
+        posemb = torch.cat([posemb_prefix, posemb], dim=1)
+    return posemb
+
+
 class VisionTransformer(nn.Module):
     """timm-style ViT built from a :class:`vitcost.specs.ViTSpec`."""
 
@@ -236,7 +257,8 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, spec.registers, d)) if spec.registers else None
         grid = spec.grid_h * spec.grid_w
         if spec.pos_embed == "learned":
-            n_pos = grid + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
+            # (built for another image: timm's dynamic_img_size resamples it every forward)
+            n_pos = (spec.pos_grid ** 2 if spec.pos_grid else grid) + (spec.prefix_tokens if spec.pos_embed_prefix else 0)
             self.pos_embed = nn.Parameter(torch.randn(1, n_pos, d) * 0.02)
         elif spec.pos_embed == "sincos":
             self.register_buffer("pos_embed", sincos_2d(spec.grid_h, spec.grid_w, d), persistent=False)
@@ -291,11 +313,16 @@ class VisionTransformer(nn.Module):
         prefix = self._prefix(x.shape[0])
         if self.pos_embed is None:
             return torch.cat(prefix + [x], dim=1) if prefix else x
+        pos_embed = self.pos_embed
+        if self.spec.pos_grid:  # timm's dynamic_img_size: resampled to the image's grid every forward
+            g = self.spec.pos_grid
+            pos_embed = resample_abs_pos_embed(pos_embed, (self.spec.grid_h, self.spec.grid_w), (g, g),
+                                               self.spec.prefix_tokens if self.spec.pos_embed_prefix else 0)
         if self.spec.pos_embed_prefix and self.spec.pos_embed == "learned":
             if prefix:
                 x = torch.cat(prefix + [x], dim=1)
-            return x + self.pos_embed
-        x = x + self.pos_embed
+            return x + pos_embed
+        x = x + pos_embed
         return torch.cat(prefix + [x], dim=1) if prefix else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

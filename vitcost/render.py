@@ -506,23 +506,26 @@ def render_transfer(tr: Any, console: Console) -> None:
                  f"trained at {s.image_h}x{s.image_w}, patch {s.patch}: no learned position table "
                  f"({s.pos_embed.value}): nothing to interpolate\n")
     table = Table(title="position table at each size", title_justify="left", box=box.SIMPLE_HEAD)
-    for col in ("to", "grid", "positions", "bicubic MACs", "every forward (Hugging Face)"):
-        table.add_column(col, justify="left" if col in ("to", "every forward (Hugging Face)") else "right")
+    for col in ("to", "grid", "positions", "bicubic MACs", "every forward (timm / Hugging Face)"):
+        table.add_column(col, justify="left" if col in ("to", "every forward (timm / Hugging Face)") else "right")
     for t in tr.targets:
         ts = t.report.spec
         i = t.interpolation
         after = pos_embed_tokens(ts)
-        if t.per_forward is not None:
-            extra = t.per_forward_extra_peak_bytes
-            every = (f"+{fmt_count(t.per_step_interpolation_macs)} MACs/step; peak "
-                     f"{'+' if extra >= 0 else '-'}{fmt_bytes(abs(extra))} vs resizing once")
-        else:
-            every = escape_control(t.per_forward_reason or "")
+        lines = []
+        for who, extra in (("timm", t.per_forward_timm_extra_peak_bytes), ("HF", t.per_forward_extra_peak_bytes)):
+            if extra is not None:
+                lines.append(f"{who}: +{fmt_count(t.per_step_interpolation_macs)} MACs/step; peak "
+                             f"{'+' if extra >= 0 else '-'}{fmt_bytes(abs(extra))} vs resizing once")
+        if t.per_forward is None:
+            lines.append(escape_control(t.per_forward_reason or ""))
+        every = "\n".join(line for line in lines if line)
         table.add_row(f"{ts.image_h}x{ts.image_w}/{ts.patch}", f"{s.grid_h}x{s.grid_w} -> {ts.grid_h}x{ts.grid_w}",
                       f"{before:,} -> {after:,}", fmt_count(i.macs) if i else "-", every)
     table.caption = ("once at load (timm's resample_abs_pos_embed): the patch rows resampled bicubic, the prefix "
-                     "rows kept, and the model built at the new size, as below. Every forward (Hugging Face's "
-                     "interpolate_pos_encoding=True): the old table kept and resampled each step, and its "
+                     "rows kept, and the model built at the new size, as below. Every forward (timm's dynamic_img_size, "
+                     "antialiased, in fp32; Hugging Face's interpolate_pos_encoding=True): the old table kept and "
+                     "resampled each step, and its "
                      "backward when training (16 multiply-adds per output element each way); its peak against "
                      "the same code with the table resized once (fewer parameters, states and gradients, plus "
                      "the interpolation's buffers).")

@@ -4,7 +4,8 @@ A learned position table holds one row per patch of the grid it was trained on (
 prefix tokens' rows). At another image the grid changes, and the patch rows are resampled
 (bicubic, over the grid as an image of D channels; the prefix rows are kept), either once
 when the checkpoint is loaded (timm's ``resample_abs_pos_embed``; the model is then built at
-the new size) or in every forward (Hugging Face's ``interpolate_pos_encoding=True``, DINOv2
+the new size) or in every forward (timm's ``dynamic_img_size``, Hugging Face's
+``interpolate_pos_encoding=True``, DINOv2
 always): then the table keeps the old grid's rows and each step pays the interpolation,
 and its backward when training. Everything else that changes (tokens, MACs, memory, the
 largest batch, the step time) is ``plan``'s at each size.
@@ -57,6 +58,16 @@ class Target:
     per_forward: Optional[Report] = None
     resized_hf: Optional[Report] = None  # Hugging Face's code at the new size, table resized: the baseline
     per_forward_reason: Optional[str] = None
+    # timm's dynamic_img_size: the old table resampled every forward on timm's code (its
+    # baseline is ``report``, the model built at the new size)
+    per_forward_timm: Optional[Report] = None
+
+    @property
+    def per_forward_timm_extra_peak_bytes(self) -> Optional[int]:
+        """What timm's every-forward resampling adds to the step's peak against resizing once."""
+        if self.per_forward_timm is None:
+            return None
+        return self.per_forward_timm.peak_bytes - self.report.peak_bytes
 
     @property
     def per_forward_extra_peak_bytes(self) -> Optional[int]:
@@ -130,5 +141,10 @@ def _target_dict(t: Target, source: Report) -> dict[str, Any]:
             "params": t.per_forward.params_total, "resized_params": t.resized_hf.params_total,
         },
         "every_forward_reason": t.per_forward_reason,
+        "every_forward_timm": None if t.per_forward_timm is None else {
+            "impl": "timm", "peak_bytes": t.per_forward_timm.peak_bytes, "resized_peak_bytes": t.report.peak_bytes,
+            "extra_peak_bytes": t.per_forward_timm_extra_peak_bytes, "params": t.per_forward_timm.params_total,
+            "resized_params": t.report.params_total,
+        },
         "report": t.report.to_dict(),
     }

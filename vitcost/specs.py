@@ -206,8 +206,9 @@ class ViTSpec(BaseModel):
     # DeiT's hard distillation in training: each head its own cross-entropy (the distillation
     # head against a teacher's labels), averaged; the teacher's own forward is not counted
     distillation: bool = False
-    # Hugging Face's DINOv2 built for another image: the side of its square position grid,
-    # interpolated to the image's every forward (0: built for this image)
+    # a model built for another image: the side of its square position grid, interpolated to
+    # the image's every forward (timm's dynamic_img_size, Hugging Face's interpolate_pos_encoding,
+    # DINOv2's); 0: built for this image
     pos_grid: int = Field(default=0, ge=0, le=MAX_PIXELS)
     frames: int = Field(default=1, gt=0, le=4096)  # a video's frames (VideoMAE)
     tubelet: int = Field(default=1, gt=0, le=4096)  # frames per patch (VideoMAE's tubelet_size)
@@ -256,10 +257,11 @@ class ViTSpec(BaseModel):
                                  "a GELU MLP")
             if self.frames < self.tubelet:
                 raise ValueError(f"--frames {self.frames} is fewer than one tubelet of {self.tubelet}")
-        if self.pos_grid and not (self.impl == Impl.hf and not self.video and not self.dist_token and not self.mae
-                                  and self.pos_embed == PosEmbed.learned):
-            raise ValueError("a position grid of another size (pos_grid), interpolated every forward, is Hugging "
-                             "Face's ViT's (interpolate_pos_encoding=True) or DINOv2's")
+        if self.pos_grid and not (self.pos_embed == PosEmbed.learned and not self.video and not self.mae and (
+                self.impl == Impl.timm or not self.dist_token)):
+            raise ValueError("a position grid of another size (pos_grid), interpolated every forward, is timm's "
+                             "(dynamic_img_size), Hugging Face's ViT's (interpolate_pos_encoding=True) or DINOv2's: "
+                             "a learned table, no MAE or video")
         if self.distillation and not (self.dist_token and self.impl == Impl.timm and self.classes):
             raise ValueError("--distillation trains timm's distilled DeiT: it needs --dist-token, a head, --impl timm")
         if self.drop_path and (self.impl != Impl.timm or self.mae):
