@@ -161,16 +161,24 @@ def profile_texts(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(text=profile_texts())
 def test_fuzzed_profile_files(tmp_path, text):
+    data = _plan_with_profile(tmp_path, text)
+    if data is not None:
+        assert math.isfinite(data["gpu"]["step_seconds_lower_bound"])
+
+
+def _plan_with_profile(tmp_path, text: str):
+    """``plan --gpu FILE --json`` on a fuzzed profile: a clean exit either way, and whatever was
+    accepted prints valid JSON (no Infinity, no NaN), returned parsed; None when refused."""
+    import json
+
     path = tmp_path / "card.yaml"
     path.write_text(text)
     args = ["plan", "--model", "vit-ti", "--image", "64", "--gpu", str(path), "--json"]
     result = runner.invoke(app, args)
     assert_clean(result, args)
-    if result.exit_code == 0:  # whatever was accepted prints valid JSON: no Infinity, no NaN
-        import json
-
-        data = json.loads(result.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
-        assert math.isfinite(data["gpu"]["step_seconds_lower_bound"])
+    if result.exit_code != 0:
+        return None
+    return json.loads(result.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
 
 
 # a small valid config of each modelled architecture; the fuzzer breaks them
@@ -185,6 +193,9 @@ HF_CONFIGS = [
      "intermediate_size": 256, "image_size": 64, "patch_size": 16, "num_channels": 3, "qkv_bias": True,
      "hidden_act": "gelu", "mask_ratio": 0.75, "decoder_hidden_size": 32, "decoder_num_hidden_layers": 1,
      "decoder_num_attention_heads": 2, "decoder_intermediate_size": 128, "norm_pix_loss": False},
+    {"architectures": ["SwinForImageClassification"], "embed_dim": 32, "depths": [2, 2], "num_heads": [1, 2],
+     "window_size": 4, "mlp_ratio": 4.0, "image_size": 64, "patch_size": 4, "num_channels": 3, "qkv_bias": True,
+     "hidden_act": "gelu", "use_absolute_embeddings": False, "id2label": {"0": "a", "1": "b"}},
 ]
 
 
@@ -239,15 +250,8 @@ def timed_profile_texts(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(text=timed_profile_texts())
 def test_fuzzed_time_sections(tmp_path, text):
-    path = tmp_path / "card.yaml"
-    path.write_text(text)
-    args = ["plan", "--model", "vit-ti", "--image", "64", "--gpu", str(path), "--json"]
-    result = runner.invoke(app, args)
-    assert_clean(result, args)
-    if result.exit_code == 0:  # a priced step is finite, and a refused section says why in one line
-        import json
-
-        data = json.loads(result.stdout, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    data = _plan_with_profile(tmp_path, text)
+    if data is not None:  # a priced step is finite, and a refused section says why in one line
         if data["time"] is not None:
             assert math.isfinite(data["time"]["step_seconds"]) and data["time"]["step_seconds"] > 0
         else:

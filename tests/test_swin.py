@@ -95,7 +95,7 @@ def test_stages_worked_example():
     block's maps are heads x windows x 49^2 elements (stage 1: 3 x 64 x 2,401)."""
     report = vitcost.plan("swin-t", batch=32, precision="fp32", attention="eager")
     got = [(s["dim"], s["heads"], s["grid_h"], s["tokens"], s["windows"], s["shift"], s["attention_elements_per_block"])
-           for s in report.to_stages()]
+           for s in report.stages]
     assert got == [(96, 3, 56, 3136, 64, 3, 460_992), (192, 6, 28, 784, 16, 3, 230_496),
                    (384, 12, 14, 196, 4, 3, 115_248), (768, 24, 7, 49, 1, 0, 57_624)]
     data = report.to_dict()

@@ -61,6 +61,7 @@ class Advice:
     searched: int
     fitting: int
     seconds: float
+    batch: int  # the global batch every configuration was planned at
     default: Optional[dict[str, Any]] = None
     constraints: dict[str, Any] = field(default_factory=dict)
 
@@ -181,7 +182,7 @@ def advise(task: Optional[str] = None, *, gpu: str, batch: Optional[int] = None,
                    task_default=bool(default) and (rep.spec.name, row["image"], rep.spec.patch)
                    == (default["model"], default["image"], default["patch"]))
     return Advice(task=task, gpu=gpu, rows=rows, searched=searched, fitting=len(chosen),
-                  seconds=time.perf_counter() - started, default=default,
+                  seconds=time.perf_counter() - started, batch=run_batch, default=default,
                   constraints={"batch": batch, "min_batch": min_batch, "min_tokens": min_tokens,
                                "max_patch": max_patch, "max_step_seconds": max_step_seconds, "mode": mode})
 

@@ -586,13 +586,18 @@ def compare(
     return reports
 
 
+def axis_value(report: Report, axis: str) -> Any:
+    """A report's value on one of ``COMPARE_AXES``: the model's name, the GPU as requested
+    (None without one), the precision, the global batch, the image as (h, w), the patch."""
+    s = report.spec
+    return {"model": s.name, "gpu": report.gpu.requested if report.gpu else None,
+            "precision": report.workload.precision.value, "batch": report.batch, "image": (s.image_h, s.image_w),
+            "patch": s.patch}[axis]
+
+
 def varying(reports: list[Report]) -> list[str]:
     """The ``COMPARE_AXES`` whose values differ between ``reports``."""
-    def value(r: Report, axis: str) -> Any:
-        return {"model": r.spec.name, "gpu": r.gpu.requested if r.gpu else None, "precision": r.workload.precision,
-                "batch": r.batch, "image": (r.spec.image_h, r.spec.image_w), "patch": r.spec.patch}[axis]
-
-    return [axis for axis in COMPARE_AXES if len({value(r, axis) for r in reports}) > 1]
+    return [axis for axis in COMPARE_AXES if len({axis_value(r, axis) for r in reports}) > 1]
 
 
 def transfer(
@@ -639,8 +644,7 @@ def transfer(
                 per_forward = resized = None
                 reason = f"not on Hugging Face's code: {err}"
         timm = None
-        if reason is None or (interpolation is not None and new_patch == source.spec.patch
-                              and source.spec.grid_h == source.spec.grid_w):
+        if interpolation is not None and new_patch == source.spec.patch and source.spec.grid_h == source.spec.grid_w:
             if report.spec.impl.value == "timm":
                 try:  # timm's dynamic_img_size: the old table resampled every forward
                     timm = plan(model, image=size, patch=new_patch, pos_grid=source.spec.grid_h, **options)

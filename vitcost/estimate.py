@@ -245,7 +245,7 @@ class Report:
     def attention_maps(self) -> dict[str, int]:
         """``attention_maps_of``: worked out when first read (a block's replay), so that a
         sweep that reads memory only does not pay for it."""
-        return attention_maps_of(self.spec, self.workload)
+        return attention_maps_of(self.spec, self.workload, self._map_bytes, self.stages)
 
     @cached_property
     def alternatives(self) -> Optional[list[dict[str, Any]]]:
@@ -331,9 +331,15 @@ class Report:
                 "stride_pixels_per_token": s.stride * s.stride, "effective_resolution": [s.grid_h, s.grid_w],
                 "macs_per_pixel": macs / (s.image_h * s.image_w * s.frames), "attention_share_of_macs": attention / macs}
 
-    def to_stages(self) -> Optional[list[dict[str, int]]]:
+    @cached_property
+    def _map_bytes(self) -> list[tuple[int, int, int]]:
+        """``memory.attention_map_bytes``: one block of each kind replayed, once per report."""
+        return memory.attention_map_bytes(self.spec, self.workload)
+
+    @cached_property
+    def stages(self) -> Optional[list[dict[str, int]]]:
         """A Swin's stages (``stages_of``); None for the isotropic families."""
-        return stages_of(self.spec, self.workload)
+        return stages_of(self.spec, self.workload, self._map_bytes) if self.spec.swin is not None else None
 
     @property
     def sharding(self) -> Optional[dict[str, int]]:
@@ -407,7 +413,7 @@ class Report:
                 "swin": s.swin.model_dump(mode="json") if s.swin else None,
             },
             "tokens": dict(self.tokens),
-            "stages": stages_of(s, w),
+            "stages": self.stages,
             "patch_metrics": self.patch_metrics,
             "params": {**self.params, "total": self.params_total},
             "macs": {
@@ -469,7 +475,14 @@ class Report:
         }
 
 
-def stages_of(spec: ViTSpec, workload: Workload) -> Optional[list[dict[str, int]]]:
+def _kept_or_alive(workload: Workload, map_bytes: list[tuple[int, int, int]]) -> list[int]:
+    """Per kind of block, the bytes its maps are counted at: kept for backward by a forward
+    that saves, else the most alive at once."""
+    return [kept if workload.saves_activations else most for _, kept, most in map_bytes]
+
+
+def stages_of(spec: ViTSpec, workload: Workload,
+              map_bytes: Optional[list[tuple[int, int, int]]] = None) -> Optional[list[dict[str, int]]]:
     """A Swin's stages: blocks, width, heads, grid and tokens, the window (M x M, clamped to the
     grid as Hugging Face does) and the shift, windows per image, attention-map elements of one
     block per image (heads x windows x N^2, N = M^2), and the bytes the replay gives one
@@ -478,8 +491,7 @@ def stages_of(spec: ViTSpec, workload: Workload) -> Optional[list[dict[str, int]
         return None
     from vitcost.swin import stages
 
-    training = workload.training and workload.checkpointing.value == "none"
-    maps = [kept if training else most for _, kept, most in memory.attention_map_bytes(spec, workload)]
+    maps = _kept_or_alive(workload, map_bytes or memory.attention_map_bytes(spec, workload))
     return [{"stage": st.index + 1, "blocks": st.depth, "dim": st.dim, "heads": st.heads, "grid_h": st.grid_h,
              "grid_w": st.grid_w, "tokens": st.tokens, "window": st.window, "shift": st.shift,
              "windows": st.windows, "window_tokens": st.window_tokens,
@@ -499,17 +511,17 @@ def tokens_of(spec: ViTSpec) -> dict[str, int]:
     }
 
 
-def attention_maps_of(spec: ViTSpec, workload: Workload) -> dict[str, int]:
+def attention_maps_of(spec: ViTSpec, workload: Workload, map_bytes: Optional[list[tuple[int, int, int]]] = None,
+                      stages: Optional[list[dict[str, int]]] = None) -> dict[str, int]:
     """One head's and one layer's attention maps (a Swin's over its windows: per head all of
     a block's windows, per layer the largest stage's block), and the bytes the step gives
     them as the replay allocates them (``memory.attention_map_bytes``): per layer what is kept
     for backward when training (alive at once under no_grad or in a checkpointed block), in
     every layer together; 0 where a fused kernel keeps none."""
-    blocks = memory.attention_map_bytes(spec, workload)
-    training = workload.training and workload.checkpointing.value == "none"
-    per_layer = [kept if training else most for _, kept, most in blocks]
+    blocks = map_bytes or memory.attention_map_bytes(spec, workload)
+    per_layer = _kept_or_alive(workload, blocks)
     if spec.swin is not None:
-        stages = stages_of(spec, workload)
+        stages = stages or stages_of(spec, workload, blocks)
         top = max(stages, key=lambda st: st["attention_elements_per_block"])
         per_head, per_layer_elements = top["attention_elements_per_block"] // top["heads"], \
             top["attention_elements_per_block"]
@@ -520,8 +532,8 @@ def attention_maps_of(spec: ViTSpec, workload: Workload) -> dict[str, int]:
         "elements_per_head": per_head,
         "elements_per_layer": per_layer_elements,
         "bytes_per_layer": max(per_layer),
-        "bytes_all_layers": sum(depth * b for (depth, _, _), b in zip(blocks, per_layer)) if training
-        else max(per_layer),
+        "bytes_all_layers": sum(depth * b for (depth, _, _), b in zip(blocks, per_layer))
+        if workload.saves_activations else max(per_layer),
     }
 
 

@@ -176,7 +176,7 @@ def _swin_stages(report: Report) -> list[Step]:
 
     s = report.spec
     steps = []
-    for st, row in zip(stages(s), report.to_stages()):
+    for st in stages(s):
         k = st.index
         i = f"stage {k + 1}"
         steps.append(Step(f"{i}: grid", "gh / 2^s x gw / 2^s", f"{s.grid_h} / {2 ** k} x {s.grid_w} / {2 ** k}",

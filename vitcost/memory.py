@@ -43,6 +43,7 @@ from vitcost.ops import (
     attention_core_forward,
     cross_entropy_backward,
     cross_entropy_forward,
+    gelu_mlp_backward,
     layer_scale_backward,
     layer_scale_forward,
     layernorm_backward,
@@ -52,6 +53,9 @@ from vitcost.ops import (
     optimizer_state_bytes,
     optimizer_step,
     optimizer_temporary_bytes,
+    relative_bias_backward,
+    rope_backward,
+    rope_forward,
 )
 from vitcost.replay import (  # noqa: F401 - CATEGORIES, MemoryResult and Replay are read from here too
     CATEGORIES,
@@ -361,7 +365,7 @@ def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Wo
                     bn * d if sh.casts else 0, 3 * bn * d, qkv_cat, grad)
     if spec.pos_embed == PosEmbed.rope_2d:
         for name in ("q", "k"):
-            _rope_forward(r, p + name, sh, keep)
+            rope_forward(r, p + name, sh, keep)
     bias = sh.h * sh.n * sh.n * sh.par if spec.pos_embed == PosEmbed.relative_bias else 0
     attention_core_forward(r, sh, p, wl.attention, grad, bias_bytes=bias)
     linear_forward(r, sh, p, "proj", d * d, d, 0, bn * d, F, grad)
@@ -371,56 +375,6 @@ def _timm_attention_forward(r: Replay, p: str, sh: Shapes, spec: ViTSpec, wl: Wo
         r.free(p + "qs", p + "qkv")
     if sh.casts:
         r.free(p + "ln1")
-
-
-def _rope_forward(r: Replay, x: str, sh: Shapes, keep: int) -> None:
-    """RoPE-2D on q or k (``vitcost.reference_vit.apply_rope``): ``x * cos`` and
-    ``cat(-x2, x1) * sin`` in the dtype x meets the (parameter-dtype) tables in (fp32 under
-    autocast), added, and cast back to x's: ``x.r``, which attention saves; the products save
-    only the tables, which exist."""
-    e = sh.b * sh.n * sh.d  # (B, H, N, hd)
-    wide = sh.par  # x's dtype promoted by the tables': fp32 under autocast
-    r.alloc(x + ".cos", e * wide, F)
-    r.alloc(x + ".neg", e // 2 * sh.lo, F)
-    r.alloc(x + ".rot", e * sh.lo, F)
-    r.free(x + ".neg")
-    r.alloc(x + ".sin", e * wide, F)
-    r.free(x + ".rot")
-    r.alloc(x + ".r", e * wide, keep if wide == sh.lo else F)
-    r.free(x + ".sin", x + ".cos")
-    if wide != sh.lo:  # .type_as(x)
-        r.alloc(x + ".r.lo", e * sh.lo, keep)
-        r.free(x + ".r")
-        r.rename(x + ".r.lo", x + ".r")
-
-
-def _rope_backward(r: Replay, g: str, sh: Shapes) -> None:
-    """RoPE-2D's backward from the gradient ``g`` of ``x.r`` to x's, left under the name ``g``:
-    through the cast, each product's gradient (the rotated one cast to x's dtype first), the
-    negation's, the halves put together, the two branches added."""
-    e = sh.b * sh.n * sh.d
-    wide = sh.par
-    if wide != sh.lo:
-        r.alloc(g + ".32", e * wide, B)
-        r.free(g)
-        g32 = g + ".32"
-    else:
-        g32 = g
-    for branch in ("rot", "x"):  # the add's two inputs: the rotated half's product first
-        if wide != sh.lo:
-            r.alloc(f"{g}.{branch}.32", e * wide, B)
-            r.alloc(f"{g}.{branch}", e * sh.lo, B)
-            r.free(f"{g}.{branch}.32")
-        else:
-            r.alloc(f"{g}.{branch}", e * sh.lo, B)
-        if branch == "rot":
-            r.alloc(g + ".neg", e // 2 * sh.lo, B)
-    r.free(g32)
-    r.alloc(g + ".halves", e * sh.lo, B)  # chunk's backward: the two halves' gradients side by side
-    r.free(g + ".rot", g + ".neg")
-    r.alloc(g + ".sum", e * sh.lo, B)
-    r.free(g + ".x", g + ".halves")
-    r.rename(g + ".sum", g)
 
 
 def _ln_cat(sh: Shapes, grad: bool) -> int:
@@ -645,10 +599,7 @@ def _block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSp
     if spec.mlp == Mlp.swiglu:
         gfc1 = _swiglu_backward(r, gr, p, sh, ck)
     else:
-        r.alloc(p + "g.gelu", sh.hid, B)
-        r.free(gfc2, p + "fc1")
-        gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, casts,
-                                (p + "g.gelu", p + "ln2"), early=ck)
+        gfc1 = gelu_mlp_backward(r, gr, sh, p, gfc2, casts, ck)
     layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1")
     r.alloc(p + "g.x1", sh.tok, B)  # residual: the incoming gradient plus the MLP branch's
     r.free(p + "g.ln2in", g)
@@ -678,18 +629,13 @@ def _timm_attention_backward(r: Replay, gr: Grads, p: str, sh: Shapes, spec: ViT
     rope = spec.pos_embed == PosEmbed.rope_2d
 
     def table_grad() -> None:
-        """The gathered bias's backward: its gradient put (accumulated) into a zero table."""
-        entries = relative_bias_entries(spec) * sh.h
-        r.alloc(p + "g.bias.zeros", entries * sh.par, B)
-        gr.make_param(p + "rel", entries)
-        r.free(p + "g.bias.zeros", p + "g.bias")
-        gr.accumulate(p + "rel")
+        relative_bias_backward(r, gr, sh, p, relative_bias_entries(spec) * sh.h)
 
     attention_core_backward(r, sh, p, gproj, wl.attention, qkv=("qkv", "q.r", "k.r") if rope else ("qkv",),
                             bias_grad=table_grad if spec.pos_embed == PosEmbed.relative_bias else None)
     if rope:
         for name in ("k", "q"):  # (k's nodes were made last: backward reaches them first)
-            _rope_backward(r, p + "g." + name, sh)
+            rope_backward(r, p + "g." + name, sh)
     r.alloc(p + "g.stack", 3 * sh.tok_lo, B)  # unbind backward: stack
     r.free(p + "g.q", p + "g.k", p + "g.kT", p + "g.v")
     r.alloc(p + "g.qkv", 3 * sh.tok_lo, B)  # permute backward: a contiguous copy for the linear
@@ -793,9 +739,10 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
     views = _prefix_grads_are_views(spec, sh.one) and not gr.keep
     if spec.impl == Impl.hf and spec.registers:
         g = _hf_register_prologue_backward(r, spec, sh, g, gr, views)
+    # timm's resampled table: the patch branch's cast is made inside the position backward
+    cast_in_pos = sh.casts and spec.impl == Impl.timm and spec.pos_grid
     if spec.pos_grid:
-        cast = "g.patches.c" if sh.casts and spec.impl == Impl.timm else ""
-        _interpolated_pos_backward(r, gr, spec, sh, cast)
+        _interpolated_pos_backward(r, gr, spec, sh, "g.patches.c" if cast_in_pos else "")
     elif spec.pos_embed == PosEmbed.learned:
         if views and sh.amp and not spec.pos_embed_prefix:
             # added to the patches only, its gradient is a slice of ``g`` too; under autocast
@@ -805,7 +752,7 @@ def _prologue_backward(r: Replay, spec: ViTSpec, sh: Shapes, g: str, gr: Grads, 
             gr.make_param("pos_embed", sh.pos * d)  # summed over the batch
             gr.accumulate("pos_embed")
     patch_elems = sh.b * sh.patches * d
-    if sh.casts and "g.patches.c" not in r.live:
+    if sh.casts and not cast_in_pos:
         r.alloc("g.patches.c", patch_elems * sh.lo, B)  # back to the conv's low precision
     hf_registers = spec.impl == Impl.hf and spec.registers  # done above
     # (the prefix tokens were expanded in this order: backward reaches the last first)
@@ -947,7 +894,7 @@ def attention_map_bytes(spec: ViTSpec, wl: Workload) -> list[tuple[int, int, int
     alive at once). A fused kernel (SDPA) keeps none; eager attention keeps its probabilities
     (in fp32 beside a low-precision copy where the softmax runs in fp32)."""
     sh = shapes_of(spec, wl)
-    grad = wl.training and wl.checkpointing == Checkpointing.none
+    grad = wl.saves_activations
     out = []
     if spec.swin is not None:
         for st in swin.stages(spec):

@@ -179,9 +179,7 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
         r.free(p + "scores")
         r.rename(p + "scaled", p + "scores")
     if bias_bytes:
-        r.alloc(p + "bias.g", bias_bytes, F)  # table[index]: (N N, H)
-        r.alloc(p + "bias", bias_bytes, F)  # permuted to (H, N, N), made contiguous
-        r.free(p + "bias.g")
+        relative_bias_forward(r, sh, p, bias_bytes)
     if bias_bytes or bias_given:
         r.alloc(p + "scores.b", sh.amap * sh.par // sh.lo if widened else sh.amap, F)
         r.free(p + "scores", *(() if bias_given else (p + "bias",)))
@@ -213,6 +211,89 @@ def attention_core_forward(r: Replay, sh: Shapes, p: str, kernel: AttentionKerne
             r.free(p + "probs")  # the cast copy dies with the matmul; the fp32 maps live on
     r.alloc(p + "attn", t, keep)  # transpose(1, 2).reshape copies; proj saves the copy
     r.free(p + "av")
+
+
+def relative_bias_forward(r: Replay, sh: Shapes, p: str, bias_bytes: int) -> None:
+    """A relative position bias gathered from its table by the index (``table[index]``,
+    (N N, H)), permuted to (H, N, N) and made contiguous: a copy, but with one head, whose
+    permuted table is contiguous already. Leaves ``bias``."""
+    r.alloc(p + "bias.g", bias_bytes, F)
+    if sh.h > 1:
+        r.alloc(p + "bias", bias_bytes, F)
+        r.free(p + "bias.g")
+    else:
+        r.rename(p + "bias.g", p + "bias")
+
+
+def relative_bias_backward(r: Replay, gr: "Grads", sh: Shapes, p: str, entries: int) -> None:
+    """The gathered bias's gradient (``g.bias``, summed over the batch) put, accumulated, into
+    a zero table of ``entries`` (``index_put``): the table's gradient."""
+    r.alloc(p + "g.bias.zeros", entries * sh.par, B)
+    gr.make_param(p + "rel", entries)
+    r.free(p + "g.bias.zeros", p + "g.bias")
+    gr.accumulate(p + "rel")
+
+
+def rope_forward(r: Replay, x: str, sh: Shapes, keep: int) -> None:
+    """RoPE-2D on q or k (``vitcost.reference_vit.apply_rope``): ``x * cos`` and
+    ``cat(-x2, x1) * sin`` in the dtype x meets the (parameter-dtype) tables in (fp32 under
+    autocast), added, and cast back to x's: ``x.r``, which attention saves; the products save
+    only the tables, which exist."""
+    e = sh.b * sh.n * sh.d  # (B, H, N, hd)
+    wide = sh.par  # x's dtype promoted by the tables': fp32 under autocast
+    r.alloc(x + ".cos", e * wide, F)
+    r.alloc(x + ".neg", e // 2 * sh.lo, F)
+    r.alloc(x + ".rot", e * sh.lo, F)
+    r.free(x + ".neg")
+    r.alloc(x + ".sin", e * wide, F)
+    r.free(x + ".rot")
+    r.alloc(x + ".r", e * wide, keep if wide == sh.lo else F)
+    r.free(x + ".sin", x + ".cos")
+    if wide != sh.lo:  # .type_as(x)
+        r.alloc(x + ".r.lo", e * sh.lo, keep)
+        r.free(x + ".r")
+        r.rename(x + ".r.lo", x + ".r")
+
+
+def rope_backward(r: Replay, g: str, sh: Shapes) -> None:
+    """RoPE-2D's backward from the gradient ``g`` of ``x.r`` to x's, left under the name ``g``:
+    through the cast, each product's gradient (the rotated one cast to x's dtype first), the
+    negation's, the halves put together, the two branches added."""
+    e = sh.b * sh.n * sh.d
+    wide = sh.par
+    if wide != sh.lo:
+        r.alloc(g + ".32", e * wide, B)
+        r.free(g)
+        g32 = g + ".32"
+    else:
+        g32 = g
+    for branch in ("rot", "x"):  # the add's two inputs: the rotated half's product first
+        if wide != sh.lo:
+            r.alloc(f"{g}.{branch}.32", e * wide, B)
+            r.alloc(f"{g}.{branch}", e * sh.lo, B)
+            r.free(f"{g}.{branch}.32")
+        else:
+            r.alloc(f"{g}.{branch}", e * sh.lo, B)
+        if branch == "rot":
+            r.alloc(g + ".neg", e // 2 * sh.lo, B)
+    r.free(g32)
+    r.alloc(g + ".halves", e * sh.lo, B)  # chunk's backward: the two halves' gradients side by side
+    r.free(g + ".rot", g + ".neg")
+    r.alloc(g + ".sum", e * sh.lo, B)
+    r.free(g + ".x", g + ".halves")
+    r.rename(g + ".sum", g)
+
+
+def gelu_mlp_backward(r: Replay, gr: "Grads", sh: Shapes, p: str, gfc2: str, cast_in: bool,
+                      early: bool = False) -> str:
+    """GELU's backward (from ``gfc2``, fc2's input gradient; it reads fc1's output, which
+    goes) and fc1's, whose input (the second norm's output, ``ln2``) it saved; returns that
+    input's gradient. ``cast_in``: fc1 cast its input down under autocast."""
+    d, f, bn = sh.d, sh.f, sh.b * sh.n
+    r.alloc(p + "g.gelu", sh.hid, B)
+    r.free(gfc2, p + "fc1")
+    return linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, cast_in,
+                           (p + "g.gelu", p + "ln2"), early=early)
 
 
 def cross_entropy_forward(r: Replay, sh: Shapes, logits: str) -> None:

@@ -103,7 +103,7 @@ def plot_step(report, path: str) -> int:
 def plot_compare(reports: list, path: str) -> dict[str, Any]:
     """``compare --plot``: peak memory and compute against the varying size; returns what was
     drawn (the x axis, and a line per key)."""
-    from vitcost.api import varying
+    from vitcost.api import axis_value, varying
 
     out = check_path(path)
     plt = _pyplot()
@@ -111,9 +111,9 @@ def plot_compare(reports: list, path: str) -> dict[str, Any]:
     x_axis = next((a for a in ("image", "patch", "batch") if a in axes), "image")
     keys = [a for a in ("model", "gpu", "precision", "batch", "patch", "image") if a in axes and a != x_axis]
 
-    def value(r, axis: str) -> Any:
-        return {"model": r.spec.name, "gpu": r.gpu.requested if r.gpu else None, "precision": r.workload.precision.value,
-                "batch": r.batch, "patch": r.spec.patch, "image": r.spec.image_h}[axis]
+    def value(r, axis: str) -> Any:  # (an image is drawn and named by its height)
+        v = axis_value(r, axis)
+        return v[0] if axis == "image" else v
 
     lines: dict[str, list] = {}
     for r in reports:

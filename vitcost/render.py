@@ -109,25 +109,27 @@ def header(report: Report) -> Text:
     return text
 
 
+NO_MAPS = "none: the fused kernel (sdpa) keeps no maps"
+
+
 def stages_table(report: Report) -> Table:
     """A Swin's stages: where its tokens, windows and attention maps are."""
     b = report.workload.batch
-    kept = report.workload.training and report.workload.checkpointing.value == "none"
     table = Table(title=f"Stages (attention within M x M windows; map bytes for a batch of {b}, "
-                        f"{'kept for backward' if kept else 'alive at once'})",
+                        f"{'kept for backward' if report.workload.saves_activations else 'alive at once'})",
                   title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)
     for col in ("stage", "blocks", "width", "heads", "grid", "tokens", "window\nM/shift", "windows",
                 "maps per\nblock", "map\nbytes"):
         table.add_column(col, justify="right", no_wrap=True)
-    for st in report.to_stages():
+    for st in report.stages:
         maps = st["attention_bytes_per_block"]
         table.add_row(str(st["stage"]), str(st["blocks"]), f"{st['dim']:,}", str(st["heads"]),
                       f"{st['grid_h']}x{st['grid_w']}", f"{st['tokens']:,}", f"{st['window']}/{st['shift']}",
                       f"{st['windows']:,}", f"{st['attention_elements_per_block']:,}",
                       fmt_bytes(maps) if maps else "none")
     table.caption = "; ".join(f"{name}: {value}" for name, value in _patch_rows(report))
-    if not any(st["attention_bytes_per_block"] for st in report.to_stages()):
-        table.caption += "; none: the fused kernel (sdpa) keeps no maps"
+    if not any(st["attention_bytes_per_block"] for st in report.stages):
+        table.caption += "; " + NO_MAPS
     table.caption_justify = "left"
     return table
 
@@ -164,12 +166,11 @@ def _patch_rows(report: Report) -> list[tuple[str, str]]:
 
 def _map_bytes_row(report: Report) -> tuple[str, str]:
     """What the step gives one layer's maps, as the replay allocates them."""
-    w = report.workload
-    kept = w.training and w.checkpointing.value == "none"
+    kept = report.workload.saves_activations
     label = "  kept for backward per layer (batch)" if kept else "  alive at once per layer (batch)"
     value = report.attention_maps["bytes_per_layer"]
     if not value:
-        return label, "none: the fused kernel (sdpa) keeps no maps"
+        return label, NO_MAPS
     return label, fmt_bytes(value)
 
 
@@ -469,11 +470,21 @@ def compare_parts(reports: list[Report]) -> list[Any]:
     return parts
 
 
+def _axis_text(r: Report, axis: str) -> str:
+    """A report's value on a compare axis (``api.axis_value``), as a cell shows it."""
+    from vitcost.api import axis_value
+
+    value = axis_value(r, axis)
+    if axis == "image":
+        return f"{value[0]}x{value[1]}" if value[0] != value[1] else str(value[0])
+    if value is None:
+        return "-"
+    return f"{value:,}" if axis == "batch" else escape_control(str(value))
+
+
 def _size_cells(r: Report, sizes: list[str]) -> list[Text]:
     """A compare row's image and patch, those of them shown."""
-    s = r.spec
-    values = {"image": f"{s.image_h}x{s.image_w}" if s.image_h != s.image_w else str(s.image_h), "patch": str(s.patch)}
-    return [Text(values[axis]) for axis in sizes]
+    return [Text(_axis_text(r, axis)) for axis in sizes]
 
 
 def _axis_header(axes: list[str]) -> str:
@@ -487,9 +498,7 @@ def _axis_cells(r: Report, axes: list[str]) -> list[Text]:
     out as ``_axis_header``."""
     if not axes:
         return []
-    values = {"model": r.spec.name, "gpu": r.gpu.requested if r.gpu else "-", "precision": r.workload.precision.value,
-              "batch": f"{r.batch:,}"}
-    shown = [escape_control(values[axis]) for axis in axes]
+    shown = [_axis_text(r, axis) for axis in axes]
     return [Text(shown[0] + ("\n" + " ".join(shown[1:]) if len(shown) > 1 else ""))]
 
 
@@ -593,7 +602,7 @@ def render_explain(report: Report, sections: list, console: Console) -> None:
 def render_advice(advice: Any, console: Console) -> None:
     """``vitcost advise``: the front, most detail first, and what was searched."""
     c = advice.constraints
-    batch = f"batch {c['batch'] or 8}" if not c["min_batch"] else f"at least batch {c['min_batch']}"
+    batch = f"at least batch {c['min_batch']}" if c["min_batch"] else f"batch {advice.batch}"
     title = (f"{advice.task or 'constraints'} on {escape_control(advice.gpu)}, {c['mode']}, {batch}: the Pareto front "
              "over detail (tokens), model size and step time; each row the fastest precision and checkpointing that fits")
     table = Table(title=title, title_justify="left", box=box.MINIMAL_HEAVY_HEAD, show_edge=False, collapse_padding=True)

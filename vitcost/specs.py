@@ -429,6 +429,12 @@ class Workload(BaseModel):
         return self.mode == Mode.train
 
     @property
+    def saves_activations(self) -> bool:
+        """The forward saves what backward needs: training without checkpointing (a
+        checkpointed block saves only its input, and no_grad nothing)."""
+        return self.training and self.checkpointing == Checkpointing.none
+
+    @property
     def accumulates(self) -> bool:
         """Backward adds into gradients that already exist: ``zero_grad(set_to_none=False)``, or
         every micro-step after the first of a gradient accumulation (whose peak is that of the

@@ -27,11 +27,14 @@ from vitcost.ops import (
     attention_core_forward,
     cross_entropy_backward,
     cross_entropy_forward,
+    gelu_mlp_backward,
     kernel_sizes,
     layernorm_backward,
     layernorm_forward,
     linear_backward,
     linear_forward,
+    relative_bias_backward,
+    relative_bias_forward,
 )
 from vitcost.replay import B, F, S, Replay
 from vitcost.specs import AttentionKernel, ViTSpec, Workload
@@ -189,12 +192,7 @@ def block_forward(r: Replay, i: int, j: int, st: Stage, sh: Shapes, spec: ViTSpe
     # the relative position bias: table[index], viewed (N, N, H), permuted to (H, N, N), contiguous
     n, h = sh.n, sh.h
     bias = h * n * n * sh.par
-    r.alloc(p + "bias.g", bias, F)
-    if h > 1:  # (with one head the permuted table is contiguous already)
-        r.alloc(p + "bias", bias, F)
-        r.free(p + "bias.g")
-    else:
-        r.rename(p + "bias.g", p + "bias")
+    relative_bias_forward(r, sh, p, bias)
     comb, comb_elems = p + "bias", h * n * n
     if shifted:  # the mask expanded over the batch (reshape copies, but at batch 1), added to the bias
         if sh.b > st.windows:
@@ -351,10 +349,7 @@ def _block_backward(r: Replay, gr: Grads, i: int, j: int, st: Stage, sh: Shapes,
     sdpa = wl.attention == AttentionKernel.sdpa
     r.where = f"backward: stages.{st.index}.blocks.{j}.mlp"
     gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, casts, False, (p + "gelu",))
-    r.alloc(p + "g.gelu", sh.hid, B)
-    r.free(gfc2, p + "fc1")
-    gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, casts or up,
-                           (p + "g.gelu", p + "ln2"))
+    gfc1 = gelu_mlp_backward(r, gr, sh, p, gfc2, casts or up)
     layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1", upcast=up)
     r.alloc(p + "g.x1", sh.tok, B)  # the residual: the incoming gradient plus the MLP branch's
     r.free(p + "g.ln2in", g)
@@ -385,11 +380,7 @@ def _block_backward(r: Replay, gr: Grads, i: int, j: int, st: Stage, sh: Shapes,
         r.alloc(p + "g.bias", h * n * n * sh.par, B)
         r.free(p + "g.comb")
     # the bias's gradient, summed over the window batch, into its table (a zero table, index_put)
-    entries = bias_entries(spec) * h
-    r.alloc(p + "g.bias.zeros", entries * sh.par, B)
-    gr.make_param(p + "rel", entries)
-    r.free(p + "g.bias.zeros", p + "g.bias")
-    gr.accumulate(p + "rel")
+    relative_bias_backward(r, gr, sh, p, bias_entries(spec) * h)
     win = p + ("win" if copies else "roll" if shifted else "pad")
     # (the math fallback's k gradient comes from its scale's product: (B, H, N, hd) like q's)
     total = qkv_backward(r, gr, sh, p, spec.qkv_bias, win, eager=math or not sdpa, cast=casts or up, kT=not math)

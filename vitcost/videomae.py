@@ -25,6 +25,7 @@ from vitcost.ops import (
     Shapes,
     attention_core_backward,
     attention_core_forward,
+    gelu_mlp_backward,
     layernorm_backward,
     layernorm_forward,
     linear_backward,
@@ -122,10 +123,7 @@ def block_backward(r: Replay, i: int, g: str, out: str, sh: Shapes, spec: ViTSpe
         block_forward(r, i, "", sh, spec, wl, True, recompute=True, label=label)
     r.where = f"backward: blocks.{label}.mlp"
     gfc2 = linear_backward(r, gr, sh, p, "fc2", bn * d, bn * f, d * f, d, casts, False, (p + "gelu",), early=ck)
-    r.alloc(p + "g.gelu", sh.hid, B)
-    r.free(gfc2, p + "fc1")
-    gfc1 = linear_backward(r, gr, sh, p, "fc1", bn * f, bn * d, f * d, f, False, casts or up,
-                           (p + "g.gelu", p + "ln2"), early=ck)
+    gfc1 = gelu_mlp_backward(r, gr, sh, p, gfc2, casts or up, ck)
     layernorm_backward(r, gr, sh, p, "ln2", gfc1, p + "x1", upcast=up)
     r.alloc(p + "g.x1", sh.tok, B)
     r.free(p + "g.ln2in", g)
