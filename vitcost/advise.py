@@ -79,7 +79,7 @@ def capacity(report) -> int:
 def _axes(report, use_time: bool) -> tuple[float, float, float]:
     """(detail, capacity, speed), each larger-is-better: tokens per image, ``capacity``, and
     the step time (MACs without a time model) negated."""
-    cost = report.time.step_seconds if use_time and report.time is not None else report.macs_training_per_image \
+    cost = report.time.step_seconds if use_time else report.macs_training_per_image \
         if report.workload.training else report.macs_forward_per_image
     return (report.tokens["patches"], capacity(report), -cost)
 
@@ -125,7 +125,7 @@ def advise(task: Optional[str] = None, *, gpu: str, batch: Optional[int] = None,
             raise ConfigError(f"--max-patch {max_patch}: no patch searched is that small")
     run_batch = batch or min_batch or 8
     started = time.perf_counter()
-    searched, chosen = 0, {}
+    searched, groups = 0, []
     for model in models:
         for image in images:
             for patch in patches if not model.startswith("swin") else (None,):
@@ -146,13 +146,17 @@ def advise(task: Optional[str] = None, *, gpu: str, batch: Optional[int] = None,
                             continue
                         variants.append({"report": r, "model": r.spec.name, "image": image, "patch": r.spec.patch,
                                          "precision": precision, "checkpointing": ck})
-                use_time = any(v["report"].time is not None for v in variants)
-                for v in sorted(variants, key=lambda v: -_axes(v["report"], use_time)[2]):  # the fastest that fits
-                    rep = v["report"]
-                    if rep.gpu.fits and (not min_batch or rep.gpu.max_batch_size >= min_batch):
-                        v["axes"] = _axes(rep, use_time)
-                        chosen[(v["model"], image, v["patch"])] = v
-                        break
+                groups.append(variants)
+    # one speed unit for the whole search: step seconds where every step is priced, else MACs
+    use_time = bool(groups) and all(v["report"].time is not None for variants in groups for v in variants)
+    chosen = {}
+    for variants in groups:
+        for v in sorted(variants, key=lambda v: -_axes(v["report"], use_time)[2]):  # the fastest that fits
+            rep = v["report"]
+            if rep.gpu.fits and (not min_batch or rep.gpu.max_batch_size >= min_batch):
+                v["axes"] = _axes(rep, use_time)
+                chosen[(v["model"], v["image"], v["patch"])] = v
+                break
     if not chosen:
         raise ConfigError(f"nothing searched fits {gpu} at {'at least ' if min_batch else ''}batch {run_batch}"
                           + (f" with at least {min_tokens} tokens" if min_tokens else "")
